@@ -1,0 +1,16 @@
+//! One module per subcommand; this file only dispatches.
+
+pub mod registry;
+
+use crate::cli::Command;
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+pub async fn dispatch(config: &Config, command: &Command) -> Result<()> {
+    match command {
+        Command::Registry(args) => registry::run(config, args).await,
+        Command::Scheduler(_) => Err(Error::NotImplemented("scheduler")),
+        Command::Worker(_) => Err(Error::NotImplemented("worker")),
+        Command::Listener(_) => Err(Error::NotImplemented("listener")),
+    }
+}

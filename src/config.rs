@@ -1,0 +1,757 @@
+//! Configuration: one YAML file (a file written for the original loads unchanged), overlaid by
+//! environment variables. Secrets live in [`Secret`], which never prints.
+//!
+//! Lookup without `--config`: `./jobschleuder.yaml`, `$XDG_CONFIG_HOME/jobschleuder/config.yaml`
+//! (`~/.config/...`), `/etc/jobschleuder/config.yaml`; no file at all means the local defaults.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use serde::Deserialize;
+
+/// Environment variables that override the file.
+pub const ENV_DATABASE_URL: &str = "JOBSCHLEUDER_DATABASE_URL";
+pub const ENV_DATABASE_PASSWORD: &str = "JOBSCHLEUDER_DATABASE_PASSWORD";
+pub const ENV_AMQP_URL: &str = "JOBSCHLEUDER_AMQP_URL";
+pub const ENV_RABBITMQ_PASSWORD: &str = "JOBSCHLEUDER_RABBITMQ_PASSWORD";
+pub const ENV_QUEUE: &str = "JOBSCHLEUDER_QUEUE";
+pub const ENV_SOT_TOKEN: &str = "JOBSCHLEUDER_SOT_TOKEN";
+
+/// A value that must never reach output or logs: database and broker passwords, tokens.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself; call only where it is handed to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(********)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("********")
+    }
+}
+
+/// Why a configuration could not be loaded. Each names the file and, where it can, line and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: cannot read it: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}{}: {key}{message}", location(*line, *column))]
+    Parse {
+        path: PathBuf,
+        line: Option<usize>,
+        column: Option<usize>,
+        /// The dotted key path, with a trailing ": " when known.
+        key: String,
+        message: String,
+    },
+    #[error("{origin}: {key}: {message}")]
+    Invalid {
+        /// The file, or the environment variable, the bad value came from.
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+fn location(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(line), Some(column)) => format!(", line {line} column {column}"),
+        (Some(line), None) => format!(", line {line}"),
+        _ => String::new(),
+    }
+}
+
+/// The loaded configuration, with defaults filled in and environment overrides applied.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from; `None` means built-in defaults.
+    pub path: Option<PathBuf>,
+    pub database: DatabaseConfig,
+    pub rabbitmq: RabbitmqConfig,
+    /// Job name → the library that provides it (`plugins:` in the file).
+    pub plugins: BTreeMap<String, PluginLocation>,
+    /// Preprocessing function name → library (`preprocessing:` in the file).
+    pub preprocessing: BTreeMap<String, PluginLocation>,
+    /// `general.logging.loglevel`, used when `--loglevel` is not given.
+    pub loglevel: Option<String>,
+    /// The source-of-truth section, handed to plugins in place of `sot: true`.
+    pub sot: SotConfig,
+    /// The zone cron schedules are read in unless a job names its own.
+    pub timezone: Tz,
+    /// Things worth one warning once logging is up (ignored sections of an original config).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// A full URL (file `database.url` or `JOBSCHLEUDER_DATABASE_URL`); wins over the parts.
+    pub url: Option<Secret>,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub database: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RabbitmqConfig {
+    /// A full URL (file `rabbitmq.url` or `JOBSCHLEUDER_AMQP_URL`); wins over the parts.
+    pub url: Option<Secret>,
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub password: Option<Secret>,
+    pub vhost: String,
+    pub queue: String,
+    pub heartbeat: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginLocation {
+    /// Absolute, or relative to the config file's folder once loaded.
+    pub plugin_dir: PathBuf,
+    /// The library's stem: `hello_world` → `libhello_world.so`.
+    pub plugin: String,
+}
+
+impl PluginLocation {
+    pub fn library_path(&self) -> PathBuf {
+        self.plugin_dir.join(format!(
+            "{}{}{}",
+            std::env::consts::DLL_PREFIX,
+            self.plugin,
+            std::env::consts::DLL_SUFFIX
+        ))
+    }
+}
+
+/// The `sot:` section, kept as it is for plugins. `token` is a secret.
+#[derive(Clone, Default)]
+pub struct SotConfig {
+    pub values: serde_json::Map<String, serde_json::Value>,
+}
+
+impl fmt::Debug for SotConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys: Vec<&String> = self.values.keys().collect();
+        f.debug_struct("SotConfig").field("keys", &keys).finish()
+    }
+}
+
+impl DatabaseConfig {
+    /// Connection options for sqlx, from the URL or the parts.
+    pub fn connect_options(&self) -> Result<sqlx::postgres::PgConnectOptions, ConfigError> {
+        use std::str::FromStr;
+        match &self.url {
+            Some(url) => sqlx::postgres::PgConnectOptions::from_str(url.expose()).map_err(|e| {
+                ConfigError::Invalid {
+                    origin: "database".into(),
+                    key: "database.url".into(),
+                    message: format!(
+                        "not a valid Postgres URL: {}",
+                        redact_message(&e.to_string(), url)
+                    ),
+                }
+            }),
+            None => {
+                let mut options = sqlx::postgres::PgConnectOptions::new()
+                    .host(&self.host)
+                    .port(self.port)
+                    .username(&self.user)
+                    .database(&self.database);
+                if let Some(password) = &self.password {
+                    options = options.password(password.expose());
+                }
+                Ok(options)
+            }
+        }
+    }
+
+    /// Where it connects, for messages: never the password.
+    pub fn describe(&self) -> String {
+        match &self.url {
+            Some(url) => redact_url(url.expose()),
+            None => format!(
+                "postgres://{}@{}:{}/{}",
+                self.user, self.host, self.port, self.database
+            ),
+        }
+    }
+}
+
+impl RabbitmqConfig {
+    /// The AMQP URL, with the password in it: hand it only to the client library.
+    pub fn amqp_url(&self) -> Secret {
+        if let Some(url) = &self.url {
+            return url.clone();
+        }
+        let mut url = url::Url::parse("amqp://localhost/").expect("static URL parses");
+        let _ = url.set_host(Some(&self.host));
+        let _ = url.set_port(Some(self.port));
+        let _ = url.set_username(&self.username);
+        let _ = url.set_password(self.password.as_ref().map(Secret::expose));
+        let vhost: String = url::form_urlencoded::byte_serialize(self.vhost.as_bytes()).collect();
+        url.set_path(&format!("/{vhost}"));
+        url.set_query(Some(&format!("heartbeat={}", self.heartbeat)));
+        Secret(url.to_string())
+    }
+
+    /// Where it connects, for messages: never the password.
+    pub fn describe(&self) -> String {
+        redact_url(self.amqp_url().expose())
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat.into())
+    }
+}
+
+/// A URL with its password replaced by `********`.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("********"));
+            }
+            url.to_string()
+        }
+        Err(_) => "<unparsable URL>".to_string(),
+    }
+}
+
+fn redact_message(message: &str, secret: &Secret) -> String {
+    if secret.expose().is_empty() {
+        message.to_string()
+    } else {
+        message.replace(secret.expose(), "********")
+    }
+}
+
+// ---- the file as written ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    database: Option<RawDatabase>,
+    rabbitmq: Option<RawRabbitmq>,
+    plugins: Option<BTreeMap<String, RawPlugin>>,
+    preprocessing: Option<BTreeMap<String, RawPlugin>>,
+    general: Option<RawGeneral>,
+    sot: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The original's git section: nothing here uses it.
+    git: Option<serde_yaml::Value>,
+    timezone: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Option<Secret>,
+    host: Option<String>,
+    port: Option<u16>,
+    #[serde(alias = "username")]
+    user: Option<String>,
+    password: Option<Secret>,
+    database: Option<String>,
+    max_connections: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRabbitmq {
+    url: Option<Secret>,
+    host: Option<String>,
+    port: Option<u16>,
+    #[serde(alias = "user")]
+    username: Option<String>,
+    password: Option<Secret>,
+    vhost: Option<String>,
+    queue: Option<String>,
+    heartbeat: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    plugin_dir: Option<PathBuf>,
+    plugin: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawGeneral {
+    logging: Option<RawLogging>,
+    /// The original's other general settings: accepted, warned about, unused.
+    #[serde(flatten)]
+    other: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawLogging {
+    loglevel: Option<String>,
+    #[serde(flatten)]
+    other: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// The default places to look for a config file, in order.
+pub fn default_locations(env: &dyn Fn(&str) -> Option<String>) -> Vec<PathBuf> {
+    let mut paths = vec![PathBuf::from("jobschleuder.yaml")];
+    let config_home = env("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| env("HOME").map(|home| Path::new(&home).join(".config")));
+    if let Some(dir) = config_home {
+        paths.push(dir.join("jobschleuder").join("config.yaml"));
+    }
+    paths.push(PathBuf::from("/etc/jobschleuder/config.yaml"));
+    paths
+}
+
+impl Config {
+    /// Loads the configuration from the process environment.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(explicit, &|key| std::env::var(key).ok())
+    }
+
+    /// Loads the configuration with `env` standing in for the environment.
+    pub fn load_with_env(
+        explicit: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let path = match explicit {
+            Some(path) => Some(path.to_path_buf()),
+            None => default_locations(env).into_iter().find(|p| p.is_file()),
+        };
+        let (raw, path) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                (parse_raw(&path, &text)?, Some(path))
+            }
+            None => (RawConfig::default(), None),
+        };
+        build(raw, path, env)
+    }
+
+    /// Parses configuration text as if read from `path` (for tests and `--config -` style use).
+    pub fn from_str_with_env(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        build(parse_raw(path, text)?, Some(path.to_path_buf()), env)
+    }
+
+    /// Where the config came from, for messages.
+    pub fn origin(&self) -> String {
+        match &self.path {
+            Some(path) => format!("config file {}", path.display()),
+            None => "built-in defaults (no config file found)".to_string(),
+        }
+    }
+}
+
+fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+    // An empty file (or one of comments only) is an empty configuration.
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| yaml_error(path, String::new(), e))?;
+    if value.is_null() {
+        return Ok(RawConfig::default());
+    }
+    let deserializer = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." {
+            String::new()
+        } else {
+            format!("{key}: ")
+        };
+        yaml_error(path, key, e.into_inner())
+    })
+}
+
+fn yaml_error(path: &Path, key: String, error: serde_yaml::Error) -> ConfigError {
+    let location = error.location();
+    // serde_yaml appends " at line L column C"; we print the location ourselves.
+    let mut message = error.to_string();
+    if let Some(cut) = message.find(" at line ") {
+        message.truncate(cut);
+    }
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        line: location.as_ref().map(|l| l.line()),
+        column: location.as_ref().map(|l| l.column()),
+        key,
+        message,
+    }
+}
+
+fn build(
+    raw: RawConfig,
+    path: Option<PathBuf>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let origin = match &path {
+        Some(p) => format!("config file {}", p.display()),
+        None => "defaults".to_string(),
+    };
+    let base_dir = path
+        .as_ref()
+        .and_then(|p| p.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut warnings = Vec::new();
+
+    let mut ignored = Vec::new();
+    if raw.git.is_some() {
+        ignored.push("git".to_string());
+    }
+    let mut loglevel = None;
+    if let Some(general) = raw.general {
+        ignored.extend(general.other.keys().map(|k| format!("general.{k}")));
+        if let Some(logging) = general.logging {
+            ignored.extend(logging.other.keys().map(|k| format!("general.logging.{k}")));
+            loglevel = logging.loglevel;
+        }
+    }
+    if !ignored.is_empty() {
+        warnings.push(format!(
+            "{origin}: ignoring settings of the original jobschleuder that are not used here: {}",
+            ignored.join(", ")
+        ));
+    }
+
+    let db = raw.database;
+    let mut database = DatabaseConfig {
+        url: db.as_ref().and_then(|d| d.url.clone()),
+        host: db
+            .as_ref()
+            .and_then(|d| d.host.clone())
+            .unwrap_or_else(|| "127.0.0.1".into()),
+        port: db.as_ref().and_then(|d| d.port).unwrap_or(5432),
+        user: db
+            .as_ref()
+            .and_then(|d| d.user.clone())
+            .unwrap_or_else(|| "postgres".into()),
+        password: db.as_ref().and_then(|d| d.password.clone()),
+        database: db
+            .as_ref()
+            .and_then(|d| d.database.clone())
+            .unwrap_or_else(|| "jobschleuder".into()),
+        max_connections: db.as_ref().and_then(|d| d.max_connections).unwrap_or(8),
+    };
+    if database.max_connections == 0 {
+        return Err(ConfigError::Invalid {
+            origin,
+            key: "database.max_connections".into(),
+            message: "must be at least 1".into(),
+        });
+    }
+    if let Some(url) = env(ENV_DATABASE_URL).filter(|v| !v.is_empty()) {
+        database.url = Some(Secret(url));
+    }
+    if let Some(password) = env(ENV_DATABASE_PASSWORD) {
+        database.password = Some(Secret(password));
+    }
+    // Validate the URL now so that a typo is reported at start, not at first use.
+    database.connect_options().map_err(|e| match e {
+        ConfigError::Invalid { message, .. } => ConfigError::Invalid {
+            origin: if env(ENV_DATABASE_URL).is_some() {
+                ENV_DATABASE_URL.into()
+            } else {
+                origin.clone()
+            },
+            key: "database.url".into(),
+            message,
+        },
+        other => other,
+    })?;
+
+    let mq = raw.rabbitmq;
+    let mut rabbitmq = RabbitmqConfig {
+        url: mq.as_ref().and_then(|m| m.url.clone()),
+        host: mq
+            .as_ref()
+            .and_then(|m| m.host.clone())
+            .unwrap_or_else(|| "127.0.0.1".into()),
+        port: mq.as_ref().and_then(|m| m.port).unwrap_or(5672),
+        username: mq
+            .as_ref()
+            .and_then(|m| m.username.clone())
+            .unwrap_or_else(|| "guest".into()),
+        password: mq
+            .as_ref()
+            .and_then(|m| m.password.clone())
+            .or_else(|| Some(Secret("guest".into()))),
+        vhost: mq
+            .as_ref()
+            .and_then(|m| m.vhost.clone())
+            .unwrap_or_else(|| "/".into()),
+        queue: mq
+            .as_ref()
+            .and_then(|m| m.queue.clone())
+            .unwrap_or_else(|| "jobschleuder".into()),
+        heartbeat: mq.as_ref().and_then(|m| m.heartbeat).unwrap_or(60),
+    };
+    if let Some(url) = env(ENV_AMQP_URL).filter(|v| !v.is_empty()) {
+        rabbitmq.url = Some(Secret(url));
+    }
+    if let Some(password) = env(ENV_RABBITMQ_PASSWORD) {
+        rabbitmq.password = Some(Secret(password));
+    }
+    if let Some(queue) = env(ENV_QUEUE).filter(|v| !v.is_empty()) {
+        rabbitmq.queue = queue;
+    }
+    if let Some(url) = &rabbitmq.url {
+        let parsed = url::Url::parse(url.expose())
+            .ok()
+            .filter(|u| matches!(u.scheme(), "amqp" | "amqps"));
+        if parsed.is_none() {
+            return Err(ConfigError::Invalid {
+                origin: if env(ENV_AMQP_URL).is_some() {
+                    ENV_AMQP_URL.into()
+                } else {
+                    origin.clone()
+                },
+                key: "rabbitmq.url".into(),
+                message: "not a valid amqp:// or amqps:// URL".into(),
+            });
+        }
+    }
+    if rabbitmq.queue.len() > 255 {
+        return Err(ConfigError::Invalid {
+            origin,
+            key: "rabbitmq.queue".into(),
+            message: "a queue name has at most 255 bytes".into(),
+        });
+    }
+
+    let resolve = |map: Option<BTreeMap<String, RawPlugin>>| -> BTreeMap<String, PluginLocation> {
+        map.unwrap_or_default()
+            .into_iter()
+            .map(|(name, p)| {
+                let dir = p.plugin_dir.unwrap_or_else(|| PathBuf::from("plugins"));
+                let dir = if dir.is_absolute() {
+                    dir
+                } else {
+                    base_dir.join(dir)
+                };
+                (
+                    name,
+                    PluginLocation {
+                        plugin_dir: dir,
+                        plugin: p.plugin,
+                    },
+                )
+            })
+            .collect()
+    };
+    let plugins = resolve(raw.plugins);
+    let preprocessing = resolve(raw.preprocessing);
+
+    let mut sot = SotConfig {
+        values: raw.sot.unwrap_or_default(),
+    };
+    if let Some(token) = env(ENV_SOT_TOKEN) {
+        sot.values
+            .insert("token".into(), serde_json::Value::String(token));
+    }
+
+    let timezone = match raw.timezone {
+        Some(name) => parse_timezone(&name).map_err(|message| ConfigError::Invalid {
+            origin: origin.clone(),
+            key: "timezone".into(),
+            message,
+        })?,
+        None => host_timezone(),
+    };
+
+    Ok(Config {
+        path,
+        database,
+        rabbitmq,
+        plugins,
+        preprocessing,
+        loglevel,
+        sot,
+        timezone,
+        warnings,
+    })
+}
+
+/// Parses an IANA zone name, with a message that says what to write instead.
+pub fn parse_timezone(name: &str) -> Result<Tz, String> {
+    name.parse::<Tz>().map_err(|_| {
+        format!("unknown time zone {name:?}: use an IANA name such as \"Europe/Berlin\", \"America/New_York\" or \"UTC\"")
+    })
+}
+
+/// The host's zone (from TZ or /etc/localtime), UTC when it cannot be told.
+pub fn host_timezone() -> Tz {
+    if let Ok(tz) = std::env::var("TZ") {
+        if let Ok(zone) = tz.trim_start_matches(':').parse::<Tz>() {
+            return zone;
+        }
+    }
+    iana_time_zone::get_timezone()
+        .ok()
+        .and_then(|name| name.parse::<Tz>().ok())
+        .unwrap_or(Tz::UTC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_str_with_env(Path::new("/etc/js/config.yaml"), text, &no_env)
+    }
+
+    #[test]
+    fn an_original_config_loads_with_one_warning() {
+        let config = load(
+            "general:\n  logging:\n    loglevel: debug\n  something: 1\ngit:\n  repo: x\n\
+             database:\n  host: db.lab\n  port: 5433\n  user: js\n  password: s3cret\n  database: jobs\n\
+             rabbitmq:\n  host: mq.lab\n  port: 5672\n  queue: q1\n  user: bunny\n  password: pw\n  heartbeat: 30\n\
+             plugins:\n  hello_world:\n    plugin_dir: plugins\n    plugin: hello_world\n\
+             preprocessing:\n  expand:\n    plugin_dir: /opt/p\n    plugin: expand_hosts\n\
+             sot:\n  nautobot: https://nautobot.lab\n  token: abc\n  ssl_verify: false\n",
+        )
+        .unwrap();
+        assert_eq!(config.loglevel.as_deref(), Some("debug"));
+        assert_eq!(config.warnings.len(), 1);
+        assert!(
+            config.warnings[0].contains("git") && config.warnings[0].contains("general.something")
+        );
+        assert_eq!(config.database.describe(), "postgres://js@db.lab:5433/jobs");
+        assert_eq!(config.rabbitmq.username, "bunny");
+        assert_eq!(config.rabbitmq.queue, "q1");
+        assert_eq!(
+            config.plugins["hello_world"].library_path(),
+            PathBuf::from("/etc/js/plugins/libhello_world.so")
+        );
+        assert_eq!(
+            config.preprocessing["expand"].plugin_dir,
+            PathBuf::from("/opt/p")
+        );
+        assert_eq!(config.sot.values["ssl_verify"], serde_json::json!(false));
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_line_and_key() {
+        let err = load("database:\n  host: x\n  prot: 5432\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(
+            err.contains("database.prot") || err.contains("prot"),
+            "{err}"
+        );
+        assert!(err.contains("/etc/js/config.yaml"), "{err}");
+
+        let err = load("rabbitmq:\n  port: not-a-number\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rabbitmq.port") && err.contains("line 2"),
+            "{err}"
+        );
+
+        let err = load("databse:\n  host: x\n").unwrap_err().to_string();
+        assert!(err.contains("databse"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let config =
+            load("database:\n  url: postgres://u:hunter2@h/db\nrabbitmq:\n  password: bunny-pw\n")
+                .unwrap();
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("bunny-pw"),
+            "{debug}"
+        );
+        assert!(!config.database.describe().contains("hunter2"));
+        assert!(!config.rabbitmq.describe().contains("bunny-pw"));
+        assert!(config.rabbitmq.amqp_url().expose().contains("bunny-pw"));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = |key: &str| match key {
+            ENV_DATABASE_URL => Some("postgres://other@10.0.0.1/otherdb".to_string()),
+            ENV_QUEUE => Some("from-env".to_string()),
+            ENV_SOT_TOKEN => Some("env-token".to_string()),
+            _ => None,
+        };
+        let config = Config::from_str_with_env(
+            Path::new("c.yaml"),
+            "database:\n  host: db.lab\nrabbitmq:\n  queue: file-queue\nsot:\n  token: file-token\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            config.database.describe(),
+            "postgres://other@10.0.0.1/otherdb"
+        );
+        assert_eq!(config.rabbitmq.queue, "from-env");
+        assert_eq!(config.sot.values["token"], "env-token");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = load("timezone: Mars/Olympus\n").unwrap_err().to_string();
+        assert!(
+            err.contains("timezone") && err.contains("Mars/Olympus"),
+            "{err}"
+        );
+        let err = load("rabbitmq:\n  url: http://x\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rabbitmq.url"), "{err}");
+        let err = load("database: [1, 2\n").unwrap_err().to_string();
+        assert!(err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let config = load("# nothing here\n").unwrap();
+        assert_eq!(
+            config.database.describe(),
+            "postgres://postgres@127.0.0.1:5432/jobschleuder"
+        );
+        assert_eq!(config.rabbitmq.queue, "jobschleuder");
+        assert!(config
+            .rabbitmq
+            .amqp_url()
+            .expose()
+            .starts_with("amqp://guest:guest@127.0.0.1:5672/%2F"));
+    }
+}

@@ -1,0 +1,39 @@
+//! The one error type commands return; `main` prints it and picks the exit code.
+
+use crate::config::ConfigError;
+use crate::jobfile::JobFileError;
+use crate::logging::LoggingError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Logging(#[from] LoggingError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    JobFile(#[from] JobFileError),
+    /// The command line asks for something that cannot be done as asked.
+    #[error("{0}")]
+    Usage(String),
+    #[error(
+        "`{0}` is not implemented yet in this version of jobschleuder (see README.md, \"Status\")"
+    )]
+    NotImplemented(&'static str),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl Error {
+    /// 2 for a command line that cannot work, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,586 @@
+//! The job file (the original's YAML format): parsing and complete validation, so that a bad file
+//! is reported whole — every problem, each naming the job — before anything touches the database.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use serde::Deserialize;
+
+use crate::config::parse_timezone;
+use crate::cron::CronSchedule;
+
+/// Lengths of the original's `varchar` columns, checked here so that the database never has to.
+const MAX_JOB: usize = 50;
+const MAX_DESCRIPTION: usize = 100;
+const MAX_FUNCTION: usize = 50;
+const MAX_SCHEDULE: usize = 100;
+const MAX_NAME: usize = 200;
+const MAX_QUEUE: usize = 255;
+
+/// One job of the file, valid by construction.
+#[derive(Debug, Clone)]
+pub struct JobDefinition {
+    /// The YAML `id`: the job's stable name.
+    pub name: String,
+    /// The plugin job to run (`cmd` on the wire).
+    pub job: String,
+    pub description: Option<String>,
+    pub preprocessing: Option<String>,
+    pub postprocessing: Option<String>,
+    pub arguments: serde_json::Map<String, serde_json::Value>,
+    /// `None`: the job runs only when asked (`scheduler --run-now`, webhooks).
+    pub schedule: Option<CronSchedule>,
+    /// `None`: the config's zone.
+    pub timezone: Option<Tz>,
+    pub timeout: Option<Duration>,
+    pub retries: u32,
+    /// `None`: the configured queue.
+    pub queue: Option<String>,
+    pub misfire: Misfire,
+}
+
+/// What to do with runs missed while no scheduler was running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Misfire {
+    /// Run once, then go on from now (the original's rule).
+    #[default]
+    RunOnce,
+    /// Drop missed runs; go on from now.
+    Skip,
+}
+
+impl Misfire {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Misfire::RunOnce => "run_once",
+            Misfire::Skip => "skip",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Misfire> {
+        match value {
+            "run_once" | "run-once" | "once" => Some(Misfire::RunOnce),
+            "skip" => Some(Misfire::Skip),
+            _ => None,
+        }
+    }
+}
+
+/// The names of functions the config knows, to catch a misspelt job at import.
+pub struct KnownPlugins<'a> {
+    pub jobs: &'a BTreeMap<String, crate::config::PluginLocation>,
+    pub preprocessing: &'a BTreeMap<String, crate::config::PluginLocation>,
+}
+
+/// One thing wrong with a job file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: "line 3 column 5", "job 2 (id \"backup\", line 7)", or the whole file.
+    pub location: String,
+    pub message: String,
+}
+
+/// A job file that cannot be imported, with every problem found.
+#[derive(Debug)]
+pub struct JobFileError {
+    pub path: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for JobFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.problems.len();
+        write!(
+            f,
+            "job file {} has {count} problem{}; nothing was imported",
+            self.path.display(),
+            if count == 1 { "" } else { "s" }
+        )?;
+        for problem in &self.problems {
+            if problem.location.is_empty() {
+                write!(f, "\n  - {}", problem.message)?;
+            } else {
+                write!(f, "\n  - {}: {}", problem.location, problem.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for JobFileError {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    jobs: Option<Vec<serde_yaml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    id: Option<serde_yaml::Value>,
+    job: Option<String>,
+    schedule: Option<String>,
+    description: Option<String>,
+    preprocessing: Option<String>,
+    postprocessing: Option<String>,
+    arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    timezone: Option<String>,
+    timeout: Option<serde_yaml::Value>,
+    retries: Option<u32>,
+    queue: Option<String>,
+    misfire: Option<String>,
+}
+
+/// Reads and validates a job file.
+pub fn load(
+    path: &Path,
+    known: Option<&KnownPlugins<'_>>,
+) -> Result<Vec<JobDefinition>, JobFileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| JobFileError {
+        path: path.to_path_buf(),
+        problems: vec![Problem {
+            location: String::new(),
+            message: format!("cannot read it: {e}"),
+        }],
+    })?;
+    parse(path, &text, known)
+}
+
+/// Validates job file text; `path` is used in messages only.
+pub fn parse(
+    path: &Path,
+    text: &str,
+    known: Option<&KnownPlugins<'_>>,
+) -> Result<Vec<JobDefinition>, JobFileError> {
+    let fail = |problems: Vec<Problem>| JobFileError {
+        path: path.to_path_buf(),
+        problems,
+    };
+    let document: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| fail(vec![yaml_problem(&e, "")]))?;
+    if document.is_null() {
+        return Err(fail(vec![Problem {
+            location: String::new(),
+            message: "the file is empty: expected a `jobs:` list".into(),
+        }]));
+    }
+    let raw: RawFile = serde_path_to_error::deserialize(document).map_err(|e| {
+        let key = e.path().to_string();
+        fail(vec![Problem {
+            location: String::new(),
+            message: format!(
+                "{}{}",
+                if key == "." {
+                    String::new()
+                } else {
+                    format!("{key}: ")
+                },
+                e.inner()
+            ),
+        }])
+    })?;
+    let Some(items) = raw.jobs else {
+        return Err(fail(vec![Problem {
+            location: String::new(),
+            message: "no `jobs:` list: the file must start with `jobs:` followed by a list of jobs"
+                .into(),
+        }]));
+    };
+
+    let mut problems = Vec::new();
+    let mut jobs = Vec::with_capacity(items.len());
+    let mut seen: HashMap<String, usize> = HashMap::with_capacity(items.len());
+    let lines = IdLines::new(text);
+    for (index, item) in items.into_iter().enumerate() {
+        let number = index + 1;
+        let id_hint = item.get("id").and_then(scalar_string);
+        let location = match &id_hint {
+            Some(id) => match lines.line_of(id) {
+                Some(line) => format!("job {number} (id {id:?}, line {line})"),
+                None => format!("job {number} (id {id:?})"),
+            },
+            None => format!("job {number}"),
+        };
+        let mut problem = |message: String| {
+            problems.push(Problem {
+                location: location.clone(),
+                message,
+            })
+        };
+        let raw: RawJob = match serde_path_to_error::deserialize(item) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let key = e.path().to_string();
+                let message = e.into_inner().to_string();
+                problem(if key == "." {
+                    message
+                } else {
+                    format!("{key}: {message}")
+                });
+                continue;
+            }
+        };
+        // Duplicates are found among all ids, valid jobs or not.
+        let duplicate = match &id_hint {
+            Some(id) => match seen.get(id) {
+                Some(first) => {
+                    problem(format!("duplicate id {id:?}: job {first} has it already"));
+                    true
+                }
+                None => {
+                    seen.insert(id.clone(), number);
+                    false
+                }
+            },
+            None => false,
+        };
+        match validate(raw, known) {
+            Ok(job) if !duplicate => jobs.push(job),
+            Ok(_) => {}
+            Err(messages) => messages.into_iter().for_each(&mut problem),
+        }
+    }
+    if problems.is_empty() {
+        Ok(jobs)
+    } else {
+        Err(fail(problems))
+    }
+}
+
+fn validate(raw: RawJob, known: Option<&KnownPlugins<'_>>) -> Result<JobDefinition, Vec<String>> {
+    let mut errors = Vec::new();
+    let name = match raw.id.as_ref().map(|v| (v, scalar_string(v))) {
+        None => {
+            errors.push("missing `id`: every job needs a unique id (its stable name)".to_string());
+            String::new()
+        }
+        Some((_, Some(id))) if id.trim().is_empty() => {
+            errors.push("`id` is empty".to_string());
+            String::new()
+        }
+        Some((_, Some(id))) => {
+            if id.chars().count() > MAX_NAME {
+                errors.push(format!("`id` is longer than {MAX_NAME} characters"));
+            }
+            if id.chars().any(char::is_control) {
+                errors.push("`id` contains control characters".to_string());
+            }
+            id
+        }
+        Some((_, None)) => {
+            errors.push("`id` must be a string or a number".to_string());
+            String::new()
+        }
+    };
+    let job = match raw.job {
+        None => {
+            errors.push("missing `job`: the name of the plugin job to run".to_string());
+            String::new()
+        }
+        Some(job) if job.trim().is_empty() => {
+            errors.push("`job` is empty".to_string());
+            String::new()
+        }
+        Some(job) => job,
+    };
+    check_len(&mut errors, "job", Some(&job), MAX_JOB);
+    check_len(
+        &mut errors,
+        "description",
+        raw.description.as_deref(),
+        MAX_DESCRIPTION,
+    );
+    check_len(
+        &mut errors,
+        "preprocessing",
+        raw.preprocessing.as_deref(),
+        MAX_FUNCTION,
+    );
+    check_len(
+        &mut errors,
+        "postprocessing",
+        raw.postprocessing.as_deref(),
+        MAX_FUNCTION,
+    );
+
+    let schedule = match raw.schedule.as_deref() {
+        None => None,
+        Some(expr) if expr.len() > MAX_SCHEDULE => {
+            errors.push(format!(
+                "`schedule` is longer than {MAX_SCHEDULE} characters"
+            ));
+            None
+        }
+        Some(expr) => match CronSchedule::parse(expr) {
+            Ok(schedule) => Some(schedule),
+            Err(message) => {
+                errors.push(format!("schedule {expr:?}: {message}"));
+                None
+            }
+        },
+    };
+    let timezone = match raw.timezone.as_deref() {
+        None => None,
+        Some(zone) => match parse_timezone(zone) {
+            Ok(tz) => Some(tz),
+            Err(message) => {
+                errors.push(format!("timezone: {message}"));
+                None
+            }
+        },
+    };
+    let timeout = match raw.timeout.as_ref() {
+        None => None,
+        Some(value) => match parse_duration(value) {
+            Ok(duration) => Some(duration),
+            Err(message) => {
+                errors.push(format!("timeout: {message}"));
+                None
+            }
+        },
+    };
+    if let Some(queue) = &raw.queue {
+        if queue.trim().is_empty() || queue.len() > MAX_QUEUE {
+            errors.push(format!(
+                "queue {queue:?}: a queue name has 1 to {MAX_QUEUE} bytes"
+            ));
+        }
+    }
+    let misfire = match raw.misfire.as_deref() {
+        None => Misfire::default(),
+        Some(value) => Misfire::parse(value).unwrap_or_else(|| {
+            errors.push(format!(
+                "misfire {value:?}: use run_once (the default) or skip"
+            ));
+            Misfire::default()
+        }),
+    };
+
+    if let Some(known) = known.filter(|k| !k.jobs.is_empty()) {
+        if !job.is_empty() && !known.jobs.contains_key(&job) {
+            errors.push(format!(
+                "job {job:?} is not a plugin in the config's `plugins:` section (known: {})",
+                known.jobs.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        for (field, function) in [
+            ("preprocessing", raw.preprocessing.as_deref()),
+            ("postprocessing", raw.postprocessing.as_deref()),
+        ] {
+            if let Some(function) = function {
+                if !known.preprocessing.contains_key(function) && !known.jobs.contains_key(function)
+                {
+                    errors.push(format!(
+                        "{field} {function:?} is in neither the config's `preprocessing:` nor its `plugins:` section"
+                    ));
+                }
+            }
+        }
+    }
+
+    if errors.is_empty() {
+        Ok(JobDefinition {
+            name,
+            job,
+            description: raw.description,
+            preprocessing: raw.preprocessing,
+            postprocessing: raw.postprocessing,
+            arguments: raw.arguments.unwrap_or_default(),
+            schedule,
+            timezone,
+            timeout,
+            retries: raw.retries.unwrap_or(0),
+            queue: raw.queue,
+            misfire,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+fn check_len(errors: &mut Vec<String>, field: &str, value: Option<&str>, max: usize) {
+    if let Some(value) = value {
+        if value.chars().count() > max {
+            errors.push(format!("`{field}` is longer than {max} characters"));
+        }
+    }
+}
+
+fn scalar_string(value: &serde_yaml::Value) -> Option<String> {
+    match value {
+        serde_yaml::Value::String(s) => Some(s.clone()),
+        serde_yaml::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// A duration: seconds as a number, or a number with a unit: `90s`, `15m`, `2h`.
+pub fn parse_duration(value: &serde_yaml::Value) -> Result<Duration, String> {
+    let text = match value {
+        serde_yaml::Value::Number(n) => n.to_string(),
+        serde_yaml::Value::String(s) => s.trim().to_string(),
+        _ => {
+            return Err(
+                "expected seconds (a number) or a duration such as \"90s\", \"15m\", \"2h\"".into(),
+            )
+        }
+    };
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(at) => text.split_at(at),
+        None => (text.as_str(), "s"),
+    };
+    let amount: f64 = digits.parse().map_err(|_| {
+        format!("{text:?} is not a duration: use seconds or a number with s, m or h")
+    })?;
+    let factor = match unit.trim() {
+        "s" | "sec" | "secs" => 1.0,
+        "m" | "min" | "mins" => 60.0,
+        "h" | "hour" | "hours" => 3600.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?}: use s, m or h")),
+    };
+    let seconds = amount * factor;
+    if !(seconds > 0.0 && seconds.is_finite()) {
+        return Err(format!("{text:?} must be more than zero"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn yaml_problem(error: &serde_yaml::Error, key: &str) -> Problem {
+    let mut message = error.to_string();
+    if let Some(cut) = message.find(" at line ") {
+        message.truncate(cut);
+    }
+    Problem {
+        location: match error.location() {
+            Some(l) => format!("line {} column {}", l.line(), l.column()),
+            None => String::new(),
+        },
+        message: format!("{key}{message}"),
+    }
+}
+
+/// Finds the line of a job from its id (`- id: foo`, `id: "foo"`), for messages.
+struct IdLines<'a> {
+    /// Id value as written → the lines it is on.
+    lines: HashMap<&'a str, Vec<usize>>,
+}
+
+impl<'a> IdLines<'a> {
+    fn new(text: &'a str) -> Self {
+        let mut lines: HashMap<&'a str, Vec<usize>> = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let rest = line.trim_start().trim_start_matches('-').trim_start();
+            if let Some(value) = rest.strip_prefix("id:") {
+                let value = value.split(" #").next().unwrap_or(value).trim();
+                let value = value.trim_matches(|c| c == '"' || c == '\'');
+                lines.entry(value).or_default().push(i + 1);
+            }
+        }
+        IdLines { lines }
+    }
+
+    /// The line, when exactly one line carries this id.
+    fn line_of(&self, id: &str) -> Option<usize> {
+        match self.lines.get(id).map(Vec::as_slice) {
+            Some([line]) => Some(*line),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<Vec<JobDefinition>, JobFileError> {
+        parse(Path::new("jobs.yaml"), text, None)
+    }
+
+    #[test]
+    fn the_seed_example_parses() {
+        let jobs = check(
+            "---\njobs:\n- id: hello world\n  job: hello_world\n  schedule: \"*/1 * * * *\"\n  arguments:\n    hello: world\n\
+             - id: backup devices\n  job: simple_config_backup\n  schedule: \"0 1 * * *\"\n  preprocessing: preprocessing_backup\n  arguments:\n    where: name=lab.local\n    sot: True\n    exclude:\n      devices: ['labx.local']\n      pattern: ['.*xx']\n",
+        )
+        .unwrap();
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(jobs[1].name, "backup devices");
+        assert_eq!(jobs[1].arguments["sot"], serde_json::json!(true));
+        assert_eq!(
+            jobs[1].preprocessing.as_deref(),
+            Some("preprocessing_backup")
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_job() {
+        let err = check(
+            "jobs:\n- id: a\n  job: x\n  schedule: \"61 * * * *\"\n- job: y\n- id: a\n  job: z\n- id: tz\n  job: t\n  timezone: Europe/Nowhere\n- id: typo\n  job: t\n  shedule: x\n- id: n\n  job: t\n  retries: -1\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 6, "{text}");
+        assert!(
+            text.contains("job 1 (id \"a\"") && text.contains("61 * * * *"),
+            "{text}"
+        );
+        assert!(
+            text.contains("job 2") && text.contains("missing `id`"),
+            "{text}"
+        );
+        assert!(text.contains("duplicate id \"a\""), "{text}");
+        assert!(text.contains("Europe/Nowhere"), "{text}");
+        assert!(text.contains("shedule"), "{text}");
+        assert!(text.contains("retries"), "{text}");
+        assert!(text.contains("nothing was imported"), "{text}");
+    }
+
+    #[test]
+    fn yaml_syntax_errors_have_line_and_column() {
+        let err = check("jobs:\n- id: a\n  job: [x\n").unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+        assert!(err.problems[0].location.starts_with("line "), "{err}");
+        assert!(check("").is_err());
+        assert!(check("other: 1\n")
+            .unwrap_err()
+            .to_string()
+            .contains("other"));
+        assert!(check("jobs: {}\n").is_err());
+    }
+
+    #[test]
+    fn optional_settings_validate() {
+        let jobs = check("jobs:\n- id: 7\n  job: t\n  timeout: 15m\n  retries: 3\n  misfire: skip\n  queue: slow\n").unwrap();
+        assert_eq!(jobs[0].name, "7");
+        assert_eq!(jobs[0].timeout, Some(Duration::from_secs(900)));
+        assert_eq!(jobs[0].misfire, Misfire::Skip);
+        assert!(check("jobs:\n- id: a\n  job: t\n  timeout: soon\n").is_err());
+        assert!(check("jobs:\n- id: a\n  job: t\n  misfire: maybe\n").is_err());
+        assert!(check(&format!("jobs:\n- id: a\n  job: {}\n", "x".repeat(51))).is_err());
+    }
+
+    #[test]
+    fn unknown_plugins_are_caught_when_the_config_lists_plugins() {
+        let mut jobs_map = BTreeMap::new();
+        jobs_map.insert(
+            "hello_world".to_string(),
+            crate::config::PluginLocation {
+                plugin_dir: "plugins".into(),
+                plugin: "hello_world".into(),
+            },
+        );
+        let empty = BTreeMap::new();
+        let known = KnownPlugins {
+            jobs: &jobs_map,
+            preprocessing: &empty,
+        };
+        let text = "jobs:\n- id: a\n  job: hello_world\n- id: b\n  job: helo_world\n  preprocessing: nope\n";
+        let err = parse(Path::new("j.yaml"), text, Some(&known)).unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(err.to_string().contains("helo_world"));
+    }
+}

@@ -1,0 +1,49 @@
+//! jobschleuder: a distributed, cron-style job scheduler.
+//!
+//! Operators describe jobs in a YAML file; `registry --import` loads it into Postgres; a
+//! scheduler fires registry entries on their cron schedules; workers on many hosts run them
+//! through plugins; a listener turns webhooks into runs.
+//!
+//! # Layout
+//! - [`cli`]: the command line (clap), including the original's two-letter short options.
+//! - [`config`]: the YAML configuration, environment overrides, secrets.
+//! - [`logging`]: level filter, log handlers, the `--uuid` tag.
+//! - [`jobfile`]: the job file: parsing and complete validation.
+//! - [`cron`]: cron expressions and next-run times in a zone, with Vixie cron's DST rules.
+//! - [`store`]: the database: migrations and every query.
+//! - [`output`]: tables and JSON for `--show-*`.
+//! - [`commands`]: one module per subcommand.
+//! - [`error`]: the error type commands return, and exit codes.
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod cron;
+pub mod error;
+pub mod jobfile;
+pub mod logging;
+pub mod output;
+pub mod store;
+
+pub use error::{Error, Result};
+
+/// Runs a parsed command line: loads the configuration, sets up logging, runs the subcommand.
+pub fn run(cli: cli::Cli) -> Result<()> {
+    let config = config::Config::load(cli.config.as_deref())?;
+    let level = cli
+        .loglevel
+        .clone()
+        .or_else(|| config.loglevel.clone())
+        .unwrap_or_else(|| "info".to_string());
+    let handler = logging::LogHandler::parse(cli.loghandler.as_deref().unwrap_or("stderr"));
+    logging::init(&level, &handler, cli.uuid.clone(), cli.debug_veritas)?;
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    tracing::debug!(config = %config.origin(), database = %config.database.describe(), broker = %config.rabbitmq.describe(), "configuration loaded");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Runtime(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(commands::dispatch(&config, &cli.command))
+}

@@ -1,0 +1,265 @@
+//! `registry`: import, validation, re-import, adopting the original's database.
+
+use serde_json::Value;
+use sqlx::Row;
+
+use crate::util::*;
+
+fn show_jobs_json(ws: &Workspace, db: &TestDb) -> Value {
+    let out = success(run(ws.jobschleuder(db).args([
+        "registry",
+        "--show-jobs",
+        "--json",
+    ])));
+    serde_json::from_str(&out).expect("--json prints JSON")
+}
+
+#[tokio::test]
+async fn import_the_seed_file_and_show_it() {
+    let db = TestDb::new().await;
+    let ws = Workspace::new();
+    let file = ws.write("jobs.yaml", SEED_JOBS);
+    let out = success(run(ws
+        .jobschleuder(&db)
+        .arg("registry")
+        .arg("--import")
+        .arg(&file)));
+    assert!(
+        out.contains("Imported 3 jobs") && out.contains("3 new"),
+        "{out}"
+    );
+
+    let jobs = show_jobs_json(&ws, &db);
+    let names: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["hello world", "backup devices", "retry failed backups"]
+    );
+    assert_eq!(jobs[1]["arguments"]["exclude"]["devices"][0], "labx.local");
+    assert_eq!(jobs[1]["preprocessing"], "preprocessing_backup");
+
+    // The seed's two-letter options and its table columns.
+    let table = success(run(ws.jobschleuder(&db).args(["registry", "-sj"])));
+    assert!(table.starts_with("All Jobs"), "{table}");
+    for column in ["id", "name", "job", "descr", "pre", "post", "args"] {
+        assert!(table.contains(column), "{column} missing:\n{table}");
+    }
+    assert!(
+        table.contains(r#"{"hello":"world"}"#),
+        "args as compact JSON:\n{table}"
+    );
+    let registry = success(run(ws.jobschleuder(&db).args(["registry", "-sr"])));
+    assert!(
+        registry.starts_with("Job registry") && registry.contains("*/1 * * * *"),
+        "{registry}"
+    );
+
+    let pool = db.pool().await;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM registry")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 3);
+}
+
+#[tokio::test]
+async fn every_kind_of_bad_file_changes_nothing() {
+    let db = TestDb::new().await;
+    let ws = Workspace::new();
+    let good = ws.write("good.yaml", SEED_JOBS);
+    success(run(ws
+        .jobschleuder(&db)
+        .arg("registry")
+        .arg("-i")
+        .arg(&good)));
+    let before = show_jobs_json(&ws, &db);
+
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("syntax", "jobs:\n- id: a\n  job: [unclosed\n", &["line 4 column 1"]),
+        ("not a list", "jobs: 5\n", &["jobs"]),
+        ("missing job", "jobs:\n- id: a\n", &["job 1", "missing `job`"]),
+        ("missing id", "jobs:\n- job: x\n", &["missing `id`"]),
+        ("bad cron", "jobs:\n- id: a\n  job: x\n  schedule: '61 * * * *'\n", &["job 1 (id \"a\"", "61 * * * *"]),
+        ("bad zone", "jobs:\n- id: a\n  job: x\n  timezone: Moon/Base\n", &["Moon/Base"]),
+        ("duplicate", "jobs:\n- id: a\n  job: x\n- id: a\n  job: y\n", &["duplicate id \"a\""]),
+        ("wrong type", "jobs:\n- id: a\n  job: x\n  arguments: [1, 2]\n", &["arguments"]),
+        ("unknown field", "jobs:\n- id: a\n  job: x\n  shedule: '* * * * *'\n", &["shedule"]),
+        ("too long", &format!("jobs:\n- id: a\n  job: {}\n", "j".repeat(60)), &["longer than 50"]),
+        (
+            "several at once",
+            "jobs:\n- id: ok\n  job: x\n- id: b\n  job: x\n  schedule: nope\n- id: c\n  job: x\n  misfire: never\n",
+            &["2 problems", "job 2 (id \"b\"", "job 3 (id \"c\""],
+        ),
+    ];
+    for (what, text, expected) in cases {
+        let file = ws.write("bad.yaml", text);
+        let err = failure(
+            run(ws
+                .jobschleuder(&db)
+                .arg("registry")
+                .arg("--import")
+                .arg(&file)),
+            1,
+        );
+        assert!(err.contains("nothing was imported"), "{what}: {err}");
+        for needle in *expected {
+            assert!(
+                err.contains(needle),
+                "{what}: expected {needle:?} in:\n{err}"
+            );
+        }
+        assert_eq!(
+            show_jobs_json(&ws, &db),
+            before,
+            "{what}: the registry changed"
+        );
+    }
+    let missing = failure(
+        run(ws
+            .jobschleuder(&db)
+            .args(["registry", "-i", "no-such-file.yaml"])),
+        1,
+    );
+    assert!(
+        missing.contains("no-such-file.yaml") && missing.contains("cannot read"),
+        "{missing}"
+    );
+}
+
+#[tokio::test]
+async fn reimport_replaces_jobs_keeps_names_and_run_history() {
+    let db = TestDb::new().await;
+    let ws = Workspace::new();
+    let first = ws.write("first.yaml", SEED_JOBS);
+    success(run(ws
+        .jobschleuder(&db)
+        .arg("registry")
+        .arg("-i")
+        .arg(&first)));
+    let pool = db.pool().await;
+    let old_id: i32 = sqlx::query_scalar("SELECT id FROM jobs WHERE name = 'hello world'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO job_runs (id, job_name, job, job_id, trigger, status) VALUES ($1, 'hello world', 'hello_world', $2, 'manual', 'succeeded')",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .bind(old_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let second = ws.write(
+        "second.yaml",
+        "jobs:\n- id: hello world\n  job: hello_world\n  schedule: '*/5 * * * *'\n- id: report\n  job: command\n",
+    );
+    let out = success(run(ws
+        .jobschleuder(&db)
+        .arg("registry")
+        .arg("-i")
+        .arg(&second)));
+    assert!(
+        out.contains("Imported 2 jobs") && out.contains("1 new, 1 replaced, 2 removed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 scheduled"),
+        "a job without schedule has no registry entry: {out}"
+    );
+
+    let rows = sqlx::query("SELECT j.name, r.schedule FROM jobs j LEFT JOIN registry r ON r.job = j.id ORDER BY j.name")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let rows: Vec<(String, Option<String>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        rows,
+        [
+            ("hello world".to_string(), Some("*/5 * * * *".to_string())),
+            ("report".to_string(), None)
+        ]
+    );
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM job_runs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 1, "run history survives a re-import");
+}
+
+#[tokio::test]
+async fn adopts_a_database_made_by_the_original() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    // The original's DDL, as its documentation gives it, with rows.
+    for statement in [
+        "CREATE TABLE IF NOT EXISTS public.jobs (id serial, job character varying(50) NOT NULL, description character varying(100), preprocessing character varying(50), postprocessing character varying(50), arguments json, PRIMARY KEY (id))",
+        "CREATE TABLE public.registry (id serial, job integer NOT NULL, schedule character varying(100) NOT NULL, PRIMARY KEY (id), CONSTRAINT job_id FOREIGN KEY (job) REFERENCES public.jobs (id) MATCH SIMPLE ON UPDATE NO ACTION ON DELETE CASCADE NOT VALID)",
+        "CREATE TABLE public.schedule (id serial, job integer NOT NULL, next_run timestamp with time zone NOT NULL, PRIMARY KEY (id), CONSTRAINT job_id FOREIGN KEY (job) REFERENCES public.registry (id) MATCH SIMPLE ON UPDATE NO ACTION ON DELETE CASCADE NOT VALID)",
+        "INSERT INTO jobs (id, job, description, preprocessing, postprocessing, arguments) VALUES (4, 'simple_config_backup', 'simple_config_backup', 'get_missing_devices', NULL, '{}')",
+        "INSERT INTO registry (id, job, schedule) VALUES (4, 4, '*/1 * * * *')",
+        "INSERT INTO schedule (job, next_run) VALUES (4, '2024-01-01 01:00:00+00'), (4, '2024-01-01 01:00:00+00')",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    let ws = Workspace::new();
+    let jobs = show_jobs_json(&ws, &db);
+    assert_eq!(jobs.as_array().unwrap().len(), 1);
+    assert_eq!(jobs[0]["id"], 4);
+    assert_eq!(jobs[0]["job"], "simple_config_backup");
+    assert_eq!(jobs[0]["preprocessing"], "get_missing_devices");
+    assert_eq!(jobs[0]["name"], Value::Null);
+    let registry = success(run(ws.jobschleuder(&db).args(["registry", "-sr"])));
+    assert!(registry.contains("*/1 * * * *"), "{registry}");
+    let schedule_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM schedule")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        schedule_rows, 2,
+        "migrations never drop the original's rows"
+    );
+
+    // Running again (migrations already applied) changes nothing, and an import takes over.
+    success(run(ws.jobschleuder(&db).args(["registry", "-sj"])));
+    let file = ws.write("jobs.yaml", SEED_JOBS);
+    let out = success(run(ws
+        .jobschleuder(&db)
+        .arg("registry")
+        .arg("-i")
+        .arg(&file)));
+    assert!(out.contains("3 new, 0 replaced, 1 removed"), "{out}");
+}
+
+#[tokio::test]
+async fn the_database_is_created_on_first_use() {
+    let db = TestDb::new().await;
+    let ws = Workspace::new();
+    // A database name that does not exist yet on the same server.
+    let mut url = url::Url::parse(&db.url).unwrap();
+    let fresh = format!("{}_new", db.name);
+    url.set_path(&format!("/{fresh}"));
+    let out = run(ws
+        .jobschleuder(&db)
+        .env("JOBSCHLEUDER_DATABASE_URL", url.as_str())
+        .args(["registry", "-sj"]));
+    let drop_fresh = async {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url())
+            .await
+            .unwrap();
+        sqlx::Executor::execute(
+            &mut conn,
+            format!("DROP DATABASE IF EXISTS {fresh} WITH (FORCE)").as_str(),
+        )
+        .await
+        .unwrap();
+    };
+    let ok = out.status.success();
+    drop_fresh.await;
+    assert!(ok, "{}", stderr(&out));
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the real binary against the real Postgres (and, later, RabbitMQ), each test
+//! on a database of its own.
+
+mod util;
+
+mod cli;
+mod registry;

@@ -104,6 +104,24 @@ pub struct WorkerArgs {
     /// Number of concurrent job slots to start.
     #[arg(long, value_name = "WORKER")]
     pub worker: Option<usize>,
+
+    /// Run job NAME by hand, in this process, without database or queue: preprocessing (if
+    /// given), the job (each fanned-out job), postprocessing (if given). Prints each result as
+    /// one JSON line; exits 1 if any step failed.
+    #[arg(long, value_name = "NAME")]
+    pub exec: Option<String>,
+
+    /// With --exec: the job's arguments, a JSON object.
+    #[arg(long = "args", value_name = "JSON", requires = "exec")]
+    pub exec_args: Option<String>,
+
+    /// With --exec: the preprocessing function to run first.
+    #[arg(long, value_name = "FUNCTION", requires = "exec")]
+    pub preprocessing: Option<String>,
+
+    /// With --exec: the postprocessing function to run after each job.
+    #[arg(long, value_name = "FUNCTION", requires = "exec")]
+    pub postprocessing: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -131,6 +149,10 @@ const TAKES_VALUE: &[&str] = &[
     "-rn",
     "--id",
     "--worker",
+    "--exec",
+    "--args",
+    "--preprocessing",
+    "--postprocessing",
 ];
 
 const SUBCOMMANDS: &[&str] = &["registry", "scheduler", "worker", "listener"];

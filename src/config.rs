@@ -418,10 +418,11 @@ fn build(
         Some(p) => format!("config file {}", p.display()),
         None => "defaults".to_string(),
     };
+    // Plugin folders are relative to the config file, wherever the process was started.
     let base_dir = path
         .as_ref()
-        .and_then(|p| p.parent())
-        .map(Path::to_path_buf)
+        .and_then(|p| std::path::absolute(p).ok())
+        .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_default();
     let mut warnings = Vec::new();
 

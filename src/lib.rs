@@ -11,6 +11,7 @@
 //! - [`jobfile`]: the job file: parsing and complete validation.
 //! - [`cron`]: cron expressions and next-run times in a zone, with Vixie cron's DST rules.
 //! - [`store`]: the database: migrations and every query.
+//! - [`plugin`]: the plugin host: loading cdylib plugins and calling them across the C ABI.
 //! - [`output`]: tables and JSON for `--show-*`.
 //! - [`commands`]: one module per subcommand.
 //! - [`error`]: the error type commands return, and exit codes.
@@ -23,6 +24,7 @@ pub mod error;
 pub mod jobfile;
 pub mod logging;
 pub mod output;
+pub mod plugin;
 pub mod store;
 
 pub use error::{Error, Result};

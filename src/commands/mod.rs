@@ -1,6 +1,7 @@
 //! One module per subcommand; this file only dispatches.
 
 pub mod registry;
+pub mod worker;
 
 use crate::cli::Command;
 use crate::config::Config;
@@ -10,7 +11,7 @@ pub async fn dispatch(config: &Config, command: &Command) -> Result<()> {
     match command {
         Command::Registry(args) => registry::run(config, args).await,
         Command::Scheduler(_) => Err(Error::NotImplemented("scheduler")),
-        Command::Worker(_) => Err(Error::NotImplemented("worker")),
+        Command::Worker(args) => worker::run(config, args).await,
         Command::Listener(_) => Err(Error::NotImplemented("listener")),
     }
 }

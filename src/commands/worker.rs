@@ -1,0 +1,133 @@
+//! `worker`: runs jobs through plugins. `--exec` runs one by hand, without database or queue.
+
+use std::io::Write;
+
+use serde_json::{json, Value};
+
+use crate::cli::WorkerArgs;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::plugin::{Args, Outcome, PlannedJob, PluginError, PluginHost};
+
+pub async fn run(config: &Config, args: &WorkerArgs) -> Result<()> {
+    match &args.exec {
+        Some(job) => {
+            let host = PluginHost::new(config);
+            let job = job.clone();
+            let job_args = parse_args(args.exec_args.as_deref())?;
+            let pre = args.preprocessing.clone();
+            let post = args.postprocessing.clone();
+            tokio::task::spawn_blocking(move || {
+                exec(&host, &job, job_args, pre.as_deref(), post.as_deref())
+            })
+            .await
+            .map_err(|e| Error::Runtime(format!("the job thread failed: {e}")))?
+        }
+        None => Err(Error::NotImplemented(
+            "worker (consuming the queue; use --exec to run a job by hand)",
+        )),
+    }
+}
+
+fn parse_args(text: Option<&str>) -> Result<Args> {
+    match text {
+        None => Ok(Args::new()),
+        Some(text) => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(other) => Err(Error::Usage(format!(
+                "--args must be a JSON object, not {other}"
+            ))),
+            Err(e) => Err(Error::Usage(format!("--args is not valid JSON: {e}"))),
+        },
+    }
+}
+
+fn error_json(error: &PluginError) -> Value {
+    json!({
+        "message": error.to_string(),
+        "retryable": error.retryable(),
+        "details": error.details(),
+    })
+}
+
+/// One JSON line per step on stdout.
+fn emit(line: &Value) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}").map_err(|e| Error::Runtime(format!("cannot write output: {e}")))
+}
+
+fn exec(
+    host: &PluginHost,
+    job: &str,
+    args: Args,
+    pre: Option<&str>,
+    post: Option<&str>,
+) -> Result<()> {
+    let planned = match pre {
+        Some(function) => match host.call_preprocessing(function, job, args) {
+            Ok(jobs) => {
+                emit(
+                    &json!({"step": "preprocessing", "function": function, "status": "succeeded", "jobs": jobs}),
+                )?;
+                jobs
+            }
+            Err(error) => {
+                emit(
+                    &json!({"step": "preprocessing", "function": function, "status": "failed", "error": error_json(&error)}),
+                )?;
+                return Err(Error::Runtime(format!("preprocessing failed: {error}")));
+            }
+        },
+        None => vec![PlannedJob::new(job, args)],
+    };
+    let mut failed = 0;
+    let mut steps = 0;
+    for planned in planned {
+        let cmd = planned.cmd.clone().unwrap_or_else(|| job.to_string());
+        steps += 1;
+        let outcome = match host.call_job(&cmd, planned.args.clone()) {
+            Ok(result) => {
+                emit(
+                    &json!({"step": "job", "cmd": cmd, "args": planned.args, "status": "succeeded", "result": result}),
+                )?;
+                Outcome {
+                    result: Some(result),
+                    error: None,
+                }
+            }
+            Err(error) => {
+                failed += 1;
+                emit(
+                    &json!({"step": "job", "cmd": cmd, "args": planned.args, "status": "failed", "error": error_json(&error)}),
+                )?;
+                Outcome {
+                    result: error.details().cloned(),
+                    error: Some(crate::plugin::JobError {
+                        message: error.to_string(),
+                        retryable: error.retryable(),
+                        details: error.details().cloned(),
+                    }),
+                }
+            }
+        };
+        if let Some(function) = post {
+            steps += 1;
+            match host.call_postprocessing(function, planned.args.clone(), &outcome) {
+                Ok(result) => emit(
+                    &json!({"step": "postprocessing", "function": function, "cmd": cmd, "status": "succeeded", "result": result}),
+                )?,
+                Err(error) => {
+                    failed += 1;
+                    emit(
+                        &json!({"step": "postprocessing", "function": function, "cmd": cmd, "status": "failed", "error": error_json(&error)}),
+                    )?;
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        Err(Error::Runtime(format!("{failed} of {steps} steps failed")))
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,568 @@
+//! The plugin host: finds, loads and calls plugin libraries (cdylibs built with the
+//! `jobschleuder-plugin` SDK) across their versioned C ABI.
+//!
+//! - A function name resolves through the config: jobs through `plugins:`, preprocessing and
+//!   postprocessing through `preprocessing:` and then `plugins:`.
+//! - A library's ABI version is checked before any other call; a mismatch is refused naming both.
+//! - Libraries are never unloaded (code and data they handed out stay valid for the process).
+//! - `"<function>:on_startup"`, when the library has it, is called once before the function's
+//!   first call; the object it returns is merged into every call's arguments, its values winning
+//!   on equal keys (as in the original). A failed on_startup is tried again on the next call.
+//! - `sot: true` in a call's arguments is replaced by the config's `sot:` section.
+//! - Calls are blocking: run them on blocking threads (`tokio::task::spawn_blocking`), never on
+//!   the async runtime. A panic in plugin code is caught (by the SDK, inside the library, where
+//!   unwinding can be stopped) and becomes a failed call; the host guards its side as well.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use jobschleuder_plugin::abi;
+pub use jobschleuder_plugin::{Args, Job as PlannedJob, JobError, Kind, Outcome};
+use serde_json::Value;
+
+use crate::config::{Config, PluginLocation};
+
+/// Why a plugin call did not produce a result. Every variant names the function, the plugin
+/// and the library path tried.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PluginError {
+    #[error("no plugin provides {kind} {function:?}: add it to the `{section}:` section of the config ({origin})")]
+    NotConfigured {
+        kind: &'static str,
+        function: String,
+        section: &'static str,
+        origin: String,
+    },
+    #[error("plugin {plugin:?} for {function:?}: cannot load {}: {message}", path.display())]
+    Load {
+        plugin: String,
+        function: String,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("plugin {plugin:?} for {function:?}: {} is not a jobschleuder plugin: symbol `{symbol}` is missing", path.display())]
+    MissingSymbol {
+        plugin: String,
+        function: String,
+        path: PathBuf,
+        symbol: String,
+    },
+    #[error("plugin {plugin:?} for {function:?}: {} was built for plugin ABI version {found}, but this jobschleuder speaks version {expected}: rebuild the plugin against the matching jobschleuder-plugin SDK", path.display())]
+    AbiMismatch {
+        plugin: String,
+        function: String,
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("plugin {plugin:?} ({}) does not provide {kind} {function:?}; it provides: {provided}", path.display())]
+    NotProvided {
+        plugin: String,
+        function: String,
+        kind: &'static str,
+        path: PathBuf,
+        provided: String,
+    },
+    #[error("{function}:on_startup of plugin {plugin:?} ({}) failed: {}", path.display(), error.message)]
+    StartupFailed {
+        plugin: String,
+        function: String,
+        path: PathBuf,
+        error: Box<JobError>,
+    },
+    #[error("{kind} {function:?} of plugin {plugin:?} ({}) panicked: {message}", path.display())]
+    Panicked {
+        plugin: String,
+        function: String,
+        kind: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("{kind} {function:?} failed: {}", error.message)]
+    Failed {
+        plugin: String,
+        function: String,
+        kind: &'static str,
+        path: PathBuf,
+        error: Box<JobError>,
+    },
+    #[error("{kind} {function:?} of plugin {plugin:?} ({}) returned something unusable: {message}", path.display())]
+    BadOutput {
+        plugin: String,
+        function: String,
+        kind: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+}
+
+impl PluginError {
+    /// Whether trying the same call again later may succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            PluginError::Failed { error, .. } | PluginError::StartupFailed { error, .. } => {
+                error.retryable
+            }
+            // A library may be deployed meanwhile.
+            PluginError::Load { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// What the plugin attached to its error (exit status, output), if anything.
+    pub fn details(&self) -> Option<&Value> {
+        match self {
+            PluginError::Failed { error, .. } | PluginError::StartupFailed { error, .. } => {
+                error.details.as_ref()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A loaded library. Never dropped: it lives as long as the process.
+struct Library {
+    plugin: String,
+    path: PathBuf,
+    descriptor: &'static abi::PluginDescriptor,
+    functions: BTreeMap<String, Kind>,
+}
+
+// SAFETY: the descriptor points into a library that is never unloaded; its entry points are
+// thread-safe by the ABI's contract (plugin functions are plain `fn`s over owned data).
+unsafe impl Send for Library {}
+unsafe impl Sync for Library {}
+
+/// Loads plugins on first use and calls them. Cheap to clone.
+#[derive(Clone)]
+pub struct PluginHost {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    jobs: BTreeMap<String, PluginLocation>,
+    preprocessing: BTreeMap<String, PluginLocation>,
+    sot: serde_json::Map<String, Value>,
+    origin: String,
+    libraries: Mutex<HashMap<PathBuf, Arc<Library>>>,
+    /// Per function: its on_startup values once they were obtained. The mutex per function
+    /// makes on_startup run once even when the first calls come in concurrently.
+    startup: Mutex<HashMap<String, Arc<Mutex<Option<Args>>>>>,
+}
+
+impl PluginHost {
+    pub fn new(config: &Config) -> PluginHost {
+        PluginHost {
+            inner: Arc::new(Inner {
+                jobs: config.plugins.clone(),
+                preprocessing: config.preprocessing.clone(),
+                sot: config.sot.values.clone(),
+                origin: config.origin(),
+                libraries: Mutex::new(HashMap::new()),
+                startup: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Runs job `job` with `args`. Blocking.
+    pub fn call_job(&self, job: &str, args: Args) -> Result<Value, PluginError> {
+        let library = self.library_for(job, Kind::Job)?;
+        let args = self.prepare(&library, job, args)?;
+        self.invoke(
+            &library,
+            job,
+            Kind::Job,
+            &serde_json::json!({ "args": args }),
+        )
+    }
+
+    /// Runs preprocessing `function` for job `job`: the jobs to run instead. A returned job
+    /// without `cmd` is `job` itself. Blocking.
+    pub fn call_preprocessing(
+        &self,
+        function: &str,
+        job: &str,
+        args: Args,
+    ) -> Result<Vec<PlannedJob>, PluginError> {
+        let library = self.library_for(function, Kind::Preprocessing)?;
+        let args = self.prepare(&library, function, args)?;
+        let output = self.invoke(
+            &library,
+            function,
+            Kind::Preprocessing,
+            &serde_json::json!({ "args": args }),
+        )?;
+        let mut jobs: Vec<PlannedJob> =
+            serde_json::from_value(output).map_err(|e| PluginError::BadOutput {
+                plugin: library.plugin.clone(),
+                function: function.to_string(),
+                kind: Kind::Preprocessing.as_str(),
+                path: library.path.clone(),
+                message: format!("expected a list of {{cmd, args}} jobs: {e}"),
+            })?;
+        for planned in &mut jobs {
+            if planned.cmd.as_deref().is_none_or(str::is_empty) {
+                planned.cmd = Some(job.to_string());
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Runs postprocessing `function` with a job's arguments and outcome. Blocking.
+    pub fn call_postprocessing(
+        &self,
+        function: &str,
+        args: Args,
+        outcome: &Outcome,
+    ) -> Result<Value, PluginError> {
+        let library = self.library_for(function, Kind::Postprocessing)?;
+        let args = self.prepare(&library, function, args)?;
+        self.invoke(
+            &library,
+            function,
+            Kind::Postprocessing,
+            &serde_json::json!({ "args": args, "outcome": outcome }),
+        )
+    }
+
+    /// Loads every configured library and checks that it provides what the config says, so a
+    /// worker can report all plugin problems when it starts.
+    pub fn check_all(&self) -> Vec<PluginError> {
+        let mut problems = Vec::new();
+        for name in self.inner.jobs.keys() {
+            if let Err(e) = self.library_for(name, Kind::Job) {
+                problems.push(e);
+            }
+        }
+        for name in self.inner.preprocessing.keys() {
+            if let Err(e) = self.library_for(name, Kind::Preprocessing) {
+                problems.push(e);
+            }
+        }
+        problems
+    }
+
+    fn library_for(&self, function: &str, kind: Kind) -> Result<Arc<Library>, PluginError> {
+        let location = match kind {
+            Kind::Job => self.inner.jobs.get(function),
+            _ => self
+                .inner
+                .preprocessing
+                .get(function)
+                .or_else(|| self.inner.jobs.get(function)),
+        }
+        .ok_or_else(|| PluginError::NotConfigured {
+            kind: kind.as_str(),
+            function: function.to_string(),
+            section: if kind == Kind::Job {
+                "plugins"
+            } else {
+                "preprocessing"
+            },
+            origin: self.inner.origin.clone(),
+        })?;
+        let library = self.load(location, function)?;
+        match library.functions.get(function) {
+            Some(found) if *found == kind => Ok(library),
+            // Postprocessing may name any function registered as postprocessing; the original
+            // had one decorator for everything, so a job function is not accepted silently.
+            _ => Err(PluginError::NotProvided {
+                plugin: library.plugin.clone(),
+                function: function.to_string(),
+                kind: kind.as_str(),
+                path: library.path.clone(),
+                provided: describe_functions(&library.functions),
+            }),
+        }
+    }
+
+    fn load(&self, location: &PluginLocation, function: &str) -> Result<Arc<Library>, PluginError> {
+        let path = location.library_path();
+        let mut libraries = self
+            .inner
+            .libraries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(library) = libraries.get(&path) {
+            return Ok(library.clone());
+        }
+        let library = Arc::new(open(&location.plugin, &path, function)?);
+        tracing::info!(
+            plugin = %library.plugin,
+            path = %library.path.display(),
+            functions = %describe_functions(&library.functions),
+            "plugin loaded"
+        );
+        libraries.insert(path, library.clone());
+        Ok(library)
+    }
+
+    /// The call's arguments: on_startup values merged in (they win), `sot: true` replaced.
+    fn prepare(
+        &self,
+        library: &Library,
+        function: &str,
+        mut args: Args,
+    ) -> Result<Args, PluginError> {
+        let startup_name = format!("{function}:on_startup");
+        if library.functions.get(&startup_name) == Some(&Kind::OnStartup) {
+            let slot = {
+                let mut startup = self.inner.startup.lock().unwrap_or_else(|p| p.into_inner());
+                startup.entry(startup_name.clone()).or_default().clone()
+            };
+            let mut values = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if values.is_none() {
+                let output = self
+                    .invoke(
+                        library,
+                        &startup_name,
+                        Kind::OnStartup,
+                        &serde_json::json!({}),
+                    )
+                    .map_err(|e| match e {
+                        PluginError::Failed { error, .. } => PluginError::StartupFailed {
+                            plugin: library.plugin.clone(),
+                            function: function.to_string(),
+                            path: library.path.clone(),
+                            error,
+                        },
+                        other => other,
+                    })?;
+                match output {
+                    Value::Object(map) => *values = Some(map),
+                    other => {
+                        return Err(PluginError::BadOutput {
+                            plugin: library.plugin.clone(),
+                            function: startup_name,
+                            kind: Kind::OnStartup.as_str(),
+                            path: library.path.clone(),
+                            message: format!("on_startup must return a JSON object, not {other}"),
+                        })
+                    }
+                }
+            }
+            if let Some(values) = values.as_ref() {
+                for (key, value) in values {
+                    args.insert(key.clone(), value.clone());
+                }
+            }
+        }
+        if args.get("sot") == Some(&Value::Bool(true)) && !self.inner.sot.is_empty() {
+            args.insert("sot".into(), Value::Object(self.inner.sot.clone()));
+        }
+        Ok(args)
+    }
+
+    fn invoke(
+        &self,
+        library: &Library,
+        function: &str,
+        kind: Kind,
+        input: &Value,
+    ) -> Result<Value, PluginError> {
+        let input = serde_json::to_vec(input).unwrap_or_default();
+        let descriptor = library.descriptor;
+        let called = catch_unwind(AssertUnwindSafe(|| {
+            let mut buffer = abi::Buffer {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+                cap: 0,
+            };
+            // SAFETY: pointers and lengths describe live buffers for the duration of the call;
+            // the library checked out at load (ABI version, descriptor).
+            let status = unsafe {
+                (descriptor.call)(
+                    function.as_ptr(),
+                    function.len(),
+                    input.as_ptr(),
+                    input.len(),
+                    &mut buffer,
+                )
+            };
+            let bytes = if buffer.ptr.is_null() {
+                Vec::new()
+            } else {
+                // SAFETY: the plugin filled `buffer` with `len` initialized bytes.
+                unsafe { std::slice::from_raw_parts(buffer.ptr, buffer.len) }.to_vec()
+            };
+            // SAFETY: handing the buffer back to the side that allocated it, once.
+            unsafe { (descriptor.free)(buffer) };
+            (status, bytes)
+        }));
+        let panicked = |message: String| PluginError::Panicked {
+            plugin: library.plugin.clone(),
+            function: function.to_string(),
+            kind: kind.as_str(),
+            path: library.path.clone(),
+            message,
+        };
+        let bad = |message: String| PluginError::BadOutput {
+            plugin: library.plugin.clone(),
+            function: function.to_string(),
+            kind: kind.as_str(),
+            path: library.path.clone(),
+            message,
+        };
+        let (status, bytes) =
+            called.map_err(|_| panicked("the host side of the call panicked".into()))?;
+        match status {
+            abi::STATUS_OK => {
+                serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))
+            }
+            abi::STATUS_ERROR => {
+                let error: JobError = serde_json::from_slice(&bytes)
+                    .map_err(|e| bad(format!("an unreadable error: {e}")))?;
+                Err(PluginError::Failed {
+                    plugin: library.plugin.clone(),
+                    function: function.to_string(),
+                    kind: kind.as_str(),
+                    path: library.path.clone(),
+                    error: Box::new(error),
+                })
+            }
+            abi::STATUS_PANIC => Err(panicked(String::from_utf8_lossy(&bytes).into_owned())),
+            abi::STATUS_UNKNOWN_FUNCTION => Err(PluginError::NotProvided {
+                plugin: library.plugin.clone(),
+                function: function.to_string(),
+                kind: kind.as_str(),
+                path: library.path.clone(),
+                provided: describe_functions(&library.functions),
+            }),
+            other => Err(bad(format!("unknown status {other}"))),
+        }
+    }
+}
+
+fn describe_functions(functions: &BTreeMap<String, Kind>) -> String {
+    if functions.is_empty() {
+        return "nothing".into();
+    }
+    functions
+        .iter()
+        .map(|(name, kind)| format!("{name} ({})", kind.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn open(plugin: &str, path: &std::path::Path, function: &str) -> Result<Library, PluginError> {
+    let load_error = |message: String| PluginError::Load {
+        plugin: plugin.to_string(),
+        function: function.to_string(),
+        path: path.to_path_buf(),
+        message,
+    };
+    if !path.exists() {
+        return Err(load_error(
+            "no such file (is plugin_dir right, and the plugin built?)".into(),
+        ));
+    }
+    // SAFETY: loading runs the library's initializers; plugins are code the operator chose to
+    // run, as configured.
+    let library =
+        unsafe { libloading::Library::new(path) }.map_err(|e| load_error(e.to_string()))?;
+    // Never unloaded: everything it hands out stays valid.
+    let library: &'static libloading::Library = Box::leak(Box::new(library));
+    let missing = |symbol: &[u8]| PluginError::MissingSymbol {
+        plugin: plugin.to_string(),
+        function: function.to_string(),
+        path: path.to_path_buf(),
+        symbol: String::from_utf8_lossy(symbol).into_owned(),
+    };
+    // SAFETY: the symbol's type is fixed by the ABI, version 1 and later alike.
+    let version: libloading::Symbol<unsafe extern "C" fn() -> u32> =
+        unsafe { library.get(abi::VERSION_SYMBOL) }.map_err(|_| missing(abi::VERSION_SYMBOL))?;
+    // SAFETY: as above.
+    let found = unsafe { version() };
+    if found != abi::ABI_VERSION {
+        return Err(PluginError::AbiMismatch {
+            plugin: plugin.to_string(),
+            function: function.to_string(),
+            path: path.to_path_buf(),
+            found,
+            expected: abi::ABI_VERSION,
+        });
+    }
+    // SAFETY: the version matches, so the descriptor has this layout.
+    let descriptor: libloading::Symbol<unsafe extern "C" fn() -> *const abi::PluginDescriptor> =
+        unsafe { library.get(abi::DESCRIPTOR_SYMBOL) }
+            .map_err(|_| missing(abi::DESCRIPTOR_SYMBOL))?;
+    // SAFETY: as above; the descriptor is static data of a library that is never unloaded.
+    let descriptor: &'static abi::PluginDescriptor = match unsafe { descriptor().as_ref() } {
+        Some(d) => d,
+        None => return Err(load_error("the plugin descriptor is null".into())),
+    };
+    if descriptor.abi_version != abi::ABI_VERSION {
+        return Err(PluginError::AbiMismatch {
+            plugin: plugin.to_string(),
+            function: function.to_string(),
+            path: path.to_path_buf(),
+            found: descriptor.abi_version,
+            expected: abi::ABI_VERSION,
+        });
+    }
+    let mut functions = BTreeMap::new();
+    for i in 0..descriptor.function_count {
+        // SAFETY: `functions` points to `function_count` entries with valid UTF-8 names.
+        let entry = unsafe { &*descriptor.functions.add(i) };
+        let name = String::from_utf8_lossy(unsafe {
+            std::slice::from_raw_parts(entry.name, entry.name_len)
+        })
+        .into_owned();
+        let Some(kind) = Kind::from_u32(entry.kind) else {
+            return Err(load_error(format!(
+                "function {name:?} has an unknown kind {}",
+                entry.kind
+            )));
+        };
+        if functions.insert(name.clone(), kind).is_some() {
+            return Err(load_error(format!("function {name:?} is registered twice")));
+        }
+    }
+    let context: &'static String = Box::leak(Box::new(plugin.to_string()));
+    // SAFETY: `host_log` and the leaked context live for the whole process.
+    unsafe {
+        (descriptor.set_logger)(
+            host_log,
+            context as *const String as *const c_void,
+            max_plugin_level(),
+        )
+    };
+    Ok(Library {
+        plugin: plugin.to_string(),
+        path: path.to_path_buf(),
+        descriptor,
+        functions,
+    })
+}
+
+/// The most verbose level the log filter lets through for plugin code.
+fn max_plugin_level() -> u32 {
+    use tracing::Level;
+    if tracing::enabled!(target: "plugin", Level::TRACE) {
+        abi::LEVEL_TRACE
+    } else if tracing::enabled!(target: "plugin", Level::DEBUG) {
+        abi::LEVEL_DEBUG
+    } else {
+        abi::LEVEL_INFO
+    }
+}
+
+/// Where plugin log lines arrive: target `plugin`, with the plugin's name.
+unsafe extern "C" fn host_log(context: *const c_void, level: u32, message: *const u8, len: usize) {
+    let _ = catch_unwind(|| {
+        // SAFETY: `context` is the leaked plugin name given in `set_logger`; the message
+        // pointer and length describe the plugin's buffer for this call.
+        let plugin = unsafe { &*(context as *const String) };
+        let text = String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(message, len) });
+        match level {
+            abi::LEVEL_ERROR => tracing::error!(target: "plugin", plugin = %plugin, "{text}"),
+            abi::LEVEL_WARN => tracing::warn!(target: "plugin", plugin = %plugin, "{text}"),
+            abi::LEVEL_INFO => tracing::info!(target: "plugin", plugin = %plugin, "{text}"),
+            abi::LEVEL_DEBUG => tracing::debug!(target: "plugin", plugin = %plugin, "{text}"),
+            _ => tracing::trace!(target: "plugin", plugin = %plugin, "{text}"),
+        }
+    });
+}

@@ -1,0 +1,341 @@
+//! Plugins: the real cdylibs built by `cargo build --workspace`, loaded by the host.
+
+use std::path::PathBuf;
+
+use jobschleuder::config::Config;
+use jobschleuder::plugin::{Outcome, PluginError, PluginHost};
+use serde_json::{json, Value};
+
+use crate::util::*;
+
+/// Where cargo put the plugin libraries: next to the test binary's `deps` folder.
+pub fn plugin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .to_path_buf();
+    assert!(
+        dir.join("libtestkit.so").exists(),
+        "the plugin libraries are not built in {}: run `cargo build --workspace` before the tests",
+        dir.display()
+    );
+    dir
+}
+
+/// A config that maps every test and shipped plugin function to its library.
+pub fn plugin_config_text() -> String {
+    let dir = plugin_dir();
+    let dir = dir.display();
+    let mut text = String::from("plugins:\n");
+    for (name, library) in [
+        ("hello_world", "hello_world"),
+        ("command", "command"),
+        ("http", "http"),
+        ("test_echo", "testkit"),
+        ("test_fail", "testkit"),
+        ("test_panic", "testkit"),
+        ("test_sleep", "testkit"),
+        ("test_broken", "testkit"),
+        ("test_missing_function", "testkit"),
+        ("old_abi", "abi_mismatch"),
+        ("not_a_plugin", "no_symbols"),
+        ("not_built", "no_such_library"),
+    ] {
+        text.push_str(&format!(
+            "  {name}:\n    plugin_dir: {dir}\n    plugin: {library}\n"
+        ));
+    }
+    text.push_str("preprocessing:\n");
+    for (name, library) in [
+        ("expand_hosts", "expand_hosts"),
+        ("test_fanout", "testkit"),
+        ("test_post", "testkit"),
+    ] {
+        text.push_str(&format!(
+            "  {name}:\n    plugin_dir: {dir}\n    plugin: {library}\n"
+        ));
+    }
+    text.push_str("sot:\n  nautobot: https://nautobot.lab\n  token: sot-secret\n");
+    text
+}
+
+fn host() -> PluginHost {
+    let config = Config::from_str_with_env(
+        &PathBuf::from("plugins.yaml"),
+        &plugin_config_text(),
+        &|_| None,
+    )
+    .unwrap();
+    PluginHost::new(&config)
+}
+
+fn args(value: Value) -> serde_json::Map<String, Value> {
+    value.as_object().cloned().unwrap()
+}
+
+#[test]
+fn a_job_gets_its_arguments_with_on_startup_values_merged_in() {
+    let host = host();
+    let result = host
+        .call_job("test_echo", args(json!({"mine": 1, "shared": "job value"})))
+        .unwrap();
+    assert_eq!(
+        result["args"],
+        json!({"mine": 1, "shared": "startup wins", "from_startup": true}),
+        "on_startup values are merged in and win on equal keys"
+    );
+    assert_eq!(
+        host.call_job("hello_world", args(json!({"hello": "world"})))
+            .unwrap(),
+        json!({"hello": "world"})
+    );
+}
+
+#[test]
+fn sot_true_becomes_the_config_section() {
+    let result = host()
+        .call_job("test_echo", args(json!({"sot": true})))
+        .unwrap();
+    assert_eq!(
+        result["args"]["sot"],
+        json!({"nautobot": "https://nautobot.lab", "token": "sot-secret"})
+    );
+}
+
+#[test]
+fn preprocessing_fans_out_and_postprocessing_sees_the_outcome() {
+    let host = host();
+    let jobs = host
+        .call_preprocessing(
+            "test_fanout",
+            "test_echo",
+            args(json!({"count": 3, "x": "y"})),
+        )
+        .unwrap();
+    assert_eq!(jobs.len(), 3);
+    assert!(
+        jobs.iter().all(|j| j.cmd.as_deref() == Some("test_echo")),
+        "a job without cmd is the preprocessed job"
+    );
+    assert_eq!(jobs[2].args, args(json!({"x": "y", "index": 2})));
+
+    let outcome = Outcome {
+        result: Some(json!({"ok": 1})),
+        error: None,
+    };
+    let post = host
+        .call_postprocessing("test_post", args(json!({"a": 1})), &outcome)
+        .unwrap();
+    assert_eq!(post["post_saw_result"], json!({"ok": 1}));
+    assert_eq!(post["post_saw_args"], json!({"a": 1}));
+
+    let hosts = host
+        .call_preprocessing(
+            "expand_hosts",
+            "command",
+            args(json!({"hosts": ["r1", "labx.local", "r2xx"], "exclude": {"devices": ["labx.local"], "pattern": [".*xx"]}})),
+        )
+        .unwrap();
+    assert_eq!(hosts.len(), 1);
+    assert_eq!(hosts[0].args["host"], "r1");
+}
+
+#[test]
+fn errors_carry_retryable_and_details() {
+    let err = host()
+        .call_job("test_fail", args(json!({"retryable": true})))
+        .unwrap_err();
+    assert!(err.retryable());
+    assert_eq!(err.details().unwrap()["args"]["retryable"], true);
+    let err = host().call_job("test_fail", args(json!({}))).unwrap_err();
+    assert!(!err.retryable());
+    assert!(err.to_string().contains("asked to fail"), "{err}");
+}
+
+#[test]
+fn a_panic_is_a_failed_call_and_the_process_lives_on() {
+    let host = host();
+    for _ in 0..2 {
+        let err = host.call_job("test_panic", args(json!({}))).unwrap_err();
+        assert!(matches!(err, PluginError::Panicked { .. }), "{err:?}");
+        assert!(err.to_string().contains("boom from the plugin"), "{err}");
+        assert!(err.to_string().contains("libtestkit.so"), "{err}");
+    }
+    assert!(
+        host.call_job("test_echo", args(json!({}))).is_ok(),
+        "the library still works after a panic"
+    );
+}
+
+#[test]
+fn abi_mismatch_is_refused_naming_both_versions() {
+    let err = host().call_job("old_abi", args(json!({}))).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PluginError::AbiMismatch {
+                found: 999,
+                expected: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("999") && text.contains("version 1") && text.contains("libabi_mismatch.so"),
+        "{text}"
+    );
+}
+
+#[test]
+fn loading_failures_name_plugin_path_and_job() {
+    let host = host();
+    let err = host.call_job("not_built", args(json!({}))).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, PluginError::Load { .. }), "{err:?}");
+    assert!(
+        text.contains("no_such_library")
+            && text.contains("libno_such_library.so")
+            && text.contains("not_built"),
+        "{text}"
+    );
+
+    let err = host.call_job("not_a_plugin", args(json!({}))).unwrap_err();
+    assert!(matches!(err, PluginError::MissingSymbol { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("jobschleuder_abi_version"),
+        "{err}"
+    );
+
+    let err = host
+        .call_job("nobody_has_this", args(json!({})))
+        .unwrap_err();
+    assert!(matches!(err, PluginError::NotConfigured { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("nobody_has_this") && err.to_string().contains("plugins"),
+        "{err}"
+    );
+
+    let err = host
+        .call_job("test_missing_function", args(json!({})))
+        .unwrap_err();
+    assert!(matches!(err, PluginError::NotProvided { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("test_echo (job)"),
+        "lists what it provides: {err}"
+    );
+
+    let err = host.call_job("test_fanout", args(json!({}))).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PluginError::NotConfigured { .. } | PluginError::NotProvided { .. }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn on_startup_failure_is_named_and_retried() {
+    let host = host();
+    for _ in 0..2 {
+        let err = host.call_job("test_broken", args(json!({}))).unwrap_err();
+        assert!(matches!(err, PluginError::StartupFailed { .. }), "{err:?}");
+        assert!(err.retryable());
+        assert!(
+            err.to_string().contains("test_broken:on_startup")
+                && err.to_string().contains("unreachable"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn command_through_the_host_times_out_and_truncates() {
+    let host = host();
+    let started = std::time::Instant::now();
+    let err = host
+        .call_job("command", args(json!({"command": "sleep 30 & sleep 30", "shell": true, "timeout": 0.3, "kill_grace": 0.2})))
+        .unwrap_err();
+    assert!(
+        started.elapsed().as_secs() < 20,
+        "the timeout did not stop the command"
+    );
+    assert!(
+        err.retryable() && err.details().unwrap()["timed_out"] == true,
+        "{err}"
+    );
+
+    let result = host
+        .call_job(
+            "command",
+            args(json!({"command": "seq 1 100000", "shell": true})),
+        )
+        .unwrap();
+    let stdout = result["stdout"].as_str().unwrap();
+    assert_eq!(stdout.len(), 64 * 1024);
+    assert!(stdout.ends_with("99999\n100000\n"));
+    assert_eq!(result["stdout_truncated"], true);
+}
+
+#[test]
+fn worker_exec_runs_preprocessing_jobs_and_postprocessing() {
+    let ws = Workspace::new();
+    let config = ws.write("config.yaml", &plugin_config_text());
+    let out = run(ws.command().arg("--config").arg(&config).args([
+        "worker",
+        "--exec",
+        "test_echo",
+        "--preprocessing",
+        "test_fanout",
+        "--postprocessing",
+        "test_post",
+        "--args",
+        r#"{"count": 2}"#,
+    ]));
+    let text = success(out);
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<&str> = lines.iter().map(|l| l["step"].as_str().unwrap()).collect();
+    assert_eq!(
+        steps,
+        [
+            "preprocessing",
+            "job",
+            "postprocessing",
+            "job",
+            "postprocessing"
+        ]
+    );
+    assert!(lines.iter().all(|l| l["status"] == "succeeded"));
+    assert_eq!(lines[3]["result"]["args"]["index"], 1);
+    assert_eq!(lines[4]["result"]["post_saw_result"]["args"]["index"], 1);
+
+    let out =
+        run(ws
+            .command()
+            .arg("--config")
+            .arg(&config)
+            .args(["worker", "--exec", "test_fail"]));
+    let out_text = stdout(&out);
+    failure(out, 1);
+    let line: Value = serde_json::from_str(out_text.trim()).unwrap();
+    assert_eq!(line["status"], "failed");
+
+    let err = failure(
+        run(ws.command().arg("--config").arg(&config).args([
+            "worker",
+            "--exec",
+            "test_echo",
+            "--args",
+            "[1]",
+        ])),
+        2,
+    );
+    assert!(err.contains("JSON object"), "{err}");
+}

@@ -70,6 +70,12 @@ CREATE TABLE IF NOT EXISTS public.job_runs
     worker character varying(200),
     queue character varying(255),
     arguments jsonb NOT NULL DEFAULT '{}'::jsonb,
+    -- What the run needs besides its arguments, copied from the job when the run is created,
+    -- so that a run is complete on its own (re-publishing it needs no job row).
+    preprocessing character varying(50),
+    postprocessing character varying(50),
+    timeout_seconds double precision,
+    max_retries integer NOT NULL DEFAULT 0,
     scheduled_for timestamp with time zone,
     not_before timestamp with time zone,
     created_at timestamp with time zone NOT NULL DEFAULT now(),
@@ -92,3 +98,5 @@ CREATE INDEX IF NOT EXISTS job_runs_unpublished_idx
 CREATE INDEX IF NOT EXISTS job_runs_job_name_idx ON public.job_runs (job_name, created_at DESC);
 CREATE INDEX IF NOT EXISTS job_runs_created_idx ON public.job_runs (created_at DESC);
 CREATE INDEX IF NOT EXISTS job_runs_parent_idx ON public.job_runs (parent_id) WHERE parent_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS job_runs_status_idx ON public.job_runs (status, created_at DESC);
+CREATE INDEX IF NOT EXISTS job_runs_finished_idx ON public.job_runs (finished_at) WHERE finished_at IS NOT NULL;

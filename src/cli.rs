@@ -47,6 +47,8 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Listener to process webhooks.
     Listener(ListenerArgs),
+    /// Run history: recent runs, one run with its result and fan-out children.
+    Runs(RunsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +95,28 @@ pub struct SchedulerArgs {
     /// Exit after one scheduling pass [-nd].
     #[arg(long = "no-daemon")]
     pub no_daemon: bool,
+
+    /// Print the next run times of a cron expression (no database needed), one per line,
+    /// RFC 3339 with the zone's UTC offset, to check a schedule before importing it.
+    #[arg(long, value_name = "CRON")]
+    pub preview: Option<String>,
+
+    /// With --preview: the zone the expression is read in (default: the config's).
+    #[arg(long, value_name = "TZ", requires = "preview")]
+    pub timezone: Option<String>,
+
+    /// With --preview: start from this time (RFC 3339, or YYYY-MM-DDTHH:MM:SS in the zone);
+    /// default now. A run at exactly this time is included.
+    #[arg(long, value_name = "TIME", requires = "preview")]
+    pub from: Option<String>,
+
+    /// With --preview: how many run times.
+    #[arg(long, value_name = "N", default_value_t = 5, requires = "preview")]
+    pub count: usize,
+
+    /// Print --show-* output as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -101,9 +125,13 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "ID")]
     pub id: Option<String>,
 
-    /// Number of concurrent job slots to start.
+    /// Number of concurrent job slots to start (the broker's prefetch). Default 1.
     #[arg(long, value_name = "WORKER")]
     pub worker: Option<usize>,
+
+    /// Consume this queue instead of the configured one.
+    #[arg(long, value_name = "NAME")]
+    pub queue: Option<String>,
 
     /// Run job NAME by hand, in this process, without database or queue: preprocessing (if
     /// given), the job (each fanned-out job), postprocessing (if given). Prints each result as
@@ -126,6 +154,29 @@ pub struct WorkerArgs {
 
 #[derive(Debug, Args)]
 pub struct ListenerArgs {}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    /// Only runs of this job (name or id).
+    #[arg(long, value_name = "JOB")]
+    pub job: Option<String>,
+
+    /// Only runs with this status: queued, running, succeeded, failed or dead.
+    #[arg(long, value_name = "STATUS")]
+    pub status: Option<String>,
+
+    /// How many runs, newest first.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub limit: i64,
+
+    /// One run in full: its arguments, result or error, and its fan-out children.
+    #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["job", "status"])]
+    pub show: Option<String>,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// The original's single-dash, two-letter options, per subcommand, and the long option each means.
 const TWO_LETTER: &[(&str, &str, &str)] = &[
@@ -153,9 +204,18 @@ const TAKES_VALUE: &[&str] = &[
     "--args",
     "--preprocessing",
     "--postprocessing",
+    "--queue",
+    "--preview",
+    "--timezone",
+    "--from",
+    "--count",
+    "--job",
+    "--status",
+    "--limit",
+    "--show",
 ];
 
-const SUBCOMMANDS: &[&str] = &["registry", "scheduler", "worker", "listener"];
+const SUBCOMMANDS: &[&str] = &["registry", "scheduler", "worker", "listener", "runs"];
 
 /// Rewrites the original's two-letter short options (`-sj`, `-rn 4`, `-rn=4`) into their long
 /// forms so that clap, which has only one-letter short options, can parse them.

@@ -99,6 +99,9 @@ pub struct Config {
     pub sot: SotConfig,
     /// The zone cron schedules are read in unless a job names its own.
     pub timezone: Tz,
+    pub scheduler: SchedulerConfig,
+    pub worker: WorkerConfig,
+    pub runs: RunsConfig,
     /// Things worth one warning once logging is up (ignored sections of an original config).
     pub warnings: Vec<String>,
 }
@@ -126,6 +129,54 @@ pub struct RabbitmqConfig {
     pub vhost: String,
     pub queue: String,
     pub heartbeat: u16,
+    /// `quorum` (default) or `classic`.
+    pub queue_type: QueueType,
+    /// Deliveries of one message before it is dead-lettered (quorum queues only): a job that
+    /// keeps killing its workers ends there instead of looping.
+    pub delivery_limit: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+/// `scheduler:` settings.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// The longest the scheduler sleeps without looking (it is woken early by NOTIFY).
+    pub max_sleep: Duration,
+    /// A due run older than this counts as missed (for `misfire: skip`).
+    pub misfire_grace: Duration,
+    /// Registry entries handled per transaction.
+    pub batch_size: u32,
+}
+
+/// `worker:` settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// On SIGTERM/SIGINT, how long running jobs may take to finish.
+    pub grace_period: Duration,
+    /// First retry delay; doubles per attempt up to `retry_backoff_max`.
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+}
+
+/// `runs:` settings.
+#[derive(Debug, Clone)]
+pub struct RunsConfig {
+    /// Finished runs older than this are pruned by the scheduler; `None` keeps them.
+    pub retention: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,6 +314,31 @@ struct RawConfig {
     /// The original's git section: nothing here uses it.
     git: Option<serde_yaml::Value>,
     timezone: Option<String>,
+    scheduler: Option<RawScheduler>,
+    worker: Option<RawWorker>,
+    runs: Option<RawRuns>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScheduler {
+    max_sleep: Option<f64>,
+    misfire_grace: Option<f64>,
+    batch_size: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    grace_period: Option<f64>,
+    retry_backoff: Option<f64>,
+    retry_backoff_max: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuns {
+    retention_days: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -290,6 +366,8 @@ struct RawRabbitmq {
     vhost: Option<String>,
     queue: Option<String>,
     heartbeat: Option<u16>,
+    queue_type: Option<String>,
+    delivery_limit: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -516,6 +594,22 @@ fn build(
             .and_then(|m| m.queue.clone())
             .unwrap_or_else(|| "jobschleuder".into()),
         heartbeat: mq.as_ref().and_then(|m| m.heartbeat).unwrap_or(60),
+        queue_type: match mq.as_ref().and_then(|m| m.queue_type.as_deref()) {
+            None | Some("quorum") => QueueType::Quorum,
+            Some("classic") => QueueType::Classic,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    origin,
+                    key: "rabbitmq.queue_type".into(),
+                    message: format!("{other:?}: use quorum (the default) or classic"),
+                })
+            }
+        },
+        delivery_limit: mq
+            .as_ref()
+            .and_then(|m| m.delivery_limit)
+            .unwrap_or(5)
+            .max(1),
     };
     if let Some(url) = env(ENV_AMQP_URL).filter(|v| !v.is_empty()) {
         rabbitmq.url = Some(Secret(url));
@@ -590,6 +684,66 @@ fn build(
         None => host_timezone(),
     };
 
+    let seconds = |value: Option<f64>, default: f64, key: &str| -> Result<Duration, ConfigError> {
+        let value = value.unwrap_or(default);
+        if value.is_finite() && value >= 0.0 {
+            Ok(Duration::from_secs_f64(value))
+        } else {
+            Err(ConfigError::Invalid {
+                origin: origin.clone(),
+                key: key.into(),
+                message: format!("{value} is not a number of seconds"),
+            })
+        }
+    };
+    let sch = raw.scheduler;
+    let scheduler = SchedulerConfig {
+        max_sleep: seconds(
+            sch.as_ref().and_then(|s| s.max_sleep),
+            60.0,
+            "scheduler.max_sleep",
+        )?
+        .max(Duration::from_millis(10)),
+        misfire_grace: seconds(
+            sch.as_ref().and_then(|s| s.misfire_grace),
+            60.0,
+            "scheduler.misfire_grace",
+        )?,
+        batch_size: sch
+            .as_ref()
+            .and_then(|s| s.batch_size)
+            .unwrap_or(1000)
+            .max(1),
+    };
+    let wrk = raw.worker;
+    let worker = WorkerConfig {
+        grace_period: seconds(
+            wrk.as_ref().and_then(|w| w.grace_period),
+            60.0,
+            "worker.grace_period",
+        )?,
+        retry_backoff: seconds(
+            wrk.as_ref().and_then(|w| w.retry_backoff),
+            10.0,
+            "worker.retry_backoff",
+        )?,
+        retry_backoff_max: seconds(
+            wrk.as_ref().and_then(|w| w.retry_backoff_max),
+            3600.0,
+            "worker.retry_backoff_max",
+        )?,
+    };
+    let runs = RunsConfig {
+        retention: match raw.runs.and_then(|r| r.retention_days) {
+            Some(days) if days <= 0.0 => None,
+            days => Some(seconds(
+                days.map(|d| d * 86400.0),
+                30.0 * 86400.0,
+                "runs.retention_days",
+            )?),
+        },
+    };
+
     Ok(Config {
         path,
         database,
@@ -599,6 +753,9 @@ fn build(
         loglevel,
         sot,
         timezone,
+        scheduler,
+        worker,
+        runs,
         warnings,
     })
 }

@@ -12,10 +12,15 @@
 //! - [`cron`]: cron expressions and next-run times in a zone, with Vixie cron's DST rules.
 //! - [`store`]: the database: migrations and every query.
 //! - [`plugin`]: the plugin host: loading cdylib plugins and calling them across the C ABI.
+//! - [`broker`]: RabbitMQ: queues, publishing with confirms, consuming, the message format.
+//! - [`scheduler`]: due schedule rows become runs; queued runs are published (the outbox).
+//! - [`worker`]: deliveries become plugin calls; results are recorded, then acknowledged.
+//! - [`shutdown`]: SIGTERM/SIGINT handling.
 //! - [`output`]: tables and JSON for `--show-*`.
 //! - [`commands`]: one module per subcommand.
 //! - [`error`]: the error type commands return, and exit codes.
 
+pub mod broker;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -25,7 +30,10 @@ pub mod jobfile;
 pub mod logging;
 pub mod output;
 pub mod plugin;
+pub mod scheduler;
+pub mod shutdown;
 pub mod store;
+pub mod worker;
 
 pub use error::{Error, Result};
 

@@ -7,7 +7,11 @@
 //! leaves the old one in place. Pool acquisition times out after 10 seconds with an error that
 //! names the server.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
 
 use serde::Serialize;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -340,5 +344,751 @@ async fn create_database(
         // Another process created it meanwhile.
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+// ---- scheduling ----
+
+/// A schedule row that is due, with its registry entry and job.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DueEntry {
+    pub schedule_id: i32,
+    pub registry_id: i32,
+    pub next_run: DateTime<Utc>,
+    pub schedule: String,
+    pub timezone: Option<String>,
+    pub misfire: String,
+    pub job_id: i32,
+    pub job_name: String,
+    pub job: String,
+    pub arguments: Option<serde_json::Value>,
+    pub preprocessing: Option<String>,
+    pub postprocessing: Option<String>,
+    pub timeout_seconds: Option<f64>,
+    pub retries: i32,
+    pub queue: Option<String>,
+}
+
+/// What to do with a due entry: the run to create (its scheduled time), and the entry's next run
+/// (`None`: it never runs again, and its schedule row goes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub run_for: Option<DateTime<Utc>>,
+    pub next_run: Option<DateTime<Utc>>,
+}
+
+/// A run created by the scheduler, for its log line.
+#[derive(Debug, Clone)]
+pub struct CreatedRun {
+    pub id: Uuid,
+    pub job_name: String,
+    pub scheduled_for: DateTime<Utc>,
+}
+
+/// A registry entry's schedule, for computing its next run.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EntrySchedule {
+    pub registry_id: i32,
+    pub schedule: String,
+    pub timezone: Option<String>,
+}
+
+/// A row of `schedule` with its job, as `scheduler --show-*` shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ScheduledRow {
+    pub registry_id: i32,
+    pub job_id: i32,
+    pub job_name: String,
+    pub job: String,
+    pub schedule: String,
+    pub timezone: Option<String>,
+    pub next_run: DateTime<Utc>,
+}
+
+/// A run to insert (manual, webhook, fan-out child, or a bare message of the original).
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub job_name: String,
+    pub job: String,
+    pub job_id: Option<i32>,
+    pub trigger: &'static str,
+    pub queue: Option<String>,
+    pub arguments: serde_json::Map<String, serde_json::Value>,
+    pub preprocessing: Option<String>,
+    pub postprocessing: Option<String>,
+    pub timeout_seconds: Option<f64>,
+    pub max_retries: i32,
+    pub parent_id: Option<Uuid>,
+    /// Already on the broker (a bare message a worker received): never published again.
+    pub published: bool,
+}
+
+/// A queued run not yet confirmed by the broker: all that is needed to publish it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxRun {
+    pub id: Uuid,
+    pub job_name: String,
+    pub job: String,
+    pub arguments: serde_json::Value,
+    pub preprocessing: Option<String>,
+    pub postprocessing: Option<String>,
+    pub timeout_seconds: Option<f64>,
+    pub max_retries: i32,
+    pub attempt: i32,
+    pub queue: Option<String>,
+}
+
+/// Runs locked for publishing. Other schedulers skip them until this batch commits or drops.
+pub struct OutboxBatch {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    pub runs: Vec<OutboxRun>,
+}
+
+impl OutboxBatch {
+    /// Marks the runs the broker confirmed as published, and releases the batch.
+    pub async fn mark_published(mut self, ids: &[Uuid]) -> Result<(), StoreError> {
+        if !ids.is_empty() {
+            sqlx::query("UPDATE job_runs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL")
+                .bind(ids)
+                .execute(&mut *self.tx)
+                .await
+                .context("marking runs published")?;
+        }
+        self.tx.commit().await.context("committing published runs")
+    }
+}
+
+/// The outcome of claiming a delivered run for execution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This worker runs it now; `attempt` counts from 1.
+    Claimed { attempt: i32, trigger: String },
+    /// It already finished (a re-delivered or re-published message): skip it.
+    Finished(String),
+    /// Another worker runs it (a duplicate message): skip it.
+    Running,
+    /// No such run.
+    Unknown,
+}
+
+/// How a run ended, for recording.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEnd {
+    Succeeded,
+    Failed,
+    Dead,
+    /// Failed, and is queued again, to be published at this time.
+    Retry(DateTime<Utc>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finish {
+    pub id: Uuid,
+    pub end: RunEnd,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<String>,
+}
+
+/// One row of `runs`, for listing.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct RunRow {
+    pub id: Uuid,
+    pub job_name: String,
+    pub job: String,
+    pub trigger: String,
+    pub status: String,
+    pub attempt: i32,
+    pub max_retries: i32,
+    pub worker: Option<String>,
+    pub queue: Option<String>,
+    pub arguments: serde_json::Value,
+    pub scheduled_for: Option<DateTime<Utc>>,
+    pub not_before: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub published_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub parent_id: Option<Uuid>,
+}
+
+const RUN_COLUMNS: &str = "id, job_name, job, trigger, status, attempt, max_retries, worker, queue, arguments,
+    scheduled_for, not_before, created_at, published_at, started_at, finished_at, result, error, parent_id";
+
+/// Lock that serializes writers of the `schedule` table (init and filling in new entries).
+const SCHEDULE_LOCK: i64 = 0x6a6f_6273_6368_6564; // "jobsched"
+
+impl Store {
+    /// Sends a notification to listening schedulers (`registry` or `run`).
+    pub async fn notify(&self, what: &str) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(NOTIFY_CHANNEL)
+            .bind(what)
+            .execute(&self.pool)
+            .await
+            .context("notifying schedulers")?;
+        Ok(())
+    }
+
+    /// Replaces the whole schedule: each registry entry's next run, from `next(entry)`.
+    /// Returns (entries scheduled, entries without a next run).
+    pub async fn replace_schedule(
+        &self,
+        next: &dyn Fn(&EntrySchedule) -> Option<DateTime<Utc>>,
+    ) -> Result<(usize, Vec<EntrySchedule>), StoreError> {
+        self.write_schedule(true, next).await
+    }
+
+    /// Adds schedule rows for registry entries that have none (new after an import).
+    pub async fn fill_missing_schedule(
+        &self,
+        next: &dyn Fn(&EntrySchedule) -> Option<DateTime<Utc>>,
+    ) -> Result<(usize, Vec<EntrySchedule>), StoreError> {
+        self.write_schedule(false, next).await
+    }
+
+    async fn write_schedule(
+        &self,
+        replace: bool,
+        next: &dyn Fn(&EntrySchedule) -> Option<DateTime<Utc>>,
+    ) -> Result<(usize, Vec<EntrySchedule>), StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("starting a schedule update")?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(SCHEDULE_LOCK)
+            .execute(&mut *tx)
+            .await
+            .context("locking the schedule")?;
+        if replace {
+            tx.execute("DELETE FROM schedule")
+                .await
+                .context("clearing the schedule")?;
+        }
+        let entries: Vec<EntrySchedule> = sqlx::query_as(
+            "SELECT r.id AS registry_id, r.schedule, r.timezone FROM registry r
+             WHERE NOT EXISTS (SELECT 1 FROM schedule s WHERE s.job = r.id)
+             ORDER BY r.id",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .context("reading unscheduled registry entries")?;
+        let mut ids = Vec::with_capacity(entries.len());
+        let mut times = Vec::with_capacity(entries.len());
+        let mut unschedulable = Vec::new();
+        for entry in entries {
+            match next(&entry) {
+                Some(time) => {
+                    ids.push(entry.registry_id);
+                    times.push(time);
+                }
+                None => unschedulable.push(entry),
+            }
+        }
+        if !ids.is_empty() {
+            sqlx::query("INSERT INTO schedule (job, next_run) SELECT * FROM UNNEST($1::int4[], $2::timestamptz[])")
+                .bind(&ids)
+                .bind(&times)
+                .execute(&mut *tx)
+                .await
+                .context("writing the schedule")?;
+        }
+        tx.commit().await.context("committing the schedule")?;
+        Ok((ids.len(), unschedulable))
+    }
+
+    /// In ONE transaction: locks up to `limit` due schedule rows (skipping rows another
+    /// scheduler holds), creates their runs as `decide` says, and advances their next run. A
+    /// slot that already has a run (unique on registry entry and time) is not created twice.
+    ///
+    /// # Transactions, locks, and timeouts
+    /// Rows are locked `FOR UPDATE SKIP LOCKED`, so schedulers running at once share the work
+    /// without waiting on each other; the run rows and the new `next_run` commit together.
+    pub async fn schedule_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        decide: &dyn Fn(&DueEntry) -> Decision,
+    ) -> Result<(usize, Vec<CreatedRun>), StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("starting a scheduling pass")?;
+        let due: Vec<DueEntry> = sqlx::query_as(
+            "SELECT s.id AS schedule_id, r.id AS registry_id, s.next_run, r.schedule, r.timezone, r.misfire,
+                    j.id AS job_id, COALESCE(j.name, j.id::text) AS job_name, j.job, j.arguments,
+                    j.preprocessing, j.postprocessing, j.timeout_seconds, j.retries, j.queue
+             FROM schedule s
+             JOIN registry r ON r.id = s.job
+             JOIN jobs j ON j.id = r.job
+             WHERE s.next_run <= $1
+             ORDER BY s.next_run
+             LIMIT $2
+             FOR UPDATE OF s SKIP LOCKED",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .context("reading due schedule rows")?;
+        if due.is_empty() {
+            tx.rollback()
+                .await
+                .context("ending an empty scheduling pass")?;
+            return Ok((0, Vec::new()));
+        }
+
+        let mut runs = RunColumns::default();
+        let mut scheduled_for = Vec::new();
+        let mut registry_ids = Vec::new();
+        let mut advance_ids = Vec::new();
+        let mut advance_to = Vec::new();
+        let mut finished_ids = Vec::new();
+        for entry in &due {
+            let decision = decide(entry);
+            if let Some(run_for) = decision.run_for {
+                runs.push(&NewRun {
+                    job_name: entry.job_name.clone(),
+                    job: entry.job.clone(),
+                    job_id: Some(entry.job_id),
+                    trigger: "schedule",
+                    queue: entry.queue.clone(),
+                    arguments: match &entry.arguments {
+                        Some(serde_json::Value::Object(map)) => map.clone(),
+                        _ => serde_json::Map::new(),
+                    },
+                    preprocessing: entry.preprocessing.clone(),
+                    postprocessing: entry.postprocessing.clone(),
+                    timeout_seconds: entry.timeout_seconds,
+                    max_retries: entry.retries,
+                    parent_id: None,
+                    published: false,
+                });
+                scheduled_for.push(run_for);
+                registry_ids.push(entry.registry_id);
+            }
+            match decision.next_run {
+                Some(next) => {
+                    advance_ids.push(entry.schedule_id);
+                    advance_to.push(next);
+                }
+                None => finished_ids.push(entry.schedule_id),
+            }
+        }
+
+        let created: Vec<(Uuid, String, DateTime<Utc>)> = if runs.ids.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(
+                "INSERT INTO job_runs (id, job_name, job, job_id, registry_id, trigger, queue, arguments,
+                                       preprocessing, postprocessing, timeout_seconds, max_retries, scheduled_for)
+                 SELECT u.id, u.job_name, u.job, u.job_id, u.registry_id, 'schedule', u.queue, u.arguments::jsonb,
+                        u.pre, u.post, u.timeout, u.retries, u.scheduled_for
+                 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::int4[], $6::text[], $7::text[],
+                             $8::text[], $9::text[], $10::float8[], $11::int4[], $12::timestamptz[])
+                   AS u(id, job_name, job, job_id, registry_id, queue, arguments, pre, post, timeout, retries, scheduled_for)
+                 ON CONFLICT (registry_id, scheduled_for) WHERE trigger = 'schedule' AND parent_id IS NULL DO NOTHING
+                 RETURNING id, job_name, scheduled_for",
+            )
+            .bind(&runs.ids)
+            .bind(&runs.job_names)
+            .bind(&runs.jobs)
+            .bind(&runs.job_ids)
+            .bind(&registry_ids)
+            .bind(&runs.queues)
+            .bind(&runs.arguments)
+            .bind(&runs.pre)
+            .bind(&runs.post)
+            .bind(&runs.timeouts)
+            .bind(&runs.retries)
+            .bind(&scheduled_for)
+            .fetch_all(&mut *tx)
+            .await
+            .context("creating scheduled runs")?
+        };
+        if !advance_ids.is_empty() {
+            sqlx::query(
+                "UPDATE schedule s SET next_run = u.next_run
+                 FROM UNNEST($1::int4[], $2::timestamptz[]) AS u(id, next_run) WHERE s.id = u.id",
+            )
+            .bind(&advance_ids)
+            .bind(&advance_to)
+            .execute(&mut *tx)
+            .await
+            .context("advancing the schedule")?;
+        }
+        if !finished_ids.is_empty() {
+            sqlx::query("DELETE FROM schedule WHERE id = ANY($1)")
+                .bind(&finished_ids)
+                .execute(&mut *tx)
+                .await
+                .context("removing finished schedule rows")?;
+        }
+        tx.commit().await.context("committing a scheduling pass")?;
+        Ok((
+            due.len(),
+            created
+                .into_iter()
+                .map(|(id, job_name, scheduled_for)| CreatedRun {
+                    id,
+                    job_name,
+                    scheduled_for,
+                })
+                .collect(),
+        ))
+    }
+
+    /// Inserts runs (manual, webhook, fan-out children, bare messages); returns their ids in
+    /// order. Schedulers are notified so that they publish them.
+    pub async fn insert_runs(&self, runs: &[NewRun]) -> Result<Vec<Uuid>, StoreError> {
+        let mut columns = RunColumns::default();
+        for run in runs {
+            columns.push(run);
+        }
+        let triggers: Vec<&str> = runs.iter().map(|r| r.trigger).collect();
+        let parents: Vec<Option<Uuid>> = runs.iter().map(|r| r.parent_id).collect();
+        let published: Vec<bool> = runs.iter().map(|r| r.published).collect();
+        let mut tx = self.pool.begin().await.context("starting to insert runs")?;
+        sqlx::query(
+            "INSERT INTO job_runs (id, job_name, job, job_id, trigger, queue, arguments, preprocessing,
+                                   postprocessing, timeout_seconds, max_retries, parent_id, published_at)
+             SELECT u.id, u.job_name, u.job, u.job_id, u.trigger, u.queue, u.arguments::jsonb, u.pre,
+                    u.post, u.timeout, u.retries, u.parent_id, CASE WHEN u.published THEN now() END
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::text[], $10::float8[], $11::int4[], $12::uuid[], $13::bool[])
+               AS u(id, job_name, job, job_id, trigger, queue, arguments, pre, post, timeout, retries, parent_id,
+                    published)",
+        )
+        .bind(&columns.ids)
+        .bind(&columns.job_names)
+        .bind(&columns.jobs)
+        .bind(&columns.job_ids)
+        .bind(&triggers)
+        .bind(&columns.queues)
+        .bind(&columns.arguments)
+        .bind(&columns.pre)
+        .bind(&columns.post)
+        .bind(&columns.timeouts)
+        .bind(&columns.retries)
+        .bind(&parents)
+        .bind(&published)
+        .execute(&mut *tx)
+        .await
+        .context("inserting runs")?;
+        sqlx::query("SELECT pg_notify($1, 'run')")
+            .bind(NOTIFY_CHANNEL)
+            .execute(&mut *tx)
+            .await
+            .context("notifying schedulers")?;
+        tx.commit().await.context("committing new runs")?;
+        Ok(columns.ids)
+    }
+
+    /// Locks up to `limit` queued, unpublished runs whose time has come (only those in `only`
+    /// when given), for publishing. Runs another publisher holds are skipped.
+    pub async fn outbox(
+        &self,
+        limit: u32,
+        only: Option<&[Uuid]>,
+    ) -> Result<OutboxBatch, StoreError> {
+        let mut tx = self.pool.begin().await.context("starting to publish")?;
+        let runs: Vec<OutboxRun> = sqlx::query_as(
+            "SELECT id, job_name, job, arguments, preprocessing, postprocessing, timeout_seconds, max_retries,
+                    attempt, queue
+             FROM job_runs
+             WHERE status = 'queued' AND published_at IS NULL AND (not_before IS NULL OR not_before <= now())
+               AND ($2::uuid[] IS NULL OR id = ANY($2))
+             ORDER BY created_at
+             LIMIT $1
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(i64::from(limit))
+        .bind(only)
+        .fetch_all(&mut *tx)
+        .await
+        .context("reading runs to publish")?;
+        Ok(OutboxBatch { tx, runs })
+    }
+
+    /// When the scheduler must look next: the earliest next run or retry time.
+    pub async fn next_wakeup(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT LEAST(
+                (SELECT min(next_run) FROM schedule),
+                (SELECT min(COALESCE(not_before, created_at)) FROM job_runs
+                 WHERE status = 'queued' AND published_at IS NULL))",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .context("finding the next wake-up")
+    }
+
+    /// Whether registry entries lack a schedule row (a new import).
+    pub async fn has_unscheduled_entries(&self) -> Result<bool, StoreError> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM registry r WHERE NOT EXISTS (SELECT 1 FROM schedule s WHERE s.job = r.id))",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .context("looking for unscheduled registry entries")
+    }
+
+    /// The schedule with its jobs; only rows due by `due_by` when given.
+    pub async fn scheduled(
+        &self,
+        due_by: Option<DateTime<Utc>>,
+    ) -> Result<Vec<ScheduledRow>, StoreError> {
+        sqlx::query_as(
+            "SELECT r.id AS registry_id, j.id AS job_id, COALESCE(j.name, j.id::text) AS job_name, j.job,
+                    r.schedule, r.timezone, s.next_run
+             FROM schedule s JOIN registry r ON r.id = s.job JOIN jobs j ON j.id = r.job
+             WHERE $1::timestamptz IS NULL OR s.next_run <= $1
+             ORDER BY s.next_run, r.id",
+        )
+        .bind(due_by)
+        .fetch_all(&self.pool)
+        .await
+        .context("reading the schedule")
+    }
+
+    /// A job by id (digits) or by name.
+    pub async fn find_job(&self, key: &str) -> Result<Option<JobRow>, StoreError> {
+        let by_name: Option<JobRow> = sqlx::query_as(
+            "SELECT id, name, job, description, preprocessing, postprocessing, arguments,
+                    timeout_seconds, retries, queue
+             FROM jobs WHERE name = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .context("looking up a job by name")?;
+        if by_name.is_some() {
+            return Ok(by_name);
+        }
+        let Ok(id) = key.parse::<i32>() else {
+            return Ok(None);
+        };
+        sqlx::query_as(
+            "SELECT id, name, job, description, preprocessing, postprocessing, arguments,
+                    timeout_seconds, retries, queue
+             FROM jobs WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .context("looking up a job by id")
+    }
+
+    // ---- the worker's side ----
+
+    /// Claims delivered runs for `worker`: a queued run (or a running one whose message came
+    /// back because its worker vanished) becomes running with attempt + 1.
+    pub async fn claim_runs(
+        &self,
+        worker: &str,
+        claims: &[(Uuid, bool)],
+    ) -> Result<Vec<Claim>, StoreError> {
+        let ids: Vec<Uuid> = claims.iter().map(|c| c.0).collect();
+        let redelivered: Vec<bool> = claims.iter().map(|c| c.1).collect();
+        let rows: Vec<ClaimRow> = sqlx::query_as(
+            "WITH input AS (SELECT * FROM UNNEST($1::uuid[], $2::bool[]) AS u(id, redelivered)),
+             claimed AS (
+                UPDATE job_runs r
+                SET status = 'running', attempt = r.attempt + 1, worker = $3, started_at = now(),
+                    finished_at = NULL, published_at = COALESCE(r.published_at, now())
+                FROM (SELECT id, bool_or(redelivered) AS redelivered FROM input GROUP BY id) i
+                WHERE r.id = i.id AND (r.status = 'queued' OR (r.status = 'running' AND i.redelivered))
+                RETURNING r.id, r.attempt, r.trigger)
+             SELECT i.id, c.attempt, r.status, c.trigger
+             FROM input i LEFT JOIN claimed c ON c.id = i.id LEFT JOIN job_runs r ON r.id = i.id",
+        )
+        .bind(&ids)
+        .bind(&redelivered)
+        .bind(worker)
+        .fetch_all(&self.pool)
+        .await
+        .context("claiming runs")?;
+        let mut by_id: HashMap<Uuid, ClaimState> = HashMap::new();
+        for (id, attempt, status, trigger) in rows {
+            by_id.insert(id, (attempt, status, trigger));
+        }
+        // The same run twice in one batch: the first claims it, the second is a duplicate.
+        let mut seen = HashSet::new();
+        Ok(ids
+            .iter()
+            .map(|id| {
+                if !seen.insert(*id) {
+                    return Claim::Running;
+                }
+                match by_id.get(id) {
+                    Some((Some(attempt), _, trigger)) => Claim::Claimed {
+                        attempt: *attempt,
+                        trigger: trigger.clone().unwrap_or_else(|| "manual".into()),
+                    },
+                    Some((None, Some(status), _)) if status == "running" || status == "queued" => {
+                        Claim::Running
+                    }
+                    Some((None, Some(status), _)) => Claim::Finished(status.clone()),
+                    _ => Claim::Unknown,
+                }
+            })
+            .collect())
+    }
+
+    /// Records how runs ended, in one statement. A retry goes back to the outbox with its
+    /// not-before time, and schedulers are told.
+    pub async fn finish_runs(&self, finishes: &[Finish]) -> Result<(), StoreError> {
+        let ids: Vec<Uuid> = finishes.iter().map(|f| f.id).collect();
+        let statuses: Vec<&str> = finishes
+            .iter()
+            .map(|f| match f.end {
+                RunEnd::Succeeded => "succeeded",
+                RunEnd::Failed => "failed",
+                RunEnd::Dead => "dead",
+                RunEnd::Retry(_) => "queued",
+            })
+            .collect();
+        let results: Vec<Option<String>> = finishes
+            .iter()
+            .map(|f| f.result.as_ref().map(|r| r.to_string()))
+            .collect();
+        let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
+        let not_before: Vec<Option<DateTime<Utc>>> = finishes
+            .iter()
+            .map(|f| match f.end {
+                RunEnd::Retry(at) => Some(at),
+                _ => None,
+            })
+            .collect();
+        let mut tx = self.pool.begin().await.context("starting to record runs")?;
+        sqlx::query(
+            "UPDATE job_runs r
+             SET status = u.status,
+                 finished_at = CASE WHEN u.status = 'queued' THEN NULL ELSE now() END,
+                 published_at = CASE WHEN u.status = 'queued' THEN NULL ELSE r.published_at END,
+                 result = u.result::jsonb, error = u.error, not_before = u.not_before
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+               AS u(id, status, result, error, not_before)
+             WHERE r.id = u.id AND r.status = 'running'",
+        )
+        .bind(&ids)
+        .bind(&statuses)
+        .bind(&results)
+        .bind(&errors)
+        .bind(&not_before)
+        .execute(&mut *tx)
+        .await
+        .context("recording finished runs")?;
+        if finishes.iter().any(|f| matches!(f.end, RunEnd::Retry(_))) {
+            sqlx::query("SELECT pg_notify($1, 'run')")
+                .bind(NOTIFY_CHANNEL)
+                .execute(&mut *tx)
+                .await
+                .context("notifying schedulers")?;
+        }
+        tx.commit().await.context("committing finished runs")
+    }
+
+    // ---- run history ----
+
+    /// Recent runs, newest first, optionally of one job (name or id) and one status.
+    pub async fn runs(
+        &self,
+        job: Option<&str>,
+        status: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<RunRow>, StoreError> {
+        sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM job_runs
+             WHERE ($1::text IS NULL OR job_name = $1 OR job_id::text = $1) AND ($2::text IS NULL OR status = $2)
+             ORDER BY created_at DESC, id
+             LIMIT $3"
+        ))
+        .bind(job)
+        .bind(status)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .context("reading runs")
+    }
+
+    pub async fn run(&self, id: Uuid) -> Result<Option<RunRow>, StoreError> {
+        sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM job_runs WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .context("reading a run")
+    }
+
+    pub async fn children(&self, id: Uuid) -> Result<Vec<RunRow>, StoreError> {
+        sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM job_runs WHERE parent_id = $1 ORDER BY created_at, id"
+        ))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .context("reading a run's children")
+    }
+
+    /// Deletes finished runs that ended before `before`, in chunks; returns how many went.
+    pub async fn prune_runs(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let deleted = sqlx::query(
+                "DELETE FROM job_runs WHERE id IN (
+                    SELECT id FROM job_runs
+                    WHERE finished_at < $1 AND status IN ('succeeded', 'failed', 'dead') AND parent_id IS NULL
+                    LIMIT 10000)",
+            )
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .context("pruning old runs")?
+            .rows_affected();
+            total += deleted;
+            if deleted < 10_000 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// A claim's answer row: run id, attempt if claimed, status before, trigger if claimed.
+type ClaimRow = (Uuid, Option<i32>, Option<String>, Option<String>);
+/// Attempt if claimed, status before, trigger if claimed.
+type ClaimState = (Option<i32>, Option<String>, Option<String>);
+
+/// Columns of runs to insert, as arrays for UNNEST.
+#[derive(Default)]
+struct RunColumns {
+    ids: Vec<Uuid>,
+    job_names: Vec<String>,
+    jobs: Vec<String>,
+    job_ids: Vec<Option<i32>>,
+    queues: Vec<Option<String>>,
+    arguments: Vec<String>,
+    pre: Vec<Option<String>>,
+    post: Vec<Option<String>>,
+    timeouts: Vec<Option<f64>>,
+    retries: Vec<i32>,
+}
+
+impl RunColumns {
+    fn push(&mut self, run: &NewRun) {
+        self.ids.push(Uuid::new_v4());
+        self.job_names.push(run.job_name.clone());
+        self.jobs.push(run.job.clone());
+        self.job_ids.push(run.job_id);
+        self.queues.push(run.queue.clone());
+        self.arguments
+            .push(serde_json::Value::Object(run.arguments.clone()).to_string());
+        self.pre.push(run.preprocessing.clone());
+        self.post.push(run.postprocessing.clone());
+        self.timeouts.push(run.timeout_seconds);
+        self.retries.push(run.max_retries);
     }
 }

@@ -1,6 +1,8 @@
 //! One module per subcommand; this file only dispatches.
 
 pub mod registry;
+pub mod runs;
+pub mod scheduler;
 pub mod worker;
 
 use crate::cli::Command;
@@ -10,8 +12,9 @@ use crate::error::{Error, Result};
 pub async fn dispatch(config: &Config, command: &Command) -> Result<()> {
     match command {
         Command::Registry(args) => registry::run(config, args).await,
-        Command::Scheduler(_) => Err(Error::NotImplemented("scheduler")),
+        Command::Scheduler(args) => scheduler::run(config, args).await,
         Command::Worker(args) => worker::run(config, args).await,
         Command::Listener(_) => Err(Error::NotImplemented("listener")),
+        Command::Runs(args) => runs::run(config, args).await,
     }
 }

@@ -23,9 +23,24 @@ pub async fn run(config: &Config, args: &WorkerArgs) -> Result<()> {
             .await
             .map_err(|e| Error::Runtime(format!("the job thread failed: {e}")))?
         }
-        None => Err(Error::NotImplemented(
-            "worker (consuming the queue; use --exec to run a job by hand)",
-        )),
+        None => {
+            let store = crate::store::Store::connect(&config.database).await?;
+            let options = crate::worker::WorkerOptions {
+                id: args
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned()),
+                slots: args.worker.unwrap_or(1).max(1),
+                queue: args
+                    .queue
+                    .clone()
+                    .unwrap_or_else(|| config.rabbitmq.queue.clone()),
+            };
+            let shutdown = crate::shutdown::Shutdown::install();
+            crate::worker::run(store, config, options, shutdown)
+                .await
+                .map_err(|e| Error::Runtime(e.to_string()))
+        }
     }
 }
 

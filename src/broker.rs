@@ -1,0 +1,379 @@
+//! RabbitMQ through lapin: connecting, declaring queues, publishing with confirms, consuming.
+//! No other module speaks AMQP.
+//!
+//! Queues are durable, on the default exchange with the queue name as routing key. By default a
+//! queue is a quorum queue with a delivery limit, and dead-letters to `<queue>.dead` (a durable
+//! queue declared alongside): unparsable messages, unknown jobs, and messages that keep killing
+//! workers end there instead of looping.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::config::{QueueType, RabbitmqConfig};
+
+pub use lapin::message::Delivery;
+pub use lapin::Consumer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot connect to RabbitMQ at {target}: {source}")]
+    Connect {
+        target: String,
+        source: lapin::Error,
+    },
+    #[error("queue {queue:?} exists on the broker with other settings than configured (type {queue_type}, delivery limit {delivery_limit}, dead-letter queue {queue:?}.dead): set rabbitmq.queue_type to match it, or delete the queue so it is declared anew ({source})")]
+    QueueMismatch {
+        queue: String,
+        queue_type: &'static str,
+        delivery_limit: u32,
+        source: lapin::Error,
+    },
+    #[error("RabbitMQ error while {context}: {source}")]
+    Amqp {
+        context: &'static str,
+        source: lapin::Error,
+    },
+    #[error("the broker refused (nacked) {0} message(s)")]
+    Nacked(usize),
+}
+
+fn amqp(context: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
+    move |source| BrokerError::Amqp { context, source }
+}
+
+/// A job on the wire: `{"cmd": "<job>", "args": {...}}` plus what this version adds. A message
+/// with only `cmd` and `args` (as the original scheduler sends) is a valid job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobMessage {
+    pub cmd: String,
+    #[serde(default)]
+    pub args: serde_json::Map<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<Uuid>,
+    /// The job's stable name (the job file's `id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocessing: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postprocessing: Option<String>,
+    /// Seconds a run may take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<i32>,
+}
+
+impl JobMessage {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<JobMessage, String> {
+        let message: JobMessage = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if message.cmd.trim().is_empty() {
+            return Err("`cmd` is empty".into());
+        }
+        Ok(message)
+    }
+}
+
+/// One message to publish: the queue (routing key on the default exchange) and the job.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub queue: String,
+    pub message: JobMessage,
+}
+
+/// A connection with one channel in confirm mode.
+pub struct Broker {
+    connection: Connection,
+    channel: Channel,
+    config: RabbitmqConfig,
+    /// Queues declared on this connection, so each is declared once.
+    declared: Mutex<HashSet<String>>,
+    /// One publisher at a time per channel: confirms of interleaved batches would mismatch.
+    publishing: Mutex<()>,
+}
+
+impl Broker {
+    /// Connects; `role` names the connection in the broker's management view, e.g.
+    /// "scheduler" or "worker host1".
+    pub async fn connect(config: &RabbitmqConfig, role: &str) -> Result<Broker, BrokerError> {
+        let target = config.describe();
+        let name = format!(
+            "jobschleuder {role} queue={} pid={}",
+            config.queue,
+            std::process::id()
+        );
+        let properties =
+            ConnectionProperties::default().with_connection_name(LongString::from(name));
+        let url = config.amqp_url();
+        let connection = tokio::time::timeout(
+            Duration::from_secs(30),
+            Connection::connect(url.expose(), properties),
+        )
+        .await
+        .map_err(|_| BrokerError::Connect {
+            target: target.clone(),
+            source: lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+                lapin::ConnectionState::Closed,
+            )),
+        })?
+        .map_err(|source| BrokerError::Connect {
+            target: target.clone(),
+            source,
+        })?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(amqp("opening a channel"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp("enabling publisher confirms"))?;
+        Ok(Broker {
+            connection,
+            channel,
+            config: config.clone(),
+            declared: Mutex::new(HashSet::new()),
+            publishing: Mutex::new(()),
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+
+    /// The dead-letter queue of `queue`.
+    pub fn dead_letter_queue(queue: &str) -> String {
+        format!("{queue}.dead")
+    }
+
+    /// Declares `queue` (and its dead-letter queue) as configured, once per connection.
+    pub async fn declare(&self, queue: &str) -> Result<(), BrokerError> {
+        let mut declared = self.declared.lock().await;
+        if declared.contains(queue) {
+            return Ok(());
+        }
+        let dead = Self::dead_letter_queue(queue);
+        self.channel
+            .queue_declare(
+                ShortString::from(dead.as_str()),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("declaring the dead-letter queue"))?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            AMQPValue::LongString(LongString::from("")),
+        );
+        arguments.insert(
+            ShortString::from("x-dead-letter-routing-key"),
+            AMQPValue::LongString(LongString::from(dead.as_str())),
+        );
+        if self.config.queue_type == QueueType::Quorum {
+            arguments.insert(
+                ShortString::from("x-queue-type"),
+                AMQPValue::LongString(LongString::from("quorum")),
+            );
+            arguments.insert(
+                ShortString::from("x-delivery-limit"),
+                AMQPValue::LongInt(i32::try_from(self.config.delivery_limit).unwrap_or(i32::MAX)),
+            );
+        }
+        self.channel
+            .queue_declare(
+                ShortString::from(queue),
+                QueueDeclareOptions::durable(),
+                arguments,
+            )
+            .await
+            .map_err(|source| {
+                let text = source.to_string();
+                if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
+                    BrokerError::QueueMismatch {
+                        queue: queue.to_string(),
+                        queue_type: self.config.queue_type.as_str(),
+                        delivery_limit: self.config.delivery_limit,
+                        source,
+                    }
+                } else {
+                    BrokerError::Amqp {
+                        context: "declaring the queue",
+                        source,
+                    }
+                }
+            })?;
+        declared.insert(queue.to_string());
+        Ok(())
+    }
+
+    /// Publishes persistent messages and waits for the broker's confirms, all in flight at once.
+    /// Returns, per message, whether the broker took it (acked).
+    pub async fn publish(&self, batch: &[Outgoing]) -> Result<Vec<bool>, BrokerError> {
+        let _one_publisher = self.publishing.lock().await;
+        for queue in batch
+            .iter()
+            .map(|o| o.queue.as_str())
+            .collect::<HashSet<_>>()
+        {
+            self.declare(queue).await?;
+        }
+        let mut confirms = Vec::with_capacity(batch.len());
+        for outgoing in batch {
+            let payload = outgoing.message.to_bytes();
+            let confirm = self
+                .channel
+                .basic_publish(
+                    ShortString::from(""),
+                    ShortString::from(outgoing.queue.as_str()),
+                    BasicPublishOptions::default(),
+                    &payload,
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_content_type(ShortString::from("application/json")),
+                )
+                .await
+                .map_err(amqp("publishing"))?;
+            confirms.push(confirm);
+        }
+        let results = join_all(confirms).await;
+        let mut acked = Vec::with_capacity(results.len());
+        for result in results {
+            match result.map_err(amqp("waiting for publisher confirms"))? {
+                Confirmation::Ack(_) | Confirmation::NotRequested => acked.push(true),
+                Confirmation::Nack(_) => acked.push(false),
+            }
+        }
+        Ok(acked)
+    }
+
+    /// Starts consuming `queue` with at most `prefetch` unacknowledged deliveries.
+    pub async fn consume(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        tag: &str,
+    ) -> Result<Consumer, BrokerError> {
+        self.declare(queue).await?;
+        self.channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp("setting the prefetch count"))?;
+        self.channel
+            .basic_consume(
+                ShortString::from(queue),
+                ShortString::from(tag),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("starting to consume"))
+    }
+
+    /// Stops a consumer: the broker sends it nothing more; unacked deliveries stay with it.
+    pub async fn cancel(&self, tag: &str) -> Result<(), BrokerError> {
+        self.channel
+            .basic_cancel(ShortString::from(tag), BasicCancelOptions::default())
+            .await
+            .map_err(amqp("cancelling the consumer"))
+    }
+
+    /// Closes channel and connection cleanly.
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, ShortString::from("bye")).await;
+        let _ = self.connection.close(200, ShortString::from("bye")).await;
+    }
+}
+
+/// Acknowledges a delivery: the job's result is recorded.
+pub async fn ack(delivery: &Delivery) -> Result<(), BrokerError> {
+    delivery
+        .acker
+        .ack(BasicAckOptions::default())
+        .await
+        .map(|_| ())
+        .map_err(amqp("acknowledging a delivery"))
+}
+
+/// Rejects a delivery without requeueing: it goes to the dead-letter queue.
+pub async fn dead_letter(delivery: &Delivery) -> Result<(), BrokerError> {
+    delivery
+        .acker
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .map(|_| ())
+        .map_err(amqp("dead-lettering a delivery"))
+}
+
+/// How often the broker has handed this message out before (quorum queues count deliveries
+/// that were not acknowledged); 0 for a first delivery.
+pub fn previous_deliveries(delivery: &Delivery) -> u64 {
+    let Some(headers) = delivery.properties.headers() else {
+        return 0;
+    };
+    match headers.inner().get(&ShortString::from("x-delivery-count")) {
+        Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongUInt(n)) => u64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::ShortShortInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::ShortUInt(n)) => u64::from(*n),
+        Some(AMQPValue::ShortShortUInt(n)) => u64::from(*n),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_originals_bare_message_is_a_job() {
+        let message =
+            JobMessage::parse(br#"{"cmd": "hello_world", "args": {"hello": "world"}}"#).unwrap();
+        assert_eq!(message.cmd, "hello_world");
+        assert_eq!(message.run_id, None);
+        assert_eq!(message.args["hello"], "world");
+        assert!(JobMessage::parse(b"not json").is_err());
+        assert!(JobMessage::parse(br#"{"args": {}}"#).is_err());
+        assert!(JobMessage::parse(br#"{"cmd": " "}"#).is_err());
+    }
+
+    #[test]
+    fn extra_fields_round_trip_and_stay_compatible() {
+        let message = JobMessage {
+            cmd: "command".into(),
+            args: serde_json::Map::new(),
+            run_id: Some(Uuid::nil()),
+            job_name: Some("backup".into()),
+            preprocessing: None,
+            postprocessing: None,
+            timeout: Some(5.0),
+            retries: None,
+            attempt: None,
+        };
+        let bytes = message.to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(value["cmd"], "command");
+        assert!(value["args"].is_object());
+        assert!(value.get("preprocessing").is_none());
+        assert_eq!(JobMessage::parse(&bytes).unwrap(), message);
+    }
+}

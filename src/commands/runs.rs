@@ -1,0 +1,149 @@
+//! `runs`: the run history.
+
+use std::io::Write;
+
+use chrono::{DateTime, Utc};
+
+use crate::cli::RunsArgs;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::output::{self, cell, TitledTable};
+use crate::store::{RunRow, Store};
+
+const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "dead"];
+
+pub async fn run(config: &Config, args: &RunsArgs) -> Result<()> {
+    if let Some(status) = &args.status {
+        if !STATUSES.contains(&status.as_str()) {
+            return Err(Error::Usage(format!(
+                "--status {status:?}: use one of {}",
+                STATUSES.join(", ")
+            )));
+        }
+    }
+    if args.limit < 1 {
+        return Err(Error::Usage("--limit must be at least 1".into()));
+    }
+    let show = match &args.show {
+        Some(text) => Some(uuid::Uuid::parse_str(text.trim()).map_err(|_| {
+            Error::Usage(format!(
+                "--show {text:?} is not a run id (a UUID, as `runs` lists them)"
+            ))
+        })?),
+        None => None,
+    };
+    let store = Store::connect(&config.database).await?;
+    let mut stdout = std::io::stdout().lock();
+    match show {
+        Some(id) => {
+            let run = store
+                .run(id)
+                .await?
+                .ok_or_else(|| Error::Runtime(format!("no run {id} (it may have been pruned)")))?;
+            let children = store.children(id).await?;
+            if args.json {
+                let mut value = serde_json::to_value(&run).unwrap_or_default();
+                value["children"] = serde_json::to_value(&children).unwrap_or_default();
+                writeln!(stdout, "{}", output::json(&value)).map_err(io_error)?;
+                return Ok(());
+            }
+            let mut table = TitledTable::new(&format!("Run {id}"), &["field", "value"]);
+            let time = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339()).unwrap_or_default();
+            for (field, value) in [
+                ("job", run.job_name.clone()),
+                ("plugin job", run.job.clone()),
+                ("trigger", run.trigger.clone()),
+                ("status", run.status.clone()),
+                (
+                    "attempt",
+                    format!("{} (retries allowed: {})", run.attempt, run.max_retries),
+                ),
+                ("worker", cell(run.worker.as_deref())),
+                ("queue", cell(run.queue.as_deref())),
+                ("scheduled for", time(run.scheduled_for)),
+                ("not before", time(run.not_before)),
+                ("created", run.created_at.to_rfc3339()),
+                ("published", time(run.published_at)),
+                ("started", time(run.started_at)),
+                ("finished", time(run.finished_at)),
+                ("duration", duration(&run)),
+                (
+                    "parent",
+                    run.parent_id.map(|p| p.to_string()).unwrap_or_default(),
+                ),
+                ("arguments", run.arguments.to_string()),
+                ("error", cell(run.error.as_deref())),
+            ] {
+                table.row(vec![field.to_string(), value]);
+            }
+            writeln!(stdout, "{table}").map_err(io_error)?;
+            if let Some(result) = &run.result {
+                writeln!(stdout, "Result\n{}", output::json(result)).map_err(io_error)?;
+            }
+            if !children.is_empty() {
+                writeln!(stdout, "{}", list("Fan-out children", &children)).map_err(io_error)?;
+            }
+        }
+        None => {
+            let runs = store
+                .runs(args.job.as_deref(), args.status.as_deref(), args.limit)
+                .await?;
+            if args.json {
+                writeln!(stdout, "{}", output::json(&runs)).map_err(io_error)?;
+            } else {
+                writeln!(stdout, "{}", list("Recent runs", &runs)).map_err(io_error)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn duration(run: &RunRow) -> String {
+    match (run.started_at, run.finished_at) {
+        (Some(start), Some(end)) => {
+            format!("{:.3}s", (end - start).num_milliseconds() as f64 / 1000.0)
+        }
+        (Some(start), None) if run.status == "running" => {
+            format!(
+                "{:.0}s so far",
+                (Utc::now() - start).num_milliseconds() as f64 / 1000.0
+            )
+        }
+        _ => String::new(),
+    }
+}
+
+fn list(title: &str, runs: &[RunRow]) -> TitledTable {
+    let mut table = TitledTable::new(
+        title,
+        &[
+            "id",
+            "job",
+            "trigger",
+            "scheduled for",
+            "status",
+            "attempt",
+            "worker",
+            "duration",
+        ],
+    );
+    for run in runs {
+        table.row(vec![
+            run.id.to_string(),
+            run.job_name.clone(),
+            run.trigger.clone(),
+            run.scheduled_for
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default(),
+            run.status.clone(),
+            run.attempt.to_string(),
+            cell(run.worker.as_deref()),
+            duration(run),
+        ]);
+    }
+    table
+}
+
+fn io_error(e: std::io::Error) -> Error {
+    Error::Runtime(format!("cannot write output: {e}"))
+}

@@ -1,0 +1,487 @@
+//! The scheduler's work: turning due schedule rows into runs, and publishing queued runs.
+//!
+//! One pass (DESIGN.md rules 1, 2, 8, 9):
+//! 1. Registry entries without a schedule row (new after an import) get their next run.
+//! 2. In one transaction per batch: lock due schedule rows (`FOR UPDATE SKIP LOCKED`), insert
+//!    their runs (unique per registry entry and scheduled time), advance `next_run`.
+//! 3. Publish queued runs the broker has not confirmed yet (publisher confirms, persistent
+//!    messages), then mark them published. Runs left unpublished by a crash, a broker outage or
+//!    a lost confirm are published by the next pass.
+//!
+//! Between passes the scheduler sleeps until the earliest next run or retry (capped by
+//! `scheduler.max_sleep`), woken early by Postgres NOTIFY.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+
+use crate::broker::{Broker, BrokerError, JobMessage, Outgoing};
+use crate::config::Config;
+use crate::cron::CronSchedule;
+use crate::jobfile::Misfire;
+use crate::shutdown::Shutdown;
+use crate::store::{Decision, DueEntry, EntrySchedule, Store, StoreError};
+
+/// Runs published per batch (one transaction, confirms awaited together).
+const PUBLISH_BATCH: u32 = 1000;
+
+/// The zone of an entry: its own, else the configured one.
+pub fn entry_zone(timezone: Option<&str>, default: Tz) -> Tz {
+    timezone
+        .and_then(|name| name.parse::<Tz>().ok())
+        .unwrap_or(default)
+}
+
+/// The next run of a registry entry strictly after `after`; `None` if its schedule does not
+/// parse (a row written by the original) or never matches again.
+pub fn next_run(
+    schedule: &str,
+    timezone: Option<&str>,
+    default: Tz,
+    after: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    CronSchedule::parse(schedule)
+        .ok()?
+        .next_after(after, entry_zone(timezone, default))
+}
+
+/// What to do with a due entry at `now`: run the slot once (unless it was missed and the job
+/// says `misfire: skip`), then go on from now — so a scheduler that was down runs a missed job
+/// once, not once per missed slot.
+pub fn decide(
+    entry: &DueEntry,
+    now: DateTime<Utc>,
+    default: Tz,
+    misfire_grace: Duration,
+) -> Decision {
+    let missed = now - entry.next_run
+        > chrono::Duration::from_std(misfire_grace).unwrap_or(chrono::Duration::MAX);
+    let skip = missed && Misfire::parse(&entry.misfire) == Some(Misfire::Skip);
+    let from = entry.next_run.max(now);
+    Decision {
+        run_for: if skip { None } else { Some(entry.next_run) },
+        next_run: next_run(&entry.schedule, entry.timezone.as_deref(), default, from),
+    }
+}
+
+/// Keeps one broker connection for publishing, reconnecting with backoff when it is lost.
+pub struct Publisher {
+    config: crate::config::RabbitmqConfig,
+    role: String,
+    broker: Option<Broker>,
+    /// No new connection attempt before this (backoff after a failure).
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Duration,
+}
+
+impl Publisher {
+    pub fn new(config: &Config, role: &str) -> Publisher {
+        Publisher {
+            config: config.rabbitmq.clone(),
+            role: role.to_string(),
+            broker: None,
+            retry_at: None,
+            backoff: Duration::from_millis(200),
+        }
+    }
+
+    /// When the next connection attempt is allowed, if one failed recently.
+    pub fn retry_at(&self) -> Option<tokio::time::Instant> {
+        self.retry_at
+    }
+
+    async fn broker(&mut self) -> Result<&Broker, BrokerError> {
+        if self.broker.as_ref().is_some_and(|b| !b.is_connected()) {
+            self.broker = None;
+        }
+        if self.broker.is_none() {
+            match Broker::connect(&self.config, &self.role).await {
+                Ok(broker) => {
+                    tracing::info!(broker = %self.config.describe(), "connected to RabbitMQ");
+                    self.broker = Some(broker);
+                    self.retry_at = None;
+                    self.backoff = Duration::from_millis(200);
+                }
+                Err(e) => {
+                    self.failed();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(self.broker.as_ref().expect("connected above"))
+    }
+
+    fn failed(&mut self) {
+        self.broker = None;
+        self.retry_at = Some(tokio::time::Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+    }
+
+    /// Publishes `batch`; on a broker error the connection is dropped and retried later.
+    pub async fn publish(&mut self, batch: &[Outgoing]) -> Result<Vec<bool>, BrokerError> {
+        let result = match self.broker().await {
+            Ok(broker) => broker.publish(batch).await,
+            Err(e) => return Err(e),
+        };
+        if result.is_err() {
+            self.failed();
+        }
+        result
+    }
+
+    pub async fn close(&mut self) {
+        if let Some(broker) = self.broker.take() {
+            broker.close().await;
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassSummary {
+    pub newly_scheduled: usize,
+    pub runs_created: usize,
+    pub runs_published: usize,
+}
+
+/// Builds the wire message of a queued run.
+pub fn message_of(run: &crate::store::OutboxRun) -> JobMessage {
+    JobMessage {
+        cmd: run.job.clone(),
+        args: match &run.arguments {
+            serde_json::Value::Object(map) => map.clone(),
+            _ => serde_json::Map::new(),
+        },
+        run_id: Some(run.id),
+        job_name: Some(run.job_name.clone()),
+        preprocessing: run.preprocessing.clone(),
+        postprocessing: run.postprocessing.clone(),
+        timeout: run.timeout_seconds,
+        retries: u32::try_from(run.max_retries).ok(),
+        attempt: Some(run.attempt),
+    }
+}
+
+/// Steps 1 and 2 of a pass: schedule new entries, create due runs.
+pub async fn create_due_runs(
+    store: &Store,
+    config: &Config,
+    now: DateTime<Utc>,
+) -> Result<PassSummary, StoreError> {
+    let mut summary = PassSummary::default();
+    let default_tz = config.timezone;
+    if store.has_unscheduled_entries().await? {
+        let (count, unschedulable) = store
+            .fill_missing_schedule(&|e: &EntrySchedule| {
+                next_run(&e.schedule, e.timezone.as_deref(), default_tz, now)
+            })
+            .await?;
+        summary.newly_scheduled = count;
+        for entry in unschedulable {
+            tracing::warn!(registry_id = entry.registry_id, schedule = %entry.schedule, "registry entry has no next run (invalid or never-matching schedule); it is not scheduled");
+        }
+        if count > 0 {
+            tracing::info!(entries = count, "scheduled new registry entries");
+        }
+    }
+    let grace = config.scheduler.misfire_grace;
+    loop {
+        let (handled, created) = store
+            .schedule_due(now, config.scheduler.batch_size, &|entry| {
+                decide(entry, now, default_tz, grace)
+            })
+            .await?;
+        for run in &created {
+            tracing::info!(run = %run.id, job = %run.job_name, scheduled_for = %run.scheduled_for.to_rfc3339(), "run queued");
+        }
+        summary.runs_created += created.len();
+        if handled < config.scheduler.batch_size as usize {
+            break;
+        }
+    }
+    Ok(summary)
+}
+
+/// Step 3 of a pass: publish every queued run whose time has come (only those in `only`, when
+/// given: a worker's fan-out, a manual run).
+pub async fn publish_queued(
+    store: &Store,
+    publisher: &mut Publisher,
+    default_queue: &str,
+    only: Option<&[uuid::Uuid]>,
+) -> Result<usize, PassError> {
+    let mut published = 0;
+    loop {
+        let batch = store.outbox(PUBLISH_BATCH, only).await?;
+        if batch.runs.is_empty() {
+            batch.mark_published(&[]).await?;
+            return Ok(published);
+        }
+        let outgoing: Vec<Outgoing> = batch
+            .runs
+            .iter()
+            .map(|run| Outgoing {
+                queue: run
+                    .queue
+                    .clone()
+                    .unwrap_or_else(|| default_queue.to_string()),
+                message: message_of(run),
+            })
+            .collect();
+        // On a broker error the batch is dropped unmarked (its transaction rolls back): the
+        // runs stay in the outbox for the next pass.
+        let acked = publisher.publish(&outgoing).await?;
+        let ids: Vec<uuid::Uuid> = batch
+            .runs
+            .iter()
+            .zip(&acked)
+            .filter(|(_, ok)| **ok)
+            .map(|(run, _)| run.id)
+            .collect();
+        let nacked = acked.len() - ids.len();
+        let full = batch.runs.len() == PUBLISH_BATCH as usize;
+        for run in batch.runs.iter().filter(|r| ids.contains(&r.id)) {
+            tracing::debug!(run = %run.id, job = %run.job_name, "run published");
+        }
+        batch.mark_published(&ids).await?;
+        published += ids.len();
+        if nacked > 0 {
+            return Err(BrokerError::Nacked(nacked).into());
+        }
+        if !full {
+            return Ok(published);
+        }
+    }
+}
+
+/// The scheduler loop, until `shutdown` (or after one pass with `once`).
+pub async fn run(
+    store: &Store,
+    config: &Config,
+    once: bool,
+    mut shutdown: Shutdown,
+) -> Result<PassSummary, PassError> {
+    let mut publisher = Publisher::new(config, "scheduler");
+    let mut listener = match sqlx::postgres::PgListener::connect_with(store.pool()).await {
+        Ok(mut listener) => match listener.listen(crate::store::NOTIFY_CHANNEL).await {
+            Ok(()) => Some(listener),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot LISTEN for registry changes; relying on the wake-up timer");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot LISTEN for registry changes; relying on the wake-up timer");
+            None
+        }
+    };
+    let mut total = PassSummary::default();
+    let mut last_prune: Option<tokio::time::Instant> = None;
+    let mut db_backoff = Duration::from_millis(200);
+    loop {
+        let now = Utc::now();
+        let mut db_failed = false;
+        match create_due_runs(store, config, now).await {
+            Ok(summary) => {
+                total.newly_scheduled += summary.newly_scheduled;
+                total.runs_created += summary.runs_created;
+            }
+            Err(e) => {
+                db_failed = true;
+                tracing::warn!(error = %e, "scheduling pass failed; retrying");
+                if once {
+                    return Err(e.into());
+                }
+            }
+        }
+        let broker_ready = publisher
+            .retry_at()
+            .is_none_or(|at| at <= tokio::time::Instant::now());
+        if broker_ready && !db_failed {
+            match publish_queued(store, &mut publisher, &config.rabbitmq.queue, None).await {
+                Ok(count) => total.runs_published += count,
+                Err(e) => {
+                    tracing::warn!(error = %e, "publishing queued runs failed; they stay queued and are published later");
+                    if once {
+                        publisher.close().await;
+                        return Err(e);
+                    }
+                    if matches!(e, PassError::Store(_)) {
+                        db_failed = true;
+                    }
+                }
+            }
+        }
+        if let Some(retention) = config.runs.retention {
+            let due = last_prune.is_none_or(|at| at.elapsed() >= Duration::from_secs(3600));
+            if due && !db_failed {
+                last_prune = Some(tokio::time::Instant::now());
+                let cutoff = Utc::now()
+                    - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+                match store.prune_runs(cutoff).await {
+                    Ok(0) => {}
+                    Ok(count) => tracing::info!(
+                        runs = count,
+                        "pruned finished runs older than the retention period"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "pruning old runs failed"),
+                }
+            }
+        }
+        if once || shutdown.requested() {
+            break;
+        }
+
+        // Sleep until the earliest next run or retry, the broker's reconnect time, or the cap.
+        let cap = tokio::time::Instant::now() + config.scheduler.max_sleep;
+        let mut wake = cap;
+        if db_failed {
+            wake = tokio::time::Instant::now() + db_backoff;
+            db_backoff = (db_backoff * 2).min(Duration::from_secs(10));
+        } else {
+            db_backoff = Duration::from_millis(200);
+            match store.next_wakeup().await {
+                Ok(Some(at)) => {
+                    let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                    wake = wake.min(tokio::time::Instant::now() + wait);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the next wake-up time");
+                    wake = tokio::time::Instant::now() + Duration::from_secs(1);
+                }
+            }
+            if let Some(at) = publisher.retry_at() {
+                wake = wake.min(at.max(tokio::time::Instant::now()));
+            }
+        }
+        let notified = async {
+            match listener.as_mut() {
+                Some(listener) => match listener.recv().await {
+                    Ok(notification) => {
+                        tracing::debug!(
+                            payload = notification.payload(),
+                            "woken by a notification"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lost the notification connection; it reconnects");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                },
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = notified => {}
+            _ = shutdown.wait() => break,
+        }
+    }
+    publisher.close().await;
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn entry(next_run: DateTime<Utc>, schedule: &str, misfire: &str) -> DueEntry {
+        DueEntry {
+            schedule_id: 1,
+            registry_id: 1,
+            next_run,
+            schedule: schedule.into(),
+            timezone: None,
+            misfire: misfire.into(),
+            job_id: 1,
+            job_name: "j".into(),
+            job: "hello_world".into(),
+            arguments: None,
+            preprocessing: None,
+            postprocessing: None,
+            timeout_seconds: None,
+            retries: 0,
+            queue: None,
+        }
+    }
+
+    fn utc(h: u32, m: u32, s: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 6, 1, h, m, s).unwrap()
+    }
+
+    const GRACE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn on_time_runs_the_slot_and_advances_one_step() {
+        let d = decide(
+            &entry(utc(10, 0, 0), "*/5 * * * *", "run_once"),
+            utc(10, 0, 0),
+            Tz::UTC,
+            GRACE,
+        );
+        assert_eq!(d.run_for, Some(utc(10, 0, 0)));
+        assert_eq!(d.next_run, Some(utc(10, 5, 0)));
+    }
+
+    #[test]
+    fn after_downtime_runs_once_then_goes_on_from_now() {
+        let d = decide(
+            &entry(utc(6, 0, 0), "*/5 * * * *", "run_once"),
+            utc(10, 2, 0),
+            Tz::UTC,
+            GRACE,
+        );
+        assert_eq!(d.run_for, Some(utc(6, 0, 0)), "the missed slot runs once");
+        assert_eq!(
+            d.next_run,
+            Some(utc(10, 5, 0)),
+            "no catch-up of every missed slot"
+        );
+    }
+
+    #[test]
+    fn misfire_skip_drops_missed_runs_but_not_late_ticks() {
+        let d = decide(
+            &entry(utc(6, 0, 0), "*/5 * * * *", "skip"),
+            utc(10, 2, 0),
+            Tz::UTC,
+            GRACE,
+        );
+        assert_eq!(d.run_for, None);
+        assert_eq!(d.next_run, Some(utc(10, 5, 0)));
+        let d = decide(
+            &entry(utc(10, 0, 0), "*/5 * * * *", "skip"),
+            utc(10, 0, 2),
+            Tz::UTC,
+            GRACE,
+        );
+        assert_eq!(
+            d.run_for,
+            Some(utc(10, 0, 0)),
+            "two seconds late is not missed"
+        );
+    }
+
+    #[test]
+    fn an_unparsable_schedule_has_no_next_run() {
+        let d = decide(
+            &entry(utc(10, 0, 0), "every full moon", "run_once"),
+            utc(10, 0, 0),
+            Tz::UTC,
+            GRACE,
+        );
+        assert_eq!(d.run_for, Some(utc(10, 0, 0)));
+        assert_eq!(d.next_run, None);
+    }
+}

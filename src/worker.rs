@@ -1,0 +1,632 @@
+//! The worker: deliveries become plugin calls; results are recorded, then acknowledged.
+//!
+//! Per delivery (DESIGN.md rules 2–5):
+//! 1. Parse. An unparsable body is dead-lettered and logged once. A bare `{cmd, args}` message
+//!    of the original gets a run row first.
+//! 2. Claim the run (running, attempt + 1, this worker). A run that already finished, or that
+//!    another worker runs, is acknowledged and skipped: re-deliveries never run a job twice.
+//! 3. A message the broker handed out too often (workers died on it) is recorded dead and
+//!    dead-lettered instead of run again.
+//! 4. Preprocessing (fan-out: child runs are inserted and published like any run), the job,
+//!    postprocessing — on blocking threads, with the job's timeout.
+//! 5. Record succeeded, failed, dead, or queued again for a retry with a not-before time; only
+//!    then acknowledge. A worker killed before that leaves the delivery unacknowledged, and the
+//!    broker hands it to another worker.
+//!
+//! Claims and results of many concurrent runs are written in batches (one statement for many
+//! runs), which is what makes thousands of runs per second possible.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::broker::{self, Broker, BrokerError, Delivery, JobMessage};
+use crate::config::Config;
+use crate::plugin::{Args, Outcome, PluginError, PluginHost};
+use crate::scheduler::{publish_queued, Publisher};
+use crate::shutdown::Shutdown;
+use crate::store::{Claim, Finish, NewRun, RunEnd, Store};
+
+/// Most requests written in one statement.
+const BATCH_MAX: usize = 512;
+/// The longest child `cmd` a run row holds (the original's varchar(50)).
+const MAX_JOB: usize = 50;
+
+/// Collects requests from many tasks and serves them in batches; each caller gets its own
+/// answer. The batch function retries until the database answers: state changes are never
+/// dropped.
+struct Batcher<Req, Resp> {
+    sender: mpsc::Sender<(Req, oneshot::Sender<Resp>)>,
+}
+
+impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
+    fn spawn<F, Fut>(serve: F) -> Self
+    where
+        F: Fn(Vec<Req>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Vec<Resp>> + Send,
+    {
+        let (sender, mut receiver) = mpsc::channel::<(Req, oneshot::Sender<Resp>)>(BATCH_MAX * 4);
+        tokio::spawn(async move {
+            while let Some(first) = receiver.recv().await {
+                let mut requests = vec![first];
+                while requests.len() < BATCH_MAX {
+                    match receiver.try_recv() {
+                        Ok(next) => requests.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let (inputs, replies): (Vec<Req>, Vec<oneshot::Sender<Resp>>) =
+                    requests.into_iter().unzip();
+                let answers = serve(inputs).await;
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(answer);
+                }
+            }
+        });
+        Batcher { sender }
+    }
+
+    async fn call(&self, request: Req) -> Option<Resp> {
+        let (reply, answer) = oneshot::channel();
+        self.sender.send((request, reply)).await.ok()?;
+        answer.await.ok()
+    }
+}
+
+/// Retries a database write with backoff until it succeeds.
+async fn until_ok<T, F, Fut>(what: &'static str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Ok(value) => return value,
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// What every delivery handler shares.
+struct Context {
+    store: Store,
+    host: PluginHost,
+    config: Config,
+    worker_id: String,
+    queue: String,
+    claims: Batcher<(Uuid, bool), Claim>,
+    finishes: Batcher<Finish, ()>,
+    /// Publishes fan-out children; one publisher (and channel) for the whole worker.
+    publisher: Mutex<Publisher>,
+}
+
+/// Worker settings from the command line.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub id: String,
+    pub slots: usize,
+    pub queue: String,
+}
+
+/// Consumes the queue until `shutdown`; reconnects to the broker (and the database) by itself.
+pub async fn run(
+    store: Store,
+    config: &Config,
+    options: WorkerOptions,
+    mut shutdown: Shutdown,
+) -> Result<(), BrokerError> {
+    let host = PluginHost::new(config);
+    {
+        let host = host.clone();
+        let problems = tokio::task::spawn_blocking(move || host.check_all())
+            .await
+            .unwrap_or_default();
+        for problem in problems {
+            tracing::warn!("plugin problem: {problem}");
+        }
+    }
+    let claims = {
+        let store = store.clone();
+        let worker = options.id.clone();
+        Batcher::spawn(move |batch: Vec<(Uuid, bool)>| {
+            let store = store.clone();
+            let worker = worker.clone();
+            async move { until_ok("claiming runs", || store.claim_runs(&worker, &batch)).await }
+        })
+    };
+    let finishes = {
+        let store = store.clone();
+        Batcher::spawn(move |batch: Vec<Finish>| {
+            let store = store.clone();
+            async move {
+                until_ok("recording runs", || store.finish_runs(&batch)).await;
+                vec![(); batch.len()]
+            }
+        })
+    };
+    let context = Arc::new(Context {
+        store,
+        host,
+        config: config.clone(),
+        worker_id: options.id.clone(),
+        queue: options.queue.clone(),
+        claims,
+        finishes,
+        publisher: Mutex::new(Publisher::new(
+            config,
+            &format!("worker {} fan-out", options.id),
+        )),
+    });
+    let slots = options.slots.max(1);
+    let semaphore = Arc::new(Semaphore::new(slots));
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let tag = format!("jobschleuder-{}-{}", options.id, std::process::id());
+    let mut backoff = Duration::from_millis(200);
+
+    'session: loop {
+        if shutdown.requested() {
+            break;
+        }
+        let role = format!("worker {}", options.id);
+        let session = async {
+            let broker = Broker::connect(&config.rabbitmq, &role).await?;
+            let consumer = broker
+                .consume(
+                    &options.queue,
+                    u16::try_from(slots).unwrap_or(u16::MAX),
+                    &tag,
+                )
+                .await?;
+            Ok::<_, BrokerError>((broker, consumer))
+        };
+        let (broker, mut consumer) = match session.await {
+            Ok(connected) => connected,
+            Err(e @ BrokerError::QueueMismatch { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot consume; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait() => break 'session,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        tracing::info!(worker = %options.id, queue = %options.queue, slots, "worker consuming");
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => {
+                    if let Err(e) = broker.cancel(&tag).await {
+                        tracing::debug!(error = %e, "cancelling the consumer failed");
+                    }
+                    drain(&mut tasks, config.worker.grace_period).await;
+                    // Let the last acknowledgements reach the broker before the channel closes.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    broker.close().await;
+                    break 'session;
+                }
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let permit = semaphore.clone().acquire_owned().await.expect("the semaphore is never closed");
+                        let context = context.clone();
+                        tasks.spawn(async move {
+                            handle(&context, delivery).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "lost the broker connection; reconnecting (unacknowledged deliveries return to the queue)");
+                        break;
+                    }
+                    None => {
+                        tracing::warn!("the broker ended the consumer; reconnecting");
+                        break;
+                    }
+                },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+    }
+    context.publisher.lock().await.close().await;
+    tracing::info!(worker = %options.id, "worker stopped");
+    Ok(())
+}
+
+/// Waits for running jobs up to `grace`; what is still running then is abandoned (its delivery
+/// is unacknowledged and returns to the queue).
+async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
+    if tasks.is_empty() {
+        return;
+    }
+    tracing::info!(running = tasks.len(), grace = ?grace, "waiting for running jobs to finish");
+    let finished =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if finished.is_err() {
+        tracing::warn!(
+            abandoned = tasks.len(),
+            "grace period over: abandoning running jobs; their deliveries return to the queue"
+        );
+        tasks.abort_all();
+    }
+}
+
+/// Why a run did not succeed.
+enum Failure {
+    /// No plugin provides the job: it can never run here.
+    UnknownJob(PluginError),
+    Plugin(PluginError),
+    TimedOut(Duration),
+    Crashed(String),
+    Post(String),
+}
+
+impl Failure {
+    fn retryable(&self) -> bool {
+        match self {
+            Failure::UnknownJob(_) | Failure::Crashed(_) | Failure::Post(_) => false,
+            Failure::Plugin(e) => e.retryable(),
+            Failure::TimedOut(_) => true,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Failure::UnknownJob(e) | Failure::Plugin(e) => e.to_string(),
+            Failure::TimedOut(limit) => format!("timed out after {}s", limit.as_secs_f64()),
+            Failure::Crashed(message) | Failure::Post(message) => message.clone(),
+        }
+    }
+
+    fn details(&self) -> Option<Value> {
+        match self {
+            Failure::Plugin(e) => e.details().cloned(),
+            _ => None,
+        }
+    }
+}
+
+/// Runs blocking plugin code on the blocking pool, within `limit`.
+async fn blocking<T: Send + 'static>(
+    limit: Option<Duration>,
+    call: impl FnOnce() -> Result<T, PluginError> + Send + 'static,
+) -> Result<T, Failure> {
+    let handle = tokio::task::spawn_blocking(call);
+    let joined = match limit {
+        Some(limit) => match tokio::time::timeout(limit, handle).await {
+            Ok(joined) => joined,
+            // The thread goes on until the plugin returns; its result is dropped.
+            Err(_) => return Err(Failure::TimedOut(limit)),
+        },
+        None => handle.await,
+    };
+    match joined {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e @ (PluginError::NotConfigured { .. } | PluginError::NotProvided { .. }))) => {
+            Err(Failure::UnknownJob(e))
+        }
+        Ok(Err(e)) => Err(Failure::Plugin(e)),
+        Err(e) => Err(Failure::Crashed(format!("the job's thread failed: {e}"))),
+    }
+}
+
+async fn handle(context: &Context, delivery: Delivery) {
+    let message = match JobMessage::parse(&delivery.data) {
+        Ok(message) => message,
+        Err(error) => {
+            let preview: String = String::from_utf8_lossy(&delivery.data)
+                .chars()
+                .take(200)
+                .collect();
+            tracing::error!(error = %error, body = %preview, "unparsable message: dead-lettered");
+            if let Err(e) = broker::dead_letter(&delivery).await {
+                tracing::warn!(error = %e, "dead-lettering failed; the message returns to the queue");
+            }
+            return;
+        }
+    };
+    let run_id = match message.run_id {
+        Some(id) => id,
+        None => {
+            // The original's bare {cmd, args}: a run row first, so the run is recorded.
+            let new = NewRun {
+                job_name: message
+                    .job_name
+                    .clone()
+                    .unwrap_or_else(|| message.cmd.clone()),
+                job: message.cmd.chars().take(MAX_JOB).collect(),
+                job_id: None,
+                trigger: "manual",
+                queue: Some(context.queue.clone()),
+                arguments: message.args.clone(),
+                preprocessing: message.preprocessing.clone(),
+                postprocessing: message.postprocessing.clone(),
+                timeout_seconds: message.timeout,
+                max_retries: 0,
+                parent_id: None,
+                published: true,
+            };
+            let ids = until_ok("recording a bare message as a run", || {
+                context.store.insert_runs(std::slice::from_ref(&new))
+            })
+            .await;
+            ids[0]
+        }
+    };
+    let previous = broker::previous_deliveries(&delivery);
+    let (attempt, trigger) = match context.claims.call((run_id, delivery.redelivered)).await {
+        Some(Claim::Claimed { attempt, trigger }) => (attempt, trigger),
+        Some(Claim::Finished(status)) => {
+            tracing::debug!(run = %run_id, status = %status, "delivery of a finished run: skipped");
+            let _ = broker::ack(&delivery).await;
+            return;
+        }
+        Some(Claim::Running) => {
+            tracing::debug!(run = %run_id, "duplicate delivery of a running run: skipped");
+            let _ = broker::ack(&delivery).await;
+            return;
+        }
+        Some(Claim::Unknown) => {
+            tracing::error!(run = %run_id, job = %message.cmd, "message for a run that does not exist: dead-lettered");
+            let _ = broker::dead_letter(&delivery).await;
+            return;
+        }
+        None => return, // shutting down
+    };
+    let job_name = message
+        .job_name
+        .clone()
+        .unwrap_or_else(|| message.cmd.clone());
+    let limit = u64::from(
+        context
+            .config
+            .rabbitmq
+            .delivery_limit
+            .saturating_sub(1)
+            .max(1),
+    );
+    if previous >= limit {
+        let error = format!(
+            "gave up after {previous} deliveries without a result: the job killed its workers or lost their connection each time"
+        );
+        tracing::error!(run = %run_id, job = %job_name, attempt, "run dead: {error}");
+        record(
+            context,
+            Finish {
+                id: run_id,
+                end: RunEnd::Dead,
+                result: None,
+                error: Some(error),
+            },
+        )
+        .await;
+        let _ = broker::dead_letter(&delivery).await;
+        return;
+    }
+
+    tracing::info!(run = %run_id, job = %job_name, cmd = %message.cmd, attempt, worker = %context.worker_id, "run started");
+    let started = Instant::now();
+    let outcome = execute(context, &message, run_id, &job_name, &trigger).await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let max_retries = i32::try_from(message.retries.unwrap_or(0)).unwrap_or(i32::MAX);
+    let (finish, dead) = match outcome {
+        Ok(result) => {
+            tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, "run succeeded");
+            (
+                Finish {
+                    id: run_id,
+                    end: RunEnd::Succeeded,
+                    result: Some(result),
+                    error: None,
+                },
+                false,
+            )
+        }
+        Err(failure @ Failure::UnknownJob(_)) => {
+            let error = failure.message();
+            tracing::error!(run = %run_id, job = %job_name, "run dead: unknown job: {error}");
+            (
+                Finish {
+                    id: run_id,
+                    end: RunEnd::Dead,
+                    result: None,
+                    error: Some(error),
+                },
+                true,
+            )
+        }
+        Err(failure) => {
+            let error = failure.message();
+            if failure.retryable() && attempt <= max_retries {
+                let delay = backoff(context, attempt);
+                let at = Utc::now()
+                    + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
+                tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, retry_in = ?delay, "run failed; retry scheduled: {error}");
+                (
+                    Finish {
+                        id: run_id,
+                        end: RunEnd::Retry(at),
+                        result: failure.details(),
+                        error: Some(error),
+                    },
+                    false,
+                )
+            } else {
+                tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, "run failed: {error}");
+                (
+                    Finish {
+                        id: run_id,
+                        end: RunEnd::Failed,
+                        result: failure.details(),
+                        error: Some(error),
+                    },
+                    false,
+                )
+            }
+        }
+    };
+    record(context, finish).await;
+    let settled = if dead {
+        broker::dead_letter(&delivery).await
+    } else {
+        broker::ack(&delivery).await
+    };
+    if let Err(e) = settled {
+        // Recorded already: a re-delivery will be skipped as finished.
+        tracing::debug!(run = %run_id, error = %e, "acknowledging failed after the run was recorded");
+    }
+}
+
+async fn record(context: &Context, finish: Finish) {
+    if context.finishes.call(finish).await.is_none() {
+        tracing::warn!(
+            "the recorder stopped before a run was recorded; its delivery returns to the queue"
+        );
+    }
+}
+
+/// The retry delay after `attempt` failed: doubling from `worker.retry_backoff`, capped.
+fn backoff(context: &Context, attempt: i32) -> Duration {
+    let base = context.config.worker.retry_backoff;
+    let factor = 2u32.saturating_pow(u32::try_from(attempt.max(1) - 1).unwrap_or(0).min(20));
+    base.saturating_mul(factor)
+        .min(context.config.worker.retry_backoff_max)
+}
+
+/// Preprocessing (fan-out), the job, postprocessing.
+async fn execute(
+    context: &Context,
+    message: &JobMessage,
+    run_id: Uuid,
+    job_name: &str,
+    trigger: &str,
+) -> Result<Value, Failure> {
+    let limit = message
+        .timeout
+        .filter(|t| *t > 0.0)
+        .map(Duration::from_secs_f64);
+    let host = context.host.clone();
+    if let Some(pre) = message.preprocessing.clone() {
+        let cmd = message.cmd.clone();
+        let args = message.args.clone();
+        let planned = blocking(limit, move || host.call_preprocessing(&pre, &cmd, args)).await?;
+        return fan_out(context, message, run_id, job_name, trigger, planned).await;
+    }
+
+    let mut args: Args = message.args.clone();
+    // Plugins that take a `timeout` argument (command, http) stop their own work in time.
+    if let Some(timeout) = message.timeout {
+        args.entry("timeout").or_insert(json!(timeout));
+    }
+    let cmd = message.cmd.clone();
+    let job_args = args.clone();
+    let result = blocking(limit, move || host.call_job(&cmd, job_args)).await;
+    let Some(post) = message.postprocessing.clone() else {
+        return result;
+    };
+    let outcome = match &result {
+        Ok(value) => Outcome {
+            result: Some(value.clone()),
+            error: None,
+        },
+        Err(failure) => Outcome {
+            result: failure.details(),
+            error: Some(crate::plugin::JobError {
+                message: failure.message(),
+                retryable: failure.retryable(),
+                details: failure.details(),
+            }),
+        },
+    };
+    let host = context.host.clone();
+    let post_name = post.clone();
+    match blocking(limit, move || {
+        host.call_postprocessing(&post_name, args, &outcome)
+    })
+    .await
+    {
+        Ok(post_result) => {
+            tracing::debug!(run = %run_id, postprocessing = %post, result = %post_result, "postprocessing done");
+            result
+        }
+        Err(failure) => {
+            let message = format!("postprocessing {post:?} failed: {}", failure.message());
+            match result {
+                Ok(_) => Err(Failure::Post(message)),
+                Err(job_failure) => {
+                    tracing::warn!(run = %run_id, "{message}");
+                    Err(job_failure)
+                }
+            }
+        }
+    }
+}
+
+/// Inserts the fanned-out jobs as child runs and publishes them; the parent's result lists them.
+async fn fan_out(
+    context: &Context,
+    message: &JobMessage,
+    run_id: Uuid,
+    job_name: &str,
+    trigger: &str,
+    planned: Vec<crate::plugin::PlannedJob>,
+) -> Result<Value, Failure> {
+    let trigger: &'static str = match trigger {
+        "schedule" => "schedule",
+        "webhook" => "webhook",
+        _ => "manual",
+    };
+    let mut children = Vec::with_capacity(planned.len());
+    for job in planned {
+        let cmd = job.cmd.unwrap_or_else(|| message.cmd.clone());
+        if cmd.chars().count() > MAX_JOB {
+            return Err(Failure::Crashed(format!(
+                "preprocessing returned a job name longer than {MAX_JOB} characters: {cmd:?}"
+            )));
+        }
+        children.push(NewRun {
+            job_name: job_name.to_string(),
+            job: cmd,
+            job_id: None,
+            trigger,
+            queue: Some(context.queue.clone()),
+            arguments: job.args,
+            preprocessing: None,
+            postprocessing: message.postprocessing.clone(),
+            timeout_seconds: message.timeout,
+            max_retries: i32::try_from(message.retries.unwrap_or(0)).unwrap_or(i32::MAX),
+            parent_id: Some(run_id),
+            published: false,
+        });
+    }
+    let ids = if children.is_empty() {
+        Vec::new()
+    } else {
+        until_ok("inserting fanned-out runs", || {
+            context.store.insert_runs(&children)
+        })
+        .await
+    };
+    if !ids.is_empty() {
+        // Published here at once; if that fails they stay in the outbox for the scheduler.
+        let mut publisher = context.publisher.lock().await;
+        if let Err(e) =
+            publish_queued(&context.store, &mut publisher, &context.queue, Some(&ids)).await
+        {
+            tracing::warn!(run = %run_id, error = %e, "publishing fanned-out runs failed; the scheduler publishes them");
+        }
+    }
+    tracing::info!(run = %run_id, job = %job_name, children = ids.len(), "run fanned out");
+    Ok(json!({ "fanned_out": ids.len(), "children": ids }))
+}

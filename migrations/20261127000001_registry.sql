@@ -68,6 +68,9 @@ CREATE TABLE IF NOT EXISTS public.job_runs
         CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'dead')),
     attempt integer NOT NULL DEFAULT 0,
     worker character varying(200),
+    -- The claiming worker process's lease: it holds a Postgres advisory lock on this key while
+    -- it lives, so a re-delivered message is taken over only when its worker is gone.
+    claim_token integer,
     queue character varying(255),
     arguments jsonb NOT NULL DEFAULT '{}'::jsonb,
     -- What the run needs besides its arguments, copied from the job when the run is created,

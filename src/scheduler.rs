@@ -273,7 +273,10 @@ pub async fn run(
     let mut publisher = Publisher::new(config, "scheduler");
     let mut listener = match sqlx::postgres::PgListener::connect_with(store.pool()).await {
         Ok(mut listener) => match listener.listen(crate::store::NOTIFY_CHANNEL).await {
-            Ok(()) => Some(listener),
+            Ok(()) => {
+                tracing::info!("listening for registry changes and new runs");
+                Some(listener)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot LISTEN for registry changes; relying on the wake-up timer");
                 None

@@ -325,6 +325,22 @@ async fn insert_chunk(tx: &mut PgConnection, chunk: &[JobDefinition]) -> Result<
     Ok(())
 }
 
+async fn lease_connection(
+    options: &sqlx::postgres::PgConnectOptions,
+    token: i32,
+) -> Result<PgConnection, StoreError> {
+    let mut conn = PgConnection::connect_with(options)
+        .await
+        .context("opening the worker lease connection")?;
+    sqlx::query("SELECT pg_advisory_lock($1, $2)")
+        .bind(LEASE_CLASS)
+        .bind(token)
+        .execute(&mut conn)
+        .await
+        .context("taking the worker lease")?;
+    Ok(conn)
+}
+
 fn is_missing_database(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000"))
 }
@@ -515,6 +531,22 @@ pub struct RunRow {
 
 const RUN_COLUMNS: &str = "id, job_name, job, trigger, status, attempt, max_retries, worker, queue, arguments,
     scheduled_for, not_before, created_at, published_at, started_at, finished_at, result, error, parent_id";
+
+/// First key of worker leases (`pg_advisory_lock(LEASE_CLASS, token)`).
+const LEASE_CLASS: i32 = 0x6a73_776b; // "jswk"
+
+/// A worker process's lease: an advisory lock held on a connection of its own for as long as
+/// the process lives. Dropping it (or the process dying) releases it.
+pub struct WorkerLease {
+    pub token: i32,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for WorkerLease {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
 
 /// Lock that serializes writers of the `schedule` table (init and filling in new entries).
 const SCHEDULE_LOCK: i64 = 0x6a6f_6273_6368_6564; // "jobsched"
@@ -885,11 +917,48 @@ impl Store {
 
     // ---- the worker's side ----
 
+    /// Takes a lease for a worker process: a fresh random token locked on a dedicated
+    /// connection, checked every few seconds and taken again if the connection was lost.
+    pub async fn worker_lease(&self) -> Result<WorkerLease, StoreError> {
+        let token = i32::try_from(Uuid::new_v4().as_u128() % (i32::MAX as u128))
+            .unwrap_or(1)
+            .max(1);
+        let options = self.pool.connect_options().as_ref().clone();
+        let mut conn = lease_connection(&options, token).await?;
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if sqlx::query("SELECT 1").execute(&mut conn).await.is_ok() {
+                    continue;
+                }
+                tracing::warn!("lost the worker lease connection; taking the lease again");
+                loop {
+                    match lease_connection(&options, token).await {
+                        Ok(new) => {
+                            conn = new;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot take the worker lease yet");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(WorkerLease { token, task })
+    }
+
     /// Claims delivered runs for `worker`: a queued run (or a running one whose message came
     /// back because its worker vanished) becomes running with attempt + 1.
+    ///
+    /// A running run is taken over only when its message was re-delivered *and* the worker
+    /// process that claimed it no longer holds its lease (it died): a live worker that merely
+    /// lost its broker channel finishes and records the run itself.
     pub async fn claim_runs(
         &self,
         worker: &str,
+        token: i32,
         claims: &[(Uuid, bool)],
     ) -> Result<Vec<Claim>, StoreError> {
         let ids: Vec<Uuid> = claims.iter().map(|c| c.0).collect();
@@ -898,10 +967,16 @@ impl Store {
             "WITH input AS (SELECT * FROM UNNEST($1::uuid[], $2::bool[]) AS u(id, redelivered)),
              claimed AS (
                 UPDATE job_runs r
-                SET status = 'running', attempt = r.attempt + 1, worker = $3, started_at = now(),
-                    finished_at = NULL, published_at = COALESCE(r.published_at, now())
+                SET status = 'running', attempt = r.attempt + 1, worker = $3, claim_token = $4,
+                    started_at = now(), finished_at = NULL, published_at = COALESCE(r.published_at, now())
                 FROM (SELECT id, bool_or(redelivered) AS redelivered FROM input GROUP BY id) i
-                WHERE r.id = i.id AND (r.status = 'queued' OR (r.status = 'running' AND i.redelivered))
+                WHERE r.id = i.id
+                  AND (r.status = 'queued'
+                       OR (r.status = 'running' AND i.redelivered AND NOT EXISTS (
+                              SELECT 1 FROM pg_locks l
+                              WHERE l.locktype = 'advisory' AND l.granted
+                                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                                AND l.classid = $5::oid AND l.objid = r.claim_token::oid AND l.objsubid = 2)))
                 RETURNING r.id, r.attempt, r.trigger)
              SELECT i.id, c.attempt, r.status, c.trigger
              FROM input i LEFT JOIN claimed c ON c.id = i.id LEFT JOIN job_runs r ON r.id = i.id",
@@ -909,6 +984,8 @@ impl Store {
         .bind(&ids)
         .bind(&redelivered)
         .bind(worker)
+        .bind(token)
+        .bind(LEASE_CLASS)
         .fetch_all(&self.pool)
         .await
         .context("claiming runs")?;

@@ -136,13 +136,26 @@ pub async fn run(
             tracing::warn!("plugin problem: {problem}");
         }
     }
+    let lease = loop {
+        match store.worker_lease().await {
+            Ok(lease) => break lease,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take the worker lease; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.wait() => return Ok(()),
+                }
+            }
+        }
+    };
     let claims = {
         let store = store.clone();
         let worker = options.id.clone();
+        let token = lease.token;
         Batcher::spawn(move |batch: Vec<(Uuid, bool)>| {
             let store = store.clone();
             let worker = worker.clone();
-            async move { until_ok("claiming runs", || store.claim_runs(&worker, &batch)).await }
+            async move { until_ok("claiming runs", || store.claim_runs(&worker, token, &batch)).await }
         })
     };
     let finishes = {
@@ -240,6 +253,7 @@ pub async fn run(
         }
     }
     context.publisher.lock().await.close().await;
+    drop(lease);
     tracing::info!(worker = %options.id, "worker stopped");
     Ok(())
 }

@@ -37,6 +37,7 @@ pub fn plugin_config_text() -> String {
         ("test_fail", "testkit"),
         ("test_panic", "testkit"),
         ("test_sleep", "testkit"),
+        ("test_abort", "testkit"),
         ("test_broken", "testkit"),
         ("test_missing_function", "testkit"),
         ("old_abi", "abi_mismatch"),

@@ -6,3 +6,4 @@ mod util;
 mod cli;
 mod plugins;
 mod registry;
+mod scheduling;

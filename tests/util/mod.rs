@@ -1,5 +1,7 @@
 //! Shared test helpers: a fresh Postgres database per test, and running the real binary.
 
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -8,7 +8,8 @@
 //! - `env`: variables to set (a mapping); `clear_env: true` starts from an empty environment.
 //! - `cwd`: the working directory.
 //! - `timeout`: seconds; when it passes, the whole process group gets SIGTERM, then SIGKILL
-//!   after `kill_grace` seconds (default 5). A timeout is a retryable failure.
+//!   after `kill_grace` seconds (default 5). A timeout is a retryable failure, and so is a
+//!   non-zero exit (the job's `retries` decide whether it is tried again).
 //! - `stdin`: text written to the program's standard input (default: none, /dev/null).
 //! - `success_codes`: exit statuses that count as success (default `[0]`).
 //!
@@ -306,7 +307,9 @@ fn run(spec: &Spec, args: &Args) -> Result<Value, JobError> {
     }
     match (status.code(), status.signal()) {
         (Some(code), _) if success_codes.contains(&code) => Ok(result),
-        (Some(code), _) => Err(JobError::fatal(format!(
+        // A non-zero exit may pass on another try (a device unreachable); the job's
+        // `retries` decides.
+        (Some(code), _) => Err(JobError::retryable(format!(
             "command: {:?} exited with status {code}",
             argv[0]
         ))
@@ -357,7 +360,7 @@ mod tests {
     #[test]
     fn non_zero_exit_fails_with_the_output() {
         let err = call(json!({"command": "echo bad >&2; exit 3", "shell": true})).unwrap_err();
-        assert!(!err.retryable);
+        assert!(err.retryable, "the job's retries decide");
         assert!(err.message.contains("status 3"), "{}", err.message);
         let details = err.details.unwrap();
         assert_eq!(details["exit_code"], 3);

@@ -82,3 +82,9 @@ fn broken(_args: Args) -> Result<Value, JobError> {
 fn broken_startup() -> Result<Args, JobError> {
     Err(JobError::retryable("the source of truth is unreachable"))
 }
+
+/// Kills the whole worker process, as a crashing native library would.
+#[jobschleuder("test_abort")]
+fn abort(_args: Args) -> Result<Value, JobError> {
+    std::process::abort()
+}

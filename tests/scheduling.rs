@@ -1,0 +1,390 @@
+//! The scheduler and the workers, as processes against the real Postgres and RabbitMQ.
+
+use std::time::Duration;
+
+use crate::util::cluster::Cluster;
+
+const FAST: &str =
+    "worker:\n  retry_backoff: 0.1\n  grace_period: 20\nscheduler:\n  max_sleep: 60\n";
+
+#[tokio::test]
+async fn import_init_schedule_and_workers_record_runs() {
+    let cluster = Cluster::new(FAST).await;
+    // The scheduler starts on an empty registry; the import wakes it (NOTIFY), no restart.
+    let _scheduler = cluster.scheduler();
+    let _worker = cluster.worker("w1", 2);
+    cluster.import(
+        "jobs:\n\
+         - id: hello\n  job: hello_world\n  schedule: '*/1 * * * * *'\n  arguments: {hello: world}\n\
+         - id: shell\n  job: command\n  schedule: '*/1 * * * * *'\n  arguments: {command: 'echo hi from {hello}', shell: true, hello: cron}\n",
+    );
+    cluster
+        .wait_until(
+            "two succeeded runs of each job",
+            Duration::from_secs(30),
+            "SELECT count(*) FILTER (WHERE job_name = 'hello') >= 2 AND count(*) FILTER (WHERE job_name = 'shell') >= 2
+             FROM job_runs WHERE status = 'succeeded'",
+        )
+        .await;
+    let (stdout, trigger, attempt): (String, String, i32) = sqlx::query_as(
+        "SELECT result->>'stdout', trigger, attempt FROM job_runs WHERE job_name = 'shell' AND status = 'succeeded' LIMIT 1",
+    )
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (stdout.as_str(), trigger.as_str(), attempt),
+        ("hi from cron\n", "schedule", 1)
+    );
+
+    // `scheduler -i` twice duplicates nothing.
+    for _ in 0..2 {
+        let out = cluster.run_ok(&["scheduler", "-i"]);
+        assert!(out.contains("2 registry entries scheduled"), "{out}");
+    }
+    assert_eq!(cluster.count("SELECT count(*) FROM schedule").await, 2);
+
+    let listed: serde_json::Value = serde_json::from_str(&cluster.run_ok(&[
+        "runs",
+        "--job",
+        "shell",
+        "--status",
+        "succeeded",
+        "--json",
+    ]))
+    .unwrap();
+    assert!(listed.as_array().unwrap().len() >= 2);
+    assert!(listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["job_name"] == "shell" && r["worker"] == "w1"));
+    let id = listed[0]["id"].as_str().unwrap();
+    let shown = cluster.run_ok(&["runs", "--show", id]);
+    assert!(
+        shown.contains("hi from cron") && shown.contains("succeeded"),
+        "{shown}"
+    );
+    let all = cluster.run_ok(&["scheduler", "-aj"]);
+    assert!(
+        all.contains("hello") && all.contains("*/1 * * * * *") && all.contains("UTC"),
+        "{all}"
+    );
+}
+
+#[tokio::test]
+async fn two_schedulers_run_every_slot_exactly_once() {
+    let cluster = Cluster::new(FAST).await;
+    cluster.import("jobs:\n- id: tick\n  job: hello_world\n  schedule: '*/1 * * * * *'\n");
+    cluster.run_ok(&["scheduler", "--init"]);
+    let first = cluster.scheduler();
+    let second = cluster.scheduler();
+    cluster
+        .wait_until(
+            "six scheduled slots",
+            Duration::from_secs(30),
+            "SELECT count(*) >= 6 FROM job_runs",
+        )
+        .await;
+    drop(first);
+    drop(second);
+    let slots: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT extract(epoch FROM scheduled_for)::bigint, count(*) FROM job_runs GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&cluster.pool)
+    .await
+    .unwrap();
+    assert!(
+        slots.iter().all(|(_, n)| *n == 1),
+        "a slot ran twice: {slots:?}"
+    );
+    assert!(
+        slots.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        "a slot was lost: {slots:?}"
+    );
+    // Nothing was published twice: the queue holds exactly one message per published run.
+    let published = cluster
+        .count("SELECT count(*) FROM job_runs WHERE published_at IS NOT NULL")
+        .await;
+    assert!(published >= 5, "{published}");
+    assert_eq!(
+        i64::from(cluster.queue_depth(&cluster.queue).await),
+        published
+    );
+}
+
+#[tokio::test]
+async fn a_run_whose_worker_is_killed_completes_on_another_worker() {
+    let cluster = Cluster::new(FAST).await;
+    cluster.import("jobs:\n- id: slow\n  job: test_sleep\n  arguments: {seconds: 2}\n");
+    let mut doomed = cluster.worker("doomed", 1);
+    let run = cluster.run_ok(&["scheduler", "--run-now", "slow"]);
+    let run = run.trim();
+    cluster
+        .wait_until(
+            "the run to be running on the doomed worker",
+            Duration::from_secs(30),
+            &format!(
+                "SELECT status = 'running' AND worker = 'doomed' FROM job_runs WHERE id = '{run}'"
+            ),
+        )
+        .await;
+    doomed.signal("KILL");
+    doomed
+        .wait_exit(Duration::from_secs(10))
+        .expect("the worker died");
+    let _rescuer = cluster.worker("rescuer", 1);
+    cluster
+        .wait_until(
+            "the run to succeed on the other worker",
+            Duration::from_secs(30),
+            &format!("SELECT status = 'succeeded' AND worker = 'rescuer' AND attempt = 2 FROM job_runs WHERE id = '{run}'"),
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn broker_and_database_outages_during_a_burst_lose_and_double_nothing() {
+    let cluster = Cluster::new(FAST).await;
+    let out = cluster.ws.path().join("executions.txt");
+    cluster.import(&format!(
+        "jobs:\n- id: burst\n  job: command\n  arguments: {{command: 'sleep 0.05; echo {{n}} >> {}', shell: true}}\n",
+        out.display()
+    ));
+    let _scheduler = cluster.scheduler();
+    let _w1 = cluster.worker("w1", 4);
+    let _w2 = cluster.worker("w2", 4);
+    const RUNS: i64 = 300;
+    sqlx::raw_sql(&format!(
+        "INSERT INTO job_runs (id, job_name, job, trigger, arguments)
+         SELECT gen_random_uuid(), 'burst', 'command', 'manual',
+                jsonb_build_object('command', 'sleep 0.05; echo ' || n || ' >> {}', 'shell', true)
+         FROM generate_series(1, {RUNS}) n;
+         SELECT pg_notify('jobschleuder', 'run');",
+        out.display()
+    ))
+    .execute(&cluster.pool)
+    .await
+    .unwrap();
+    cluster
+        .wait_until(
+            "the burst to start",
+            Duration::from_secs(30),
+            "SELECT count(*) >= 20 FROM job_runs WHERE status = 'succeeded'",
+        )
+        .await;
+    let closed = cluster.close_broker_connections();
+    assert!(closed >= 3, "closed {closed} broker connections");
+    let done_after_broker = cluster
+        .count("SELECT count(*) FROM job_runs WHERE status = 'succeeded'")
+        .await;
+    cluster
+        .wait_until(
+            "runs to succeed again after the broker cut",
+            Duration::from_secs(60),
+            &format!("SELECT count(*) >= least({RUNS}, {} + 20) FROM job_runs WHERE status = 'succeeded'", done_after_broker),
+        )
+        .await;
+    let terminated = cluster.terminate_database_sessions().await;
+    assert!(terminated >= 3, "terminated {terminated} database sessions");
+    cluster
+        .wait_until(
+            "every run to succeed",
+            Duration::from_secs(120),
+            &format!("SELECT count(*) = {RUNS} FROM job_runs WHERE status = 'succeeded'"),
+        )
+        .await;
+    let text = std::fs::read_to_string(&out).unwrap();
+    let mut seen: Vec<i64> = text.lines().map(|l| l.trim().parse().unwrap()).collect();
+    seen.sort();
+    let expected: Vec<i64> = (1..=RUNS).collect();
+    assert_eq!(seen, expected, "every run executed exactly once");
+}
+
+#[tokio::test]
+async fn poison_messages_and_unknown_jobs_are_dead_lettered_and_recorded() {
+    let cluster = Cluster::new(FAST).await;
+    cluster.import("jobs:\n- id: hello\n  job: hello_world\n");
+    let _worker = cluster.worker("w1", 2);
+    cluster.publish_raw(b"this is not json").await;
+    cluster
+        .publish_raw(br#"{"cmd": "no_such_job", "args": {}}"#)
+        .await;
+    // The original's bare message of a known job runs and is recorded.
+    cluster
+        .publish_raw(br#"{"cmd": "hello_world", "args": {"from": "the original"}}"#)
+        .await;
+    let dead_queue = format!("{}.dead", cluster.queue);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.queue_depth(&dead_queue).await < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead-letter queue did not get both messages\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster
+        .wait_until(
+            "the unknown job recorded dead and the bare message succeeded",
+            Duration::from_secs(30),
+            "SELECT count(*) FILTER (WHERE job = 'no_such_job' AND status = 'dead' AND error LIKE '%no_such_job%') = 1
+                AND count(*) FILTER (WHERE job = 'hello_world' AND status = 'succeeded' AND result->>'from' = 'the original') = 1
+             FROM job_runs",
+        )
+        .await;
+    // The worker lives on.
+    let run = cluster.run_ok(&["scheduler", "-rn", "hello"]);
+    cluster
+        .wait_until(
+            "a normal run after the poison",
+            Duration::from_secs(30),
+            &format!(
+                "SELECT status = 'succeeded' FROM job_runs WHERE id = '{}'",
+                run.trim()
+            ),
+        )
+        .await;
+    assert_eq!(cluster.queue_depth(&dead_queue).await, 2);
+}
+
+#[tokio::test]
+async fn a_job_that_keeps_killing_workers_ends_dead() {
+    let cluster = Cluster::new(FAST).await;
+    cluster.import("jobs:\n- id: crasher\n  job: test_abort\n");
+    let run = cluster.run_ok(&["scheduler", "-rn", "crasher"]);
+    let run = run.trim().to_string();
+    // delivery_limit is 3: two deliveries crash a worker each, the third is given up.
+    for round in 0..4 {
+        let mut worker = cluster.worker(&format!("w{round}"), 1);
+        let status: String =
+            sqlx::query_scalar(&format!("SELECT status FROM job_runs WHERE id = '{run}'"))
+                .fetch_one(&cluster.pool)
+                .await
+                .unwrap();
+        if status == "dead" {
+            break;
+        }
+        // Either the job kills this worker, or the worker records the run dead.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let dead = cluster
+                .count(&format!(
+                    "SELECT count(*) FROM job_runs WHERE id = '{run}' AND status = 'dead'"
+                ))
+                .await
+                == 1;
+            if dead || worker.wait_exit(Duration::from_millis(50)).is_some() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: nothing happened\n{}",
+                cluster.logs()
+            );
+        }
+    }
+    let (status, error): (String, String) = sqlx::query_as(&format!(
+        "SELECT status, error FROM job_runs WHERE id = '{run}'"
+    ))
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "dead", "{error}\n{}", cluster.logs());
+    assert!(error.contains("deliveries"), "{error}");
+    let dead_queue = format!("{}.dead", cluster.queue);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cluster.queue_depth(&dead_queue).await < 1 {
+        assert!(std::time::Instant::now() < deadline, "not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn timeouts_fail_runs_and_retries_back_off_then_stop() {
+    let cluster = Cluster::new(FAST).await;
+    cluster.import(
+        "jobs:\n\
+         - id: slow\n  job: test_sleep\n  timeout: 0.5\n  arguments: {seconds: 30}\n\
+         - id: flaky\n  job: test_fail\n  retries: 2\n  arguments: {retryable: true}\n\
+         - id: hopeless\n  job: test_fail\n  retries: 2\n  arguments: {retryable: false}\n",
+    );
+    let _scheduler = cluster.scheduler();
+    let _worker = cluster.worker("w1", 3);
+    let slow = cluster.run_ok(&["scheduler", "-rn", "slow"]);
+    let flaky = cluster.run_ok(&["scheduler", "-rn", "flaky"]);
+    let hopeless = cluster.run_ok(&["scheduler", "-rn", "hopeless"]);
+    cluster
+        .wait_until(
+            "all three runs to end",
+            Duration::from_secs(60),
+            &format!(
+                "SELECT count(*) = 3 FROM job_runs WHERE id IN ('{}', '{}', '{}') AND status = 'failed'",
+                slow.trim(),
+                flaky.trim(),
+                hopeless.trim()
+            ),
+        )
+        .await;
+    let row = |id: String| {
+        let pool = cluster.pool.clone();
+        async move {
+            sqlx::query_as::<_, (i32, String)>(&format!(
+                "SELECT attempt, error FROM job_runs WHERE id = '{}'",
+                id.trim()
+            ))
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let (attempt, error) = row(slow).await;
+    // A timeout is retryable, but `slow` has no retries.
+    assert_eq!(attempt, 1);
+    assert!(error.contains("timed out after 0.5s"), "{error}");
+    let (attempt, error) = row(flaky).await;
+    assert_eq!(attempt, 3, "one try and two retries");
+    assert!(error.contains("asked to fail"), "{error}");
+    let (attempt, _) = row(hopeless).await;
+    assert_eq!(attempt, 1, "a non-retryable failure is not retried");
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_running_job_finish_then_exits_cleanly() {
+    let cluster = Cluster::new(FAST).await;
+    cluster.import("jobs:\n- id: slow\n  job: test_sleep\n  arguments: {seconds: 1.5}\n");
+    let mut worker = cluster.worker("w1", 1);
+    let run = cluster.run_ok(&["scheduler", "-rn", "slow"]);
+    cluster
+        .wait_until(
+            "the run to start",
+            Duration::from_secs(30),
+            &format!(
+                "SELECT status = 'running' FROM job_runs WHERE id = '{}'",
+                run.trim()
+            ),
+        )
+        .await;
+    worker.signal("TERM");
+    let status = worker
+        .wait_exit(Duration::from_secs(30))
+        .expect("the worker exits");
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        worker.log_text()
+    );
+    let (status, attempt): (String, i32) = sqlx::query_as(&format!(
+        "SELECT status, attempt FROM job_runs WHERE id = '{}'",
+        run.trim()
+    ))
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), attempt), ("succeeded", 1));
+    assert_eq!(
+        cluster.queue_depth(&cluster.queue).await,
+        0,
+        "the delivery was acknowledged"
+    );
+}

@@ -1,0 +1,332 @@
+//! A scheduler/worker setup for one test: its own database, its own queues, its own processes.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use sqlx::PgPool;
+
+use super::{TestDb, Workspace};
+
+pub fn amqp_url() -> String {
+    std::env::var("JOBSCHLEUDER_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+/// A process of the binary; killed (SIGKILL) when dropped if still running.
+pub struct Process {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "kill -{signal} {} failed",
+            self.name
+        );
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Cluster {
+    pub db: TestDb,
+    pub ws: Workspace,
+    pub queue: String,
+    pub config: PathBuf,
+    pub pool: PgPool,
+    spawned: std::sync::atomic::AtomicUsize,
+}
+
+impl Cluster {
+    /// `extra` is appended to the generated config (scheduler:/worker: sections and such).
+    pub async fn new(extra: &str) -> Cluster {
+        let db = TestDb::new().await;
+        let ws = Workspace::new();
+        let queue = format!("js_test_{}", uuid::Uuid::new_v4().simple());
+        let text = format!(
+            "timezone: UTC\nrabbitmq:\n  url: {}\n  queue: {queue}\n  delivery_limit: 3\n{}{extra}",
+            amqp_url(),
+            crate::plugins::plugin_config_text()
+        );
+        let config = ws.write("config.yaml", &text);
+        let pool = db.pool().await;
+        Cluster {
+            db,
+            ws,
+            queue,
+            config,
+            pool,
+            spawned: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut command = self.ws.command();
+        command
+            .env("JOBSCHLEUDER_DATABASE_URL", &self.db.url)
+            .arg("--config")
+            .arg(&self.config);
+        command
+    }
+
+    /// Runs the binary to completion and returns stdout; panics with its output on failure.
+    pub fn run_ok(&self, args: &[&str]) -> String {
+        super::success(super::run(self.command().args(args)))
+    }
+
+    pub fn import(&self, jobs: &str) {
+        let file = self.ws.write("jobs.yaml", jobs);
+        super::success(super::run(
+            self.command().arg("registry").arg("--import").arg(file),
+        ));
+    }
+
+    /// Starts the binary in the background; its output goes to a log file.
+    pub fn spawn(&self, name: &str, args: &[&str]) -> Process {
+        let n = self
+            .spawned
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let log = self.ws.path().join(format!("{name}-{n}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = self
+            .command()
+            .args(["--loglevel", "info,jobschleuder=debug"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn jobschleuder");
+        Process {
+            name: format!("{name}-{n}"),
+            child,
+            log,
+        }
+    }
+
+    pub fn scheduler(&self) -> Process {
+        let process = self.spawn("scheduler", &["scheduler", "--schedule"]);
+        self.wait_for_log(&process, "listening for registry changes");
+        process
+    }
+
+    pub fn worker(&self, id: &str, slots: usize) -> Process {
+        let process = self.spawn(
+            &format!("worker-{id}"),
+            &["worker", "--id", id, "--worker", &slots.to_string()],
+        );
+        self.wait_for_log(&process, "worker consuming");
+        process
+    }
+
+    /// Waits until `process` logged `needle`.
+    pub fn wait_for_log(&self, process: &Process, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if process.log_text().contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "{} did not log {needle:?} within 30 s:\n{}",
+            process.name,
+            process.log_text()
+        );
+    }
+
+    /// Polls `query` (a SQL returning one boolean) until it is true, at most `limit`.
+    pub async fn wait_until(&self, what: &str, limit: Duration, query: &str) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let done: Result<bool, _> = sqlx::query_scalar(query).fetch_one(&self.pool).await;
+            if let Ok(true) = done {
+                return;
+            }
+            if Instant::now() > deadline {
+                let runs: Vec<String> = sqlx::query_scalar(
+                    "SELECT format('%s %s attempt=%s worker=%s error=%s', job_name, status, attempt, worker, error)
+                     FROM job_runs ORDER BY created_at",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .unwrap_or_default();
+                panic!(
+                    "timed out after {limit:?} waiting for {what}\nruns: {runs:#?}\nlogs:\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn count(&self, query: &str) -> i64 {
+        sqlx::query_scalar(query)
+            .fetch_one(&self.pool)
+            .await
+            .expect("count query")
+    }
+
+    /// Every process log of this test, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut text = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.ws.path()) {
+            let mut paths: Vec<PathBuf> =
+                entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            paths.sort();
+            for path in paths
+                .into_iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            {
+                let body = std::fs::read_to_string(&path).unwrap_or_default();
+                let tail: Vec<&str> = body.lines().rev().take(40).collect();
+                text.push_str(&format!("--- {}\n", path.display()));
+                for line in tail.into_iter().rev() {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+        text
+    }
+
+    /// Messages waiting in `queue`.
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("amqp");
+        let channel = connection.create_channel().await.expect("channel");
+        let declared = channel
+            .queue_declare(
+                ShortString::from(queue),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = connection.close(200, ShortString::from("bye")).await;
+        declared.map(|q| q.message_count()).unwrap_or(0)
+    }
+
+    /// Publishes raw bytes to the test queue, as any other client could.
+    pub async fn publish_raw(&self, body: &[u8]) {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("amqp");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(self.queue.as_str()),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        let _ = connection.close(200, ShortString::from("bye")).await;
+    }
+
+    /// Closes this test's broker connections (those named with its queue), as a broker restart
+    /// or a network cut would.
+    pub fn close_broker_connections(&self) -> usize {
+        let output = Command::new("rabbitmqctl")
+            .args(["list_connections", "pid", "client_properties", "--silent"])
+            .output()
+            .expect("rabbitmqctl");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let mut closed = 0;
+        for line in text.lines().filter(|l| l.contains(&self.queue)) {
+            let Some(pid) = line.split_whitespace().next() else {
+                continue;
+            };
+            let status = Command::new("rabbitmqctl")
+                .args(["close_connection", pid, "test: closing connections"])
+                .output();
+            if status.is_ok_and(|s| s.status.success()) {
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Ends every other session on this test's database, as a Postgres restart would.
+    pub async fn terminate_database_sessions(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()) t",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .expect("terminate sessions")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let queues = [self.queue.clone(), format!("{}.dead", self.queue)];
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+                    .await
+                    .ok()?;
+                let channel = connection.create_channel().await.ok()?;
+                for queue in queues {
+                    let _ = channel
+                        .queue_delete(
+                            ShortString::from(queue.as_str()),
+                            QueueDeleteOptions::default(),
+                        )
+                        .await;
+                }
+                let _ = connection.close(200, ShortString::from("bye")).await;
+                Some(())
+            })
+        })
+        .join();
+    }
+}

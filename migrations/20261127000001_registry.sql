@@ -98,8 +98,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS job_runs_scheduled_slot_key
 CREATE INDEX IF NOT EXISTS job_runs_unpublished_idx
     ON public.job_runs (created_at)
     WHERE status = 'queued' AND published_at IS NULL;
+-- Few indexes on purpose: every state change of a run rewrites each of them.
 CREATE INDEX IF NOT EXISTS job_runs_job_name_idx ON public.job_runs (job_name, created_at DESC);
 CREATE INDEX IF NOT EXISTS job_runs_created_idx ON public.job_runs (created_at DESC);
 CREATE INDEX IF NOT EXISTS job_runs_parent_idx ON public.job_runs (parent_id) WHERE parent_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS job_runs_status_idx ON public.job_runs (status, created_at DESC);
-CREATE INDEX IF NOT EXISTS job_runs_finished_idx ON public.job_runs (finished_at) WHERE finished_at IS NOT NULL;

@@ -35,6 +35,8 @@ use crate::store::{Claim, Finish, NewRun, RunEnd, Store};
 
 /// Most requests written in one statement.
 const BATCH_MAX: usize = 512;
+/// Batches of one kind written at the same time (each on its own pooled connection).
+const BATCHES_IN_FLIGHT: usize = 3;
 /// The longest child `cmd` a run row holds (the original's varchar(50)).
 const MAX_JOB: usize = 50;
 
@@ -48,12 +50,18 @@ struct Batcher<Req, Resp> {
 impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     fn spawn<F, Fut>(serve: F) -> Self
     where
-        F: Fn(Vec<Req>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Vec<Resp>> + Send,
+        F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Vec<Resp>> + Send + 'static,
     {
         let (sender, mut receiver) = mpsc::channel::<(Req, oneshot::Sender<Resp>)>(BATCH_MAX * 4);
+        let serve = Arc::new(serve);
+        // A few batches in flight at once: while one waits for its commit, the next fills.
+        let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
         tokio::spawn(async move {
             while let Some(first) = receiver.recv().await {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
                 let mut requests = vec![first];
                 while requests.len() < BATCH_MAX {
                     match receiver.try_recv() {
@@ -63,10 +71,14 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                 }
                 let (inputs, replies): (Vec<Req>, Vec<oneshot::Sender<Resp>>) =
                     requests.into_iter().unzip();
-                let answers = serve(inputs).await;
-                for (reply, answer) in replies.into_iter().zip(answers) {
-                    let _ = reply.send(answer);
-                }
+                let serve = serve.clone();
+                tokio::spawn(async move {
+                    let answers = serve(inputs).await;
+                    for (reply, answer) in replies.into_iter().zip(answers) {
+                        let _ = reply.send(answer);
+                    }
+                    drop(permit);
+                });
             }
         });
         Batcher { sender }
@@ -240,7 +252,15 @@ pub async fn run(
                         });
                     }
                     Some(Err(e)) => {
-                        tracing::warn!(error = %e, "lost the broker connection; reconnecting (unacknowledged deliveries return to the queue)");
+                        let text = e.to_string();
+                        if text.contains("acknowledgement timed out") || text.contains("consumer_timeout") {
+                            // RabbitMQ closes a channel whose delivery stays unacknowledged longer
+                            // than its consumer_timeout (30 min by default). The running job goes
+                            // on and records its result; its re-delivered message is skipped.
+                            tracing::error!(error = %text, "a job ran longer than RabbitMQ's consumer_timeout, which closed the channel: raise consumer_timeout in rabbitmq.conf above the longest job (see README, Operations); reconnecting");
+                        } else {
+                            tracing::warn!(error = %text, "lost the broker connection; reconnecting (unacknowledged deliveries return to the queue)");
+                        }
                         break;
                     }
                     None => {

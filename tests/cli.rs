@@ -162,3 +162,69 @@ async fn json_logs_carry_the_uuid_and_file_logs_append() {
     assert_eq!(text.matches("registry replaced").count(), 2, "{text}");
     assert!(text.lines().all(|l| l.starts_with("uuid=op-43 ")), "{text}");
 }
+
+#[test]
+fn the_shipped_examples_stay_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let no_env = |_: &str| None;
+    let example = jobschleuder::config::Config::load_with_env(
+        Some(&root.join("config.example.yaml")),
+        &no_env,
+    )
+    .unwrap();
+    assert!(example.warnings.is_empty(), "{:?}", example.warnings);
+    let jobs = jobschleuder::jobfile::load(&root.join("jobs.example.yaml"), None).unwrap();
+    assert!(jobs
+        .iter()
+        .any(|j| j.name == "hello world" && j.schedule.is_some()));
+
+    let demo =
+        jobschleuder::config::Config::load_with_env(Some(&root.join("demo/config.yaml")), &no_env)
+            .unwrap();
+    let known = jobschleuder::jobfile::KnownPlugins {
+        jobs: &demo.plugins,
+        preprocessing: &demo.preprocessing,
+    };
+    let jobs = jobschleuder::jobfile::load(&root.join("demo/jobs.yaml"), Some(&known)).unwrap();
+    assert_eq!(jobs.len(), 3);
+}
+
+#[test]
+fn preview_prints_run_times_with_offsets_across_dst() {
+    let ws = Workspace::new();
+    let out = success(run(ws.command().args([
+        "scheduler",
+        "--preview",
+        "30 2 * * *",
+        "--timezone",
+        "Europe/Berlin",
+        "--from",
+        "2026-03-28T12:00:00",
+        "--count",
+        "3",
+    ])));
+    assert_eq!(
+        out,
+        "2026-03-29T03:00:00+02:00\n2026-03-30T02:30:00+02:00\n2026-03-31T02:30:00+02:00\n"
+    );
+    let out = success(run(ws.command().args([
+        "scheduler",
+        "--preview",
+        "*/30 * * * *",
+        "--timezone",
+        "America/New_York",
+        "--from",
+        "2026-11-01T05:00:00Z",
+        "--count",
+        "3",
+    ])));
+    assert_eq!(
+        out,
+        "2026-11-01T01:00:00-04:00\n2026-11-01T01:30:00-04:00\n2026-11-01T01:00:00-05:00\n"
+    );
+    let err = failure(
+        run(ws.command().args(["scheduler", "--preview", "61 * * * *"])),
+        2,
+    );
+    assert!(err.contains("61 * * * *"), "{err}");
+}

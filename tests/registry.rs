@@ -263,3 +263,32 @@ async fn the_database_is_created_on_first_use() {
     drop_fresh.await;
     assert!(ok, "{}", stderr(&out));
 }
+
+#[tokio::test]
+async fn old_finished_runs_are_pruned_and_others_kept() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    let store = jobschleuder::store::Store::from_pool(pool.clone())
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO job_runs (id, job_name, job, trigger, status, created_at, finished_at) VALUES
+           (gen_random_uuid(), 'old', 'x', 'manual', 'succeeded', now() - interval '40 days', now() - interval '40 days'),
+           (gen_random_uuid(), 'old-failed', 'x', 'manual', 'failed', now() - interval '40 days', now() - interval '39 days'),
+           (gen_random_uuid(), 'recent', 'x', 'manual', 'succeeded', now() - interval '1 day', now() - interval '1 day'),
+           (gen_random_uuid(), 'stuck', 'x', 'manual', 'queued', now() - interval '40 days', NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let pruned = store
+        .prune_runs(chrono::Utc::now() - chrono::Duration::days(30))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 2);
+    let left: Vec<String> = sqlx::query_scalar("SELECT job_name FROM job_runs ORDER BY job_name")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, ["recent", "stuck"]);
+}

@@ -52,6 +52,58 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the same statement may succeed later: the connection broke, the server is
+    /// restarting, a lock conflict. Anything else (bad data) fails again the same way.
+    pub fn is_transient(&self) -> bool {
+        let source = match self {
+            StoreError::Query { source, .. } => source,
+            StoreError::Connect { .. } => return true,
+            _ => return false,
+        };
+        match source {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                // 08: connection exception; 57P0x: server shutting down or sessions terminated;
+                // 53: insufficient resources; 40001/40P01: serialization failure, deadlock.
+                code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code.starts_with("53")
+                    || code == "40001"
+                    || code == "40P01"
+            }),
+            _ => false,
+        }
+    }
+}
+
+/// Postgres text and jsonb cannot hold NUL characters; plugin output can. They become U+FFFD.
+pub fn without_nul(value: &serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::String(s) if s.contains('\0') => {
+            serde_json::Value::String(s.replace('\0', "\u{fffd}"))
+        }
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.iter().map(without_nul).collect())
+        }
+        serde_json::Value::Object(map) => serde_json::Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.replace('\0', "\u{fffd}"), without_nul(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+fn text_without_nul(text: &str) -> String {
+    text.replace('\0', "\u{fffd}")
+}
+
 trait Context<T> {
     fn context(self, context: &'static str) -> Result<T, StoreError>;
 }
@@ -1031,9 +1083,12 @@ impl Store {
             .collect();
         let results: Vec<Option<String>> = finishes
             .iter()
-            .map(|f| f.result.as_ref().map(|r| r.to_string()))
+            .map(|f| f.result.as_ref().map(|r| without_nul(r).to_string()))
             .collect();
-        let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
+        let errors: Vec<Option<String>> = finishes
+            .iter()
+            .map(|f| f.error.as_deref().map(text_without_nul))
+            .collect();
         let not_before: Vec<Option<DateTime<Utc>>> = finishes
             .iter()
             .map(|f| match f.end {
@@ -1162,7 +1217,7 @@ impl RunColumns {
         self.job_ids.push(run.job_id);
         self.queues.push(run.queue.clone());
         self.arguments
-            .push(serde_json::Value::Object(run.arguments.clone()).to_string());
+            .push(without_nul(&serde_json::Value::Object(run.arguments.clone())).to_string());
         self.pre.push(run.preprocessing.clone());
         self.post.push(run.postprocessing.clone());
         self.timeouts.push(run.timeout_seconds);

@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::plugin::{Args, Outcome, PluginError, PluginHost};
 use crate::scheduler::{publish_queued, Publisher};
 use crate::shutdown::Shutdown;
-use crate::store::{Claim, Finish, NewRun, RunEnd, Store};
+use crate::store::{Claim, Finish, NewRun, RunEnd, Store, StoreError};
 
 /// Most requests written in one statement.
 const BATCH_MAX: usize = 512;
@@ -91,21 +91,54 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     }
 }
 
-/// Retries a database write with backoff until it succeeds.
-async fn until_ok<T, F, Fut>(what: &'static str, mut attempt: F) -> T
+/// Retries a database write with backoff while the failure is transient (connection lost,
+/// server restarting); a permanent failure (bad data) is returned.
+async fn until_ok<T, F, Fut>(what: &'static str, mut attempt: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
     let mut backoff = Duration::from_millis(100);
     loop {
         match attempt().await {
-            Ok(value) => return value,
-            Err(e) => {
+            Ok(value) => return Ok(value),
+            Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "{what} failed; retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Records finished runs. A batch that fails for good is recorded run by run, and a run whose
+/// result cannot be stored is recorded failed with the reason, so a worker never stalls on one.
+async fn record_batch(store: &Store, batch: &[Finish]) {
+    let Err(e) = until_ok("recording runs", || store.finish_runs(batch)).await else {
+        return;
+    };
+    tracing::error!(error = %e, runs = batch.len(), "recording a batch failed; recording its runs one by one");
+    for finish in batch {
+        let Err(e) = until_ok("recording a run", || {
+            store.finish_runs(std::slice::from_ref(finish))
+        })
+        .await
+        else {
+            continue;
+        };
+        let fallback = Finish {
+            id: finish.id,
+            end: RunEnd::Failed,
+            result: None,
+            error: Some(format!("the run's result could not be recorded: {e}")),
+        };
+        if let Err(e) = until_ok("recording a run", || {
+            store.finish_runs(std::slice::from_ref(&fallback))
+        })
+        .await
+        {
+            tracing::error!(run = %finish.id, error = %e, "the run cannot be recorded at all");
         }
     }
 }
@@ -167,7 +200,16 @@ pub async fn run(
         Batcher::spawn(move |batch: Vec<(Uuid, bool)>| {
             let store = store.clone();
             let worker = worker.clone();
-            async move { until_ok("claiming runs", || store.claim_runs(&worker, token, &batch)).await }
+            async move {
+                match until_ok("claiming runs", || store.claim_runs(&worker, token, &batch)).await {
+                    Ok(claims) => claims,
+                    Err(e) => {
+                        // Cannot happen with well-formed ids; the deliveries return to the queue.
+                        tracing::error!(error = %e, "claiming runs failed");
+                        vec![Claim::Running; batch.len()]
+                    }
+                }
+            }
         })
     };
     let finishes = {
@@ -175,7 +217,7 @@ pub async fn run(
         Batcher::spawn(move |batch: Vec<Finish>| {
             let store = store.clone();
             async move {
-                until_ok("recording runs", || store.finish_runs(&batch)).await;
+                record_batch(&store, &batch).await;
                 vec![(); batch.len()]
             }
         })
@@ -378,8 +420,17 @@ async fn handle(context: &Context, delivery: Delivery) {
                 job_name: message
                     .job_name
                     .clone()
-                    .unwrap_or_else(|| message.cmd.clone()),
-                job: message.cmd.chars().take(MAX_JOB).collect(),
+                    .unwrap_or_else(|| message.cmd.clone())
+                    .chars()
+                    .filter(|c| *c != '\0')
+                    .take(200)
+                    .collect(),
+                job: message
+                    .cmd
+                    .chars()
+                    .filter(|c| *c != '\0')
+                    .take(MAX_JOB)
+                    .collect(),
                 job_id: None,
                 trigger: "manual",
                 queue: Some(context.queue.clone()),
@@ -391,11 +442,18 @@ async fn handle(context: &Context, delivery: Delivery) {
                 parent_id: None,
                 published: true,
             };
-            let ids = until_ok("recording a bare message as a run", || {
+            match until_ok("recording a bare message as a run", || {
                 context.store.insert_runs(std::slice::from_ref(&new))
             })
-            .await;
-            ids[0]
+            .await
+            {
+                Ok(ids) => ids[0],
+                Err(e) => {
+                    tracing::error!(error = %e, job = %message.cmd, "a message cannot be recorded as a run: dead-lettered");
+                    let _ = broker::dead_letter(&delivery).await;
+                    return;
+                }
+            }
         }
     };
     let previous = broker::previous_deliveries(&delivery);
@@ -651,6 +709,7 @@ async fn fan_out(
             context.store.insert_runs(&children)
         })
         .await
+        .map_err(|e| Failure::Crashed(format!("the fanned-out runs cannot be recorded: {e}")))?
     };
     if !ids.is_empty() {
         // Published here at once; if that fails they stay in the outbox for the scheduler.

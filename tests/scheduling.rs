@@ -388,3 +388,41 @@ async fn sigterm_lets_the_running_job_finish_then_exits_cleanly() {
         "the delivery was acknowledged"
     );
 }
+
+#[tokio::test]
+async fn output_with_nul_bytes_and_bare_messages_with_long_names_are_recorded() {
+    let cluster = Cluster::new(FAST).await;
+    cluster.import("jobs:\n- id: binary\n  job: command\n  arguments: {command: \"printf 'a\\\\000b'\", shell: true}\n");
+    let _worker = cluster.worker("w1", 2);
+    let run = cluster.run_ok(&["scheduler", "-rn", "binary"]);
+    cluster
+        .wait_until(
+            "the run with NUL output to be recorded",
+            Duration::from_secs(30),
+            &format!(
+                "SELECT status = 'succeeded' FROM job_runs WHERE id = '{}'",
+                run.trim()
+            ),
+        )
+        .await;
+    let stdout: String = sqlx::query_scalar(&format!(
+        "SELECT result->>'stdout' FROM job_runs WHERE id = '{}'",
+        run.trim()
+    ))
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap();
+    assert_eq!(stdout, "a\u{fffd}b");
+
+    let long = "x".repeat(300);
+    cluster
+        .publish_raw(format!(r#"{{"cmd": "{long}", "args": {{}}}}"#).as_bytes())
+        .await;
+    cluster
+        .wait_until(
+            "the bare message of an unknown, long-named job to be recorded dead",
+            Duration::from_secs(30),
+            "SELECT count(*) = 1 FROM job_runs WHERE status = 'dead' AND length(job_name) = 200",
+        )
+        .await;
+}

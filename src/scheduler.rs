@@ -201,7 +201,7 @@ pub async fn create_due_runs(
             })
             .await?;
         for run in &created {
-            tracing::info!(run = %run.id, job = %run.job_name, scheduled_for = %run.scheduled_for.to_rfc3339(), "run queued");
+            tracing::info!(run = %run.id, job = %run.job_name, scheduled_for = %run.scheduled_for.map(|t| t.to_rfc3339()).unwrap_or_default(), "run queued");
         }
         summary.runs_created += created.len();
         if handled < config.scheduler.batch_size as usize {

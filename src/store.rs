@@ -450,7 +450,7 @@ pub struct Decision {
 pub struct CreatedRun {
     pub id: Uuid,
     pub job_name: String,
-    pub scheduled_for: DateTime<Utc>,
+    pub scheduled_for: Option<DateTime<Utc>>,
 }
 
 /// A registry entry's schedule, for computing its next run.
@@ -727,33 +727,32 @@ impl Store {
         }
 
         let mut runs = RunColumns::default();
-        let mut scheduled_for = Vec::new();
-        let mut registry_ids = Vec::new();
         let mut advance_ids = Vec::new();
         let mut advance_to = Vec::new();
         let mut finished_ids = Vec::new();
         for entry in &due {
             let decision = decide(entry);
             if let Some(run_for) = decision.run_for {
-                runs.push(&NewRun {
-                    job_name: entry.job_name.clone(),
-                    job: entry.job.clone(),
-                    job_id: Some(entry.job_id),
-                    trigger: "schedule",
-                    queue: entry.queue.clone(),
-                    arguments: match &entry.arguments {
-                        Some(serde_json::Value::Object(map)) => map.clone(),
-                        _ => serde_json::Map::new(),
+                runs.push(
+                    &NewRun {
+                        job_name: entry.job_name.clone(),
+                        job: entry.job.clone(),
+                        job_id: Some(entry.job_id),
+                        trigger: "schedule",
+                        queue: entry.queue.clone(),
+                        arguments: match &entry.arguments {
+                            Some(serde_json::Value::Object(map)) => map.clone(),
+                            _ => serde_json::Map::new(),
+                        },
+                        preprocessing: entry.preprocessing.clone(),
+                        postprocessing: entry.postprocessing.clone(),
+                        timeout_seconds: entry.timeout_seconds,
+                        max_retries: entry.retries,
+                        parent_id: None,
+                        published: false,
                     },
-                    preprocessing: entry.preprocessing.clone(),
-                    postprocessing: entry.postprocessing.clone(),
-                    timeout_seconds: entry.timeout_seconds,
-                    max_retries: entry.retries,
-                    parent_id: None,
-                    published: false,
-                });
-                scheduled_for.push(run_for);
-                registry_ids.push(entry.registry_id);
+                    Some((entry.registry_id, run_for)),
+                );
             }
             match decision.next_run {
                 Some(next) => {
@@ -763,36 +762,10 @@ impl Store {
                 None => finished_ids.push(entry.schedule_id),
             }
         }
-
-        let created: Vec<(Uuid, String, DateTime<Utc>)> = if runs.ids.is_empty() {
+        let created = if runs.ids.is_empty() {
             Vec::new()
         } else {
-            sqlx::query_as(
-                "INSERT INTO job_runs (id, job_name, job, job_id, registry_id, trigger, queue, arguments,
-                                       preprocessing, postprocessing, timeout_seconds, max_retries, scheduled_for)
-                 SELECT u.id, u.job_name, u.job, u.job_id, u.registry_id, 'schedule', u.queue, u.arguments::jsonb,
-                        u.pre, u.post, u.timeout, u.retries, u.scheduled_for
-                 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::int4[], $6::text[], $7::text[],
-                             $8::text[], $9::text[], $10::float8[], $11::int4[], $12::timestamptz[])
-                   AS u(id, job_name, job, job_id, registry_id, queue, arguments, pre, post, timeout, retries, scheduled_for)
-                 ON CONFLICT (registry_id, scheduled_for) WHERE trigger = 'schedule' AND parent_id IS NULL DO NOTHING
-                 RETURNING id, job_name, scheduled_for",
-            )
-            .bind(&runs.ids)
-            .bind(&runs.job_names)
-            .bind(&runs.jobs)
-            .bind(&runs.job_ids)
-            .bind(&registry_ids)
-            .bind(&runs.queues)
-            .bind(&runs.arguments)
-            .bind(&runs.pre)
-            .bind(&runs.post)
-            .bind(&runs.timeouts)
-            .bind(&runs.retries)
-            .bind(&scheduled_for)
-            .fetch_all(&mut *tx)
-            .await
-            .context("creating scheduled runs")?
+            runs.insert(&mut tx).await?
         };
         if !advance_ids.is_empty() {
             sqlx::query(
@@ -813,17 +786,7 @@ impl Store {
                 .context("removing finished schedule rows")?;
         }
         tx.commit().await.context("committing a scheduling pass")?;
-        Ok((
-            due.len(),
-            created
-                .into_iter()
-                .map(|(id, job_name, scheduled_for)| CreatedRun {
-                    id,
-                    job_name,
-                    scheduled_for,
-                })
-                .collect(),
-        ))
+        Ok((due.len(), created))
     }
 
     /// Inserts runs (manual, webhook, fan-out children, bare messages); returns their ids in
@@ -831,38 +794,10 @@ impl Store {
     pub async fn insert_runs(&self, runs: &[NewRun]) -> Result<Vec<Uuid>, StoreError> {
         let mut columns = RunColumns::default();
         for run in runs {
-            columns.push(run);
+            columns.push(run, None);
         }
-        let triggers: Vec<&str> = runs.iter().map(|r| r.trigger).collect();
-        let parents: Vec<Option<Uuid>> = runs.iter().map(|r| r.parent_id).collect();
-        let published: Vec<bool> = runs.iter().map(|r| r.published).collect();
         let mut tx = self.pool.begin().await.context("starting to insert runs")?;
-        sqlx::query(
-            "INSERT INTO job_runs (id, job_name, job, job_id, trigger, queue, arguments, preprocessing,
-                                   postprocessing, timeout_seconds, max_retries, parent_id, published_at)
-             SELECT u.id, u.job_name, u.job, u.job_id, u.trigger, u.queue, u.arguments::jsonb, u.pre,
-                    u.post, u.timeout, u.retries, u.parent_id, CASE WHEN u.published THEN now() END
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::text[],
-                         $8::text[], $9::text[], $10::float8[], $11::int4[], $12::uuid[], $13::bool[])
-               AS u(id, job_name, job, job_id, trigger, queue, arguments, pre, post, timeout, retries, parent_id,
-                    published)",
-        )
-        .bind(&columns.ids)
-        .bind(&columns.job_names)
-        .bind(&columns.jobs)
-        .bind(&columns.job_ids)
-        .bind(&triggers)
-        .bind(&columns.queues)
-        .bind(&columns.arguments)
-        .bind(&columns.pre)
-        .bind(&columns.post)
-        .bind(&columns.timeouts)
-        .bind(&columns.retries)
-        .bind(&parents)
-        .bind(&published)
-        .execute(&mut *tx)
-        .await
-        .context("inserting runs")?;
+        columns.insert(&mut tx).await?;
         sqlx::query("SELECT pg_notify($1, 'run')")
             .bind(NOTIFY_CHANNEL)
             .execute(&mut *tx)
@@ -1201,20 +1136,27 @@ struct RunColumns {
     job_names: Vec<String>,
     jobs: Vec<String>,
     job_ids: Vec<Option<i32>>,
+    registry_ids: Vec<Option<i32>>,
+    triggers: Vec<&'static str>,
     queues: Vec<Option<String>>,
     arguments: Vec<String>,
     pre: Vec<Option<String>>,
     post: Vec<Option<String>>,
     timeouts: Vec<Option<f64>>,
     retries: Vec<i32>,
+    scheduled_for: Vec<Option<DateTime<Utc>>>,
+    parents: Vec<Option<Uuid>>,
+    published: Vec<bool>,
 }
 
 impl RunColumns {
-    fn push(&mut self, run: &NewRun) {
+    fn push(&mut self, run: &NewRun, slot: Option<(i32, DateTime<Utc>)>) {
         self.ids.push(Uuid::new_v4());
         self.job_names.push(run.job_name.clone());
         self.jobs.push(run.job.clone());
         self.job_ids.push(run.job_id);
+        self.registry_ids.push(slot.map(|s| s.0));
+        self.triggers.push(run.trigger);
         self.queues.push(run.queue.clone());
         self.arguments
             .push(without_nul(&serde_json::Value::Object(run.arguments.clone())).to_string());
@@ -1222,5 +1164,52 @@ impl RunColumns {
         self.post.push(run.postprocessing.clone());
         self.timeouts.push(run.timeout_seconds);
         self.retries.push(run.max_retries);
+        self.scheduled_for.push(slot.map(|s| s.1));
+        self.parents.push(run.parent_id);
+        self.published.push(run.published);
+    }
+
+    /// Inserts the runs; a scheduled slot that already has its run is left out (one run per
+    /// registry entry and scheduled time). Returns the runs inserted.
+    async fn insert(&self, tx: &mut PgConnection) -> Result<Vec<CreatedRun>, StoreError> {
+        let rows: Vec<(Uuid, String, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "INSERT INTO job_runs (id, job_name, job, job_id, registry_id, trigger, queue, arguments, preprocessing,
+                                   postprocessing, timeout_seconds, max_retries, scheduled_for, parent_id, published_at)
+             SELECT u.id, u.job_name, u.job, u.job_id, u.registry_id, u.trigger, u.queue, u.arguments::jsonb, u.pre,
+                    u.post, u.timeout, u.retries, u.scheduled_for, u.parent_id, CASE WHEN u.published THEN now() END
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::int4[], $6::text[], $7::text[],
+                         $8::text[], $9::text[], $10::text[], $11::float8[], $12::int4[], $13::timestamptz[],
+                         $14::uuid[], $15::bool[])
+               AS u(id, job_name, job, job_id, registry_id, trigger, queue, arguments, pre, post, timeout, retries,
+                    scheduled_for, parent_id, published)
+             ON CONFLICT (registry_id, scheduled_for) WHERE trigger = 'schedule' AND parent_id IS NULL DO NOTHING
+             RETURNING id, job_name, scheduled_for",
+        )
+        .bind(&self.ids)
+        .bind(&self.job_names)
+        .bind(&self.jobs)
+        .bind(&self.job_ids)
+        .bind(&self.registry_ids)
+        .bind(&self.triggers)
+        .bind(&self.queues)
+        .bind(&self.arguments)
+        .bind(&self.pre)
+        .bind(&self.post)
+        .bind(&self.timeouts)
+        .bind(&self.retries)
+        .bind(&self.scheduled_for)
+        .bind(&self.parents)
+        .bind(&self.published)
+        .fetch_all(&mut *tx)
+        .await
+        .context("inserting runs")?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, job_name, scheduled_for)| CreatedRun {
+                id,
+                job_name,
+                scheduled_for,
+            })
+            .collect())
     }
 }

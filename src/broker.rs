@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
@@ -46,6 +47,8 @@ pub enum BrokerError {
     },
     #[error("the broker refused (nacked) {0} message(s)")]
     Nacked(usize),
+    #[error("the broker did not confirm published messages within {0:?}")]
+    Timeout(Duration),
 }
 
 fn amqp(context: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
@@ -86,6 +89,13 @@ impl JobMessage {
         let message: JobMessage = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         if message.cmd.trim().is_empty() {
             return Err("`cmd` is empty".into());
+        }
+        if let Some(timeout) = message.timeout {
+            if !(timeout > 0.0 && timeout < 1e9) {
+                return Err(format!(
+                    "`timeout` {timeout} is not a number of seconds between 0 and 1e9"
+                ));
+            }
         }
         Ok(message)
     }
@@ -243,7 +253,12 @@ impl Broker {
                 .basic_publish(
                     ShortString::from(""),
                     ShortString::from(outgoing.queue.as_str()),
-                    BasicPublishOptions::default(),
+                    // Mandatory: a message no queue takes (the queue was deleted) comes back
+                    // instead of vanishing.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     &payload,
                     BasicProperties::default()
                         .with_delivery_mode(2)
@@ -257,9 +272,13 @@ impl Broker {
         let mut acked = Vec::with_capacity(results.len());
         for result in results {
             match result.map_err(amqp("waiting for publisher confirms"))? {
-                Confirmation::Ack(_) | Confirmation::NotRequested => acked.push(true),
-                Confirmation::Nack(_) => acked.push(false),
+                Confirmation::Ack(None) | Confirmation::NotRequested => acked.push(true),
+                Confirmation::Ack(Some(_)) | Confirmation::Nack(_) => acked.push(false),
             }
+        }
+        if acked.iter().any(|ok| !ok) {
+            // Perhaps a queue was deleted: declare queues again before the next publish.
+            self.declared.lock().await.clear();
         }
         Ok(acked)
     }
@@ -310,6 +329,19 @@ pub async fn ack(delivery: &Delivery) -> Result<(), BrokerError> {
         .await
         .map(|_| ())
         .map_err(amqp("acknowledging a delivery"))
+}
+
+/// Puts a delivery back in the queue, to be delivered again.
+pub async fn requeue(delivery: &Delivery) -> Result<(), BrokerError> {
+    delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await
+        .map(|_| ())
+        .map_err(amqp("returning a delivery to the queue"))
 }
 
 /// Rejects a delivery without requeueing: it goes to the dead-letter queue.

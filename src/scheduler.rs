@@ -25,6 +25,10 @@ use crate::store::{Decision, DueEntry, EntrySchedule, Store, StoreError};
 
 /// Runs published per batch (one transaction, confirms awaited together).
 const PUBLISH_BATCH: u32 = 1000;
+/// The longest a batch may wait for the broker's confirms.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often running runs are checked for a vanished worker.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// The zone of an entry: its own, else the configured one.
 pub fn entry_zone(timezone: Option<&str>, default: Tz) -> Tz {
@@ -121,11 +125,23 @@ impl Publisher {
     /// Publishes `batch`; on a broker error the connection is dropped and retried later.
     pub async fn publish(&mut self, batch: &[Outgoing]) -> Result<Vec<bool>, BrokerError> {
         let result = match self.broker().await {
-            Ok(broker) => broker.publish(batch).await,
+            // A broker that stops confirming (a resource alarm) must not hold the outbox.
+            Ok(broker) => {
+                match tokio::time::timeout(PUBLISH_TIMEOUT, broker.publish(batch)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(BrokerError::Timeout(PUBLISH_TIMEOUT)),
+                }
+            }
             Err(e) => return Err(e),
         };
-        if result.is_err() {
-            self.failed();
+        match &result {
+            Err(_) => self.failed(),
+            // Refused messages are tried again after a pause, not at once.
+            Ok(acked) if acked.iter().any(|ok| !ok) => {
+                self.retry_at = Some(tokio::time::Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+            }
+            Ok(_) => {}
         }
         result
     }
@@ -263,6 +279,46 @@ pub async fn publish_queued(
     }
 }
 
+/// Finds runs left `running` by a worker that is gone (its lease ended) after their message
+/// was settled, and queues them again. A run counts as orphaned only when it was seen without
+/// a lease on two sweeps in a row, so a worker that lost its lease connection for a moment
+/// (a database restart) has time to take its lease back.
+#[derive(Default)]
+struct Sweeper {
+    last: Option<tokio::time::Instant>,
+    suspects: std::collections::HashSet<uuid::Uuid>,
+}
+
+impl Sweeper {
+    async fn sweep(&mut self, store: &Store) {
+        if self.last.is_some_and(|at| at.elapsed() < SWEEP_EVERY) {
+            return;
+        }
+        self.last = Some(tokio::time::Instant::now());
+        let now: std::collections::HashSet<uuid::Uuid> = match store.orphaned_runs().await {
+            Ok(ids) => ids.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "looking for orphaned runs failed");
+                return;
+            }
+        };
+        let confirmed: Vec<uuid::Uuid> = now.intersection(&self.suspects).copied().collect();
+        self.suspects = now;
+        if confirmed.is_empty() {
+            return;
+        }
+        match store.requeue_orphans(&confirmed).await {
+            Ok(requeued) => {
+                for id in &requeued {
+                    tracing::warn!(run = %id, "run queued again: its worker vanished while running it");
+                    self.suspects.remove(id);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "queueing orphaned runs again failed"),
+        }
+    }
+}
+
 /// The scheduler loop, until `shutdown` (or after one pass with `once`).
 pub async fn run(
     store: &Store,
@@ -290,81 +346,114 @@ pub async fn run(
     let mut total = PassSummary::default();
     let mut last_prune: Option<tokio::time::Instant> = None;
     let mut db_backoff = Duration::from_millis(200);
+    let mut sweeper = Sweeper::default();
     loop {
-        let now = Utc::now();
-        let mut db_failed = false;
-        match create_due_runs(store, config, now).await {
-            Ok(summary) => {
-                total.newly_scheduled += summary.newly_scheduled;
-                total.runs_created += summary.runs_created;
-            }
-            Err(e) => {
-                db_failed = true;
-                tracing::warn!(error = %e, "scheduling pass failed; retrying");
-                if once {
-                    return Err(e.into());
+        let pass = async {
+            let now = Utc::now();
+            let mut db_failed = false;
+            let mut published = 0;
+            match create_due_runs(store, config, now).await {
+                Ok(summary) => {
+                    total.newly_scheduled += summary.newly_scheduled;
+                    total.runs_created += summary.runs_created;
                 }
-            }
-        }
-        let broker_ready = publisher
-            .retry_at()
-            .is_none_or(|at| at <= tokio::time::Instant::now());
-        if broker_ready && !db_failed {
-            match publish_queued(store, &mut publisher, &config.rabbitmq.queue, None).await {
-                Ok(count) => total.runs_published += count,
                 Err(e) => {
-                    tracing::warn!(error = %e, "publishing queued runs failed; they stay queued and are published later");
+                    db_failed = true;
+                    tracing::warn!(error = %e, "scheduling pass failed; retrying");
                     if once {
-                        publisher.close().await;
-                        return Err(e);
-                    }
-                    if matches!(e, PassError::Store(_)) {
-                        db_failed = true;
+                        return Err(PassError::from(e));
                     }
                 }
             }
-        }
-        if let Some(retention) = config.runs.retention {
-            let due = last_prune.is_none_or(|at| at.elapsed() >= Duration::from_secs(3600));
-            if due && !db_failed {
-                last_prune = Some(tokio::time::Instant::now());
-                let cutoff = Utc::now()
-                    - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
-                match store.prune_runs(cutoff).await {
-                    Ok(0) => {}
-                    Ok(count) => tracing::info!(
-                        runs = count,
-                        "pruned finished runs older than the retention period"
-                    ),
-                    Err(e) => tracing::warn!(error = %e, "pruning old runs failed"),
+            let broker_ready = publisher
+                .retry_at()
+                .is_none_or(|at| at <= tokio::time::Instant::now());
+            if broker_ready && !db_failed {
+                match publish_queued(store, &mut publisher, &config.rabbitmq.queue, None).await {
+                    Ok(count) => published = count,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "publishing queued runs failed; they stay queued and are published later");
+                        if once {
+                            return Err(e);
+                        }
+                        if matches!(e, PassError::Store(_)) {
+                            db_failed = true;
+                        }
+                    }
                 }
             }
-        }
+            total.runs_published += published;
+            if !db_failed {
+                sweeper.sweep(store).await;
+            }
+            if let Some(retention) = config.runs.retention {
+                let due = last_prune.is_none_or(|at| at.elapsed() >= Duration::from_secs(3600));
+                if due && !db_failed {
+                    last_prune = Some(tokio::time::Instant::now());
+                    let cutoff = Utc::now()
+                        - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+                    match store.prune_runs(cutoff).await {
+                        Ok(0) => {}
+                        Ok(count) => tracing::info!(
+                            runs = count,
+                            "pruned finished runs older than the retention period"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "pruning old runs failed"),
+                    }
+                }
+            }
+            Ok((db_failed, published))
+        };
+        // A pass stopped by a signal loses nothing: its open transaction rolls back.
+        let (db_failed, published) = tokio::select! {
+            result = pass => match result {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    publisher.close().await;
+                    return Err(e);
+                }
+            },
+            _ = shutdown.wait() => break,
+        };
         if once || shutdown.requested() {
             break;
         }
 
-        // Sleep until the earliest next run or retry, the broker's reconnect time, or the cap.
-        let cap = tokio::time::Instant::now() + config.scheduler.max_sleep;
-        let mut wake = cap;
+        // Sleep until the earliest next run or publishable run, or the cap. Publishing waits
+        // for the broker's reconnect time, and for a moment when the last pass could publish
+        // nothing (rows held by another scheduler), so that nothing spins.
+        let now = tokio::time::Instant::now();
+        let mut wake = now + config.scheduler.max_sleep;
+        if !sweeper.suspects.is_empty() {
+            wake = wake.min(now + SWEEP_EVERY);
+        }
         if db_failed {
-            wake = tokio::time::Instant::now() + db_backoff;
+            wake = now + db_backoff;
             db_backoff = (db_backoff * 2).min(Duration::from_secs(10));
         } else {
             db_backoff = Duration::from_millis(200);
+            let until =
+                |at: DateTime<Utc>| now + (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
             match store.next_wakeup().await {
-                Ok(Some(at)) => {
-                    let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-                    wake = wake.min(tokio::time::Instant::now() + wait);
+                Ok((next_run, next_publish)) => {
+                    if let Some(at) = next_run {
+                        wake = wake.min(until(at));
+                    }
+                    if let Some(at) = next_publish {
+                        let mut publish_at = until(at);
+                        if let Some(retry) = publisher.retry_at() {
+                            publish_at = publish_at.max(retry);
+                        }
+                        if published == 0 {
+                            publish_at = publish_at.max(now + Duration::from_millis(250));
+                        }
+                        wake = wake.min(publish_at);
+                    }
                 }
-                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the next wake-up time");
-                    wake = tokio::time::Instant::now() + Duration::from_secs(1);
+                    wake = now + Duration::from_secs(1);
                 }
-            }
-            if let Some(at) = publisher.retry_at() {
-                wake = wake.min(at.max(tokio::time::Instant::now()));
             }
         }
         let notified = async {

@@ -73,6 +73,9 @@ impl StoreError {
                 // 53: insufficient resources; 40001/40P01: serialization failure, deadlock.
                 code.starts_with("08")
                     || code.starts_with("57P")
+                    || code == "57014"
+                    || code == "55P03"
+                    || code == "25006"
                     || code.starts_with("53")
                     || code == "40001"
                     || code == "40P01"
@@ -384,6 +387,18 @@ async fn lease_connection(
     let mut conn = PgConnection::connect_with(options)
         .await
         .context("opening the worker lease connection")?;
+    // If the worker's host dies without closing the connection, the server notices within
+    // about half a minute (not the system default of two hours) and the lease ends.
+    for setting in [
+        "SET tcp_keepalives_idle = 10",
+        "SET tcp_keepalives_interval = 5",
+        "SET tcp_keepalives_count = 3",
+    ] {
+        sqlx::query(setting)
+            .execute(&mut conn)
+            .await
+            .context("setting keepalives on the worker lease connection")?;
+    }
     sqlx::query("SELECT pg_advisory_lock($1, $2)")
         .bind(LEASE_CLASS)
         .bind(token)
@@ -537,6 +552,8 @@ pub enum Claim {
     Running,
     /// No such run.
     Unknown,
+    /// The database could not answer for good: put the delivery back, try again later.
+    Unavailable,
 }
 
 /// How a run ended, for recording.
@@ -552,6 +569,10 @@ pub enum RunEnd {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finish {
     pub id: Uuid,
+    /// The claim this result belongs to: a worker whose run was taken over meanwhile (its
+    /// lease was lost) does not overwrite the new attempt.
+    pub token: i32,
+    pub attempt: i32,
     pub end: RunEnd,
     pub result: Option<serde_json::Value>,
     pub error: Option<String>,
@@ -586,6 +607,14 @@ const RUN_COLUMNS: &str = "id, job_name, job, trigger, status, attempt, max_retr
 
 /// First key of worker leases (`pg_advisory_lock(LEASE_CLASS, token)`).
 const LEASE_CLASS: i32 = 0x6a73_776b; // "jswk"
+
+/// SQL condition on `r` (a job_runs row) that no live worker holds the lease it was claimed
+/// under; `$1` is `LEASE_CLASS`.
+const LEASE_GONE: &str = "NOT EXISTS (
+    SELECT 1 FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.granted
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid = $1::oid AND l.objid = r.claim_token::oid AND l.objsubid = 2)";
 
 /// A worker process's lease: an advisory lock held on a connection of its own for as long as
 /// the process lives. Dropping it (or the process dying) releases it.
@@ -833,13 +862,15 @@ impl Store {
         Ok(OutboxBatch { tx, runs })
     }
 
-    /// When the scheduler must look next: the earliest next run or retry time.
-    pub async fn next_wakeup(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        sqlx::query_scalar(
-            "SELECT LEAST(
-                (SELECT min(next_run) FROM schedule),
-                (SELECT min(COALESCE(not_before, created_at)) FROM job_runs
-                 WHERE status = 'queued' AND published_at IS NULL))",
+    /// When the scheduler must look next: the earliest next run, and the earliest time a
+    /// queued run becomes publishable (now, for runs waiting to be published).
+    pub async fn next_wakeup(
+        &self,
+    ) -> Result<(Option<DateTime<Utc>>, Option<DateTime<Utc>>), StoreError> {
+        sqlx::query_as(
+            "SELECT (SELECT min(next_run) FROM schedule),
+                    (SELECT min(COALESCE(not_before, created_at)) FROM job_runs
+                     WHERE status = 'queued' AND published_at IS NULL)",
         )
         .fetch_one(&self.pool)
         .await
@@ -914,7 +945,7 @@ impl Store {
         let mut conn = lease_connection(&options, token).await?;
         let task = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
                 if sqlx::query("SELECT 1").execute(&mut conn).await.is_ok() {
                     continue;
                 }
@@ -1031,6 +1062,8 @@ impl Store {
                 _ => None,
             })
             .collect();
+        let tokens: Vec<i32> = finishes.iter().map(|f| f.token).collect();
+        let attempts: Vec<i32> = finishes.iter().map(|f| f.attempt).collect();
         let mut tx = self.pool.begin().await.context("starting to record runs")?;
         sqlx::query(
             "UPDATE job_runs r
@@ -1038,15 +1071,17 @@ impl Store {
                  finished_at = CASE WHEN u.status = 'queued' THEN NULL ELSE now() END,
                  published_at = CASE WHEN u.status = 'queued' THEN NULL ELSE r.published_at END,
                  result = u.result::jsonb, error = u.error, not_before = u.not_before
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
-               AS u(id, status, result, error, not_before)
-             WHERE r.id = u.id AND r.status = 'running'",
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::int4[], $7::int4[])
+               AS u(id, status, result, error, not_before, token, attempt)
+             WHERE r.id = u.id AND r.status = 'running' AND r.claim_token = u.token AND r.attempt = u.attempt",
         )
         .bind(&ids)
         .bind(&statuses)
         .bind(&results)
         .bind(&errors)
         .bind(&not_before)
+        .bind(&tokens)
+        .bind(&attempts)
         .execute(&mut *tx)
         .await
         .context("recording finished runs")?;
@@ -1058,6 +1093,49 @@ impl Store {
                 .context("notifying schedulers")?;
         }
         tx.commit().await.context("committing finished runs")
+    }
+
+    /// Running runs whose worker's lease is gone (the worker died, or its host did).
+    pub async fn orphaned_runs(&self) -> Result<Vec<Uuid>, StoreError> {
+        sqlx::query_scalar(&format!(
+            "SELECT r.id FROM job_runs r WHERE r.status = 'running' AND {LEASE_GONE}"
+        ))
+        .bind(LEASE_CLASS)
+        .fetch_all(&self.pool)
+        .await
+        .context("looking for runs whose worker is gone")
+    }
+
+    /// Queues `ids` again if they are still running without a lease: their worker died after
+    /// its delivery was settled elsewhere, so no message would bring them back.
+    pub async fn requeue_orphans(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("starting to queue orphaned runs again")?;
+        let requeued: Vec<Uuid> = sqlx::query_scalar(&format!(
+            "UPDATE job_runs r SET status = 'queued', published_at = NULL, not_before = NULL,
+                    error = 'its worker vanished while running it; queued again'
+             WHERE r.id = ANY($2) AND r.status = 'running' AND {LEASE_GONE}
+             RETURNING r.id"
+        ))
+        .bind(LEASE_CLASS)
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await
+        .context("queueing orphaned runs again")?;
+        tx.commit().await.context("committing orphaned runs")?;
+        Ok(requeued)
+    }
+
+    /// Ids of a run's fan-out children.
+    pub async fn child_ids(&self, parent: Uuid) -> Result<Vec<Uuid>, StoreError> {
+        sqlx::query_scalar("SELECT id FROM job_runs WHERE parent_id = $1 ORDER BY created_at, id")
+            .bind(parent)
+            .fetch_all(&self.pool)
+            .await
+            .context("reading a run's children")
     }
 
     // ---- run history ----

@@ -129,6 +129,8 @@ async fn record_batch(store: &Store, batch: &[Finish]) {
         };
         let fallback = Finish {
             id: finish.id,
+            token: finish.token,
+            attempt: finish.attempt,
             end: RunEnd::Failed,
             result: None,
             error: Some(format!("the run's result could not be recorded: {e}")),
@@ -149,6 +151,8 @@ struct Context {
     host: PluginHost,
     config: Config,
     worker_id: String,
+    /// This process's lease token (see `Store::worker_lease`).
+    token: i32,
     queue: String,
     claims: Batcher<(Uuid, bool), Claim>,
     finishes: Batcher<Finish, ()>,
@@ -204,9 +208,9 @@ pub async fn run(
                 match until_ok("claiming runs", || store.claim_runs(&worker, token, &batch)).await {
                     Ok(claims) => claims,
                     Err(e) => {
-                        // Cannot happen with well-formed ids; the deliveries return to the queue.
+                        // The deliveries go back to the queue, to be tried again.
                         tracing::error!(error = %e, "claiming runs failed");
-                        vec![Claim::Running; batch.len()]
+                        vec![Claim::Unavailable; batch.len()]
                     }
                 }
             }
@@ -227,6 +231,7 @@ pub async fn run(
         host,
         config: config.clone(),
         worker_id: options.id.clone(),
+        token: lease.token,
         queue: options.queue.clone(),
         claims,
         finishes,
@@ -281,6 +286,9 @@ pub async fn run(
                     drain(&mut tasks, config.worker.grace_period).await;
                     // Let the last acknowledgements reach the broker before the channel closes.
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    // The lease goes first: deliveries of abandoned runs that return to the
+                    // queue with the channel are then taken over by the next worker at once.
+                    drop(lease);
                     broker.close().await;
                     break 'session;
                 }
@@ -315,7 +323,6 @@ pub async fn run(
         }
     }
     context.publisher.lock().await.close().await;
-    drop(lease);
     tracing::info!(worker = %options.id, "worker stopped");
     Ok(())
 }
@@ -469,6 +476,10 @@ async fn handle(context: &Context, delivery: Delivery) {
             let _ = broker::ack(&delivery).await;
             return;
         }
+        Some(Claim::Unavailable) => {
+            let _ = broker::requeue(&delivery).await;
+            return;
+        }
         Some(Claim::Unknown) => {
             tracing::error!(run = %run_id, job = %message.cmd, "message for a run that does not exist: dead-lettered");
             let _ = broker::dead_letter(&delivery).await;
@@ -497,6 +508,8 @@ async fn handle(context: &Context, delivery: Delivery) {
             context,
             Finish {
                 id: run_id,
+                token: context.token,
+                attempt,
                 end: RunEnd::Dead,
                 result: None,
                 error: Some(error),
@@ -518,6 +531,8 @@ async fn handle(context: &Context, delivery: Delivery) {
             (
                 Finish {
                     id: run_id,
+                    token: context.token,
+                    attempt,
                     end: RunEnd::Succeeded,
                     result: Some(result),
                     error: None,
@@ -531,6 +546,8 @@ async fn handle(context: &Context, delivery: Delivery) {
             (
                 Finish {
                     id: run_id,
+                    token: context.token,
+                    attempt,
                     end: RunEnd::Dead,
                     result: None,
                     error: Some(error),
@@ -548,6 +565,8 @@ async fn handle(context: &Context, delivery: Delivery) {
                 (
                     Finish {
                         id: run_id,
+                        token: context.token,
+                        attempt,
                         end: RunEnd::Retry(at),
                         result: failure.details(),
                         error: Some(error),
@@ -559,6 +578,8 @@ async fn handle(context: &Context, delivery: Delivery) {
                 (
                     Finish {
                         id: run_id,
+                        token: context.token,
+                        attempt,
                         end: RunEnd::Failed,
                         result: failure.details(),
                         error: Some(error),
@@ -606,10 +627,22 @@ async fn execute(
 ) -> Result<Value, Failure> {
     let limit = message
         .timeout
-        .filter(|t| *t > 0.0)
-        .map(Duration::from_secs_f64);
+        .and_then(|t| Duration::try_from_secs_f64(t).ok())
+        .filter(|t| !t.is_zero());
     let host = context.host.clone();
     if let Some(pre) = message.preprocessing.clone() {
+        // An earlier attempt fanned out already (its worker died before recording the
+        // parent): publish what it created instead of creating every child again.
+        let existing = until_ok("reading fanned-out runs", || {
+            context.store.child_ids(run_id)
+        })
+        .await
+        .map_err(|e| Failure::Crashed(format!("the fanned-out runs cannot be read: {e}")))?;
+        if !existing.is_empty() {
+            publish_children(context, run_id, &existing).await;
+            tracing::info!(run = %run_id, job = %job_name, children = existing.len(), "run fanned out (by an earlier attempt)");
+            return Ok(json!({ "fanned_out": existing.len(), "children": existing }));
+        }
         let cmd = message.cmd.clone();
         let args = message.args.clone();
         let planned = blocking(limit, move || host.call_preprocessing(&pre, &cmd, args)).await?;
@@ -711,15 +744,19 @@ async fn fan_out(
         .await
         .map_err(|e| Failure::Crashed(format!("the fanned-out runs cannot be recorded: {e}")))?
     };
-    if !ids.is_empty() {
-        // Published here at once; if that fails they stay in the outbox for the scheduler.
-        let mut publisher = context.publisher.lock().await;
-        if let Err(e) =
-            publish_queued(&context.store, &mut publisher, &context.queue, Some(&ids)).await
-        {
-            tracing::warn!(run = %run_id, error = %e, "publishing fanned-out runs failed; the scheduler publishes them");
-        }
-    }
+    publish_children(context, run_id, &ids).await;
     tracing::info!(run = %run_id, job = %job_name, children = ids.len(), "run fanned out");
     Ok(json!({ "fanned_out": ids.len(), "children": ids }))
+}
+
+/// Publishes fanned-out runs at once; those that fail stay in the outbox for the scheduler.
+async fn publish_children(context: &Context, run_id: Uuid, ids: &[Uuid]) {
+    if ids.is_empty() {
+        return;
+    }
+    let mut publisher = context.publisher.lock().await;
+    if let Err(e) = publish_queued(&context.store, &mut publisher, &context.queue, Some(ids)).await
+    {
+        tracing::warn!(run = %run_id, error = %e, "publishing fanned-out runs failed; the scheduler publishes them");
+    }
 }

@@ -210,16 +210,20 @@ async fn poison_messages_and_unknown_jobs_are_dead_lettered_and_recorded() {
     cluster
         .publish_raw(br#"{"cmd": "no_such_job", "args": {}}"#)
         .await;
+    // A timeout no clock can hold is as unusable as garbage.
+    cluster
+        .publish_raw(br#"{"cmd": "hello_world", "args": {}, "timeout": 1e300}"#)
+        .await;
     // The original's bare message of a known job runs and is recorded.
     cluster
         .publish_raw(br#"{"cmd": "hello_world", "args": {"from": "the original"}}"#)
         .await;
     let dead_queue = format!("{}.dead", cluster.queue);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while cluster.queue_depth(&dead_queue).await < 2 {
+    while cluster.queue_depth(&dead_queue).await < 3 {
         assert!(
             std::time::Instant::now() < deadline,
-            "the dead-letter queue did not get both messages\n{}",
+            "the dead-letter queue did not get the three messages\n{}",
             cluster.logs()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -245,7 +249,8 @@ async fn poison_messages_and_unknown_jobs_are_dead_lettered_and_recorded() {
             ),
         )
         .await;
-    assert_eq!(cluster.queue_depth(&dead_queue).await, 2);
+    let depth = cluster.queue_depth(&dead_queue).await;
+    assert_eq!(depth, 3, "{}", cluster.logs());
 }
 
 #[tokio::test]
@@ -255,8 +260,11 @@ async fn a_job_that_keeps_killing_workers_ends_dead() {
     let run = cluster.run_ok(&["scheduler", "-rn", "crasher"]);
     let run = run.trim().to_string();
     // delivery_limit is 3: two deliveries crash a worker each, the third is given up.
+    // Workers stay alive until the end: the last one dead-letters the message after recording.
+    let mut workers = Vec::new();
     for round in 0..4 {
-        let mut worker = cluster.worker(&format!("w{round}"), 1);
+        workers.push(cluster.worker(&format!("w{round}"), 1));
+        let worker = workers.last_mut().expect("just pushed");
         let status: String =
             sqlx::query_scalar(&format!("SELECT status FROM job_runs WHERE id = '{run}'"))
                 .fetch_one(&cluster.pool)
@@ -425,4 +433,69 @@ async fn output_with_nul_bytes_and_bare_messages_with_long_names_are_recorded() 
             "SELECT count(*) = 1 FROM job_runs WHERE status = 'dead' AND length(job_name) = 200",
         )
         .await;
+}
+
+#[tokio::test]
+async fn a_run_left_running_by_a_vanished_worker_is_queued_again() {
+    let cluster = Cluster::new(FAST).await;
+    cluster.import("jobs:\n- id: hello\n  job: hello_world\n");
+    // A worker (lease token 4242, long gone) claimed this run, and its message was settled.
+    sqlx::raw_sql(
+        "INSERT INTO job_runs (id, job_name, job, trigger, status, attempt, worker, claim_token, started_at, published_at)
+         VALUES ('00000000-0000-4000-8000-000000000001', 'hello', 'hello_world', 'manual', 'running', 1, 'gone', 4242,
+                 now() - interval '1 minute', now() - interval '1 minute')",
+    )
+    .execute(&cluster.pool)
+    .await
+    .unwrap();
+    let _scheduler = cluster.scheduler();
+    let _worker = cluster.worker("w1", 1);
+    cluster
+        .wait_until(
+            "the orphaned run to run again and succeed",
+            Duration::from_secs(60),
+            "SELECT status = 'succeeded' AND attempt = 2 AND worker = 'w1'
+             FROM job_runs WHERE id = '00000000-0000-4000-8000-000000000001'",
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn a_fan_out_is_not_repeated_when_its_parent_runs_again() {
+    let cluster = Cluster::new(FAST).await;
+    cluster.import("jobs:\n- id: fan\n  job: test_echo\n  preprocessing: test_fanout\n  arguments: {count: 3}\n");
+    // An earlier attempt created one child and died before recording the parent.
+    sqlx::raw_sql(
+        "INSERT INTO job_runs (id, job_name, job, trigger, preprocessing, arguments)
+         VALUES ('00000000-0000-4000-8000-000000000002', 'fan', 'test_echo', 'manual', 'test_fanout', '{\"count\": 3}');
+         INSERT INTO job_runs (id, job_name, job, trigger, arguments, parent_id, status)
+         VALUES ('00000000-0000-4000-8000-000000000003', 'fan', 'test_echo', 'manual', '{\"index\": 0}',
+                 '00000000-0000-4000-8000-000000000002', 'queued');
+         SELECT pg_notify('jobschleuder', 'run');",
+    )
+    .execute(&cluster.pool)
+    .await
+    .unwrap();
+    let _scheduler = cluster.scheduler();
+    let _worker = cluster.worker("w1", 2);
+    cluster
+        .wait_until(
+            "the parent and its one child to succeed",
+            Duration::from_secs(30),
+            "SELECT count(*) = 2 FROM job_runs WHERE status = 'succeeded'",
+        )
+        .await;
+    let (fanned_out, total): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT (result->>'fanned_out')::bigint FROM job_runs WHERE id = '00000000-0000-4000-8000-000000000002'),
+                (SELECT count(*) FROM job_runs)",
+    )
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (fanned_out, total),
+        (1, 2),
+        "no second fan-out\n{}",
+        cluster.logs()
+    );
 }

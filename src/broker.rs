@@ -2,8 +2,8 @@
 //! No other module speaks AMQP.
 //!
 //! Queues are durable, on the default exchange with the queue name as routing key. By default a
-//! queue is a quorum queue with a delivery limit, and dead-letters to `<queue>.dead` (a durable
-//! queue declared alongside): unparsable messages, unknown jobs, and messages that keep killing
+//! queue is a quorum queue with a delivery limit, and dead-letters through the direct exchange
+//! `<queue>.dead-letter` to the durable queue `<queue>.dead`, both declared alongside: unparsable messages, unknown jobs, and messages that keep killing
 //! workers end there instead of looping.
 
 use std::collections::HashSet;
@@ -13,10 +13,12 @@ use futures_util::future::join_all;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -168,6 +170,11 @@ impl Broker {
         self.connection.status().connected() && self.channel.status().connected()
     }
 
+    /// The dead-letter exchange of `queue` (direct, durable).
+    pub fn dead_letter_exchange(queue: &str) -> String {
+        format!("{queue}.dead-letter")
+    }
+
     /// The dead-letter queue of `queue`.
     pub fn dead_letter_queue(queue: &str) -> String {
         format!("{queue}.dead")
@@ -180,6 +187,19 @@ impl Broker {
             return Ok(());
         }
         let dead = Self::dead_letter_queue(queue);
+        let exchange = Self::dead_letter_exchange(queue);
+        self.channel
+            .exchange_declare(
+                ShortString::from(exchange.as_str()),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("declaring the dead-letter exchange"))?;
         self.channel
             .queue_declare(
                 ShortString::from(dead.as_str()),
@@ -188,10 +208,20 @@ impl Broker {
             )
             .await
             .map_err(amqp("declaring the dead-letter queue"))?;
+        self.channel
+            .queue_bind(
+                ShortString::from(dead.as_str()),
+                ShortString::from(exchange.as_str()),
+                ShortString::from(dead.as_str()),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("binding the dead-letter queue"))?;
         let mut arguments = FieldTable::default();
         arguments.insert(
             ShortString::from("x-dead-letter-exchange"),
-            AMQPValue::LongString(LongString::from("")),
+            AMQPValue::LongString(LongString::from(exchange.as_str())),
         );
         arguments.insert(
             ShortString::from("x-dead-letter-routing-key"),

@@ -260,7 +260,10 @@ where
                 .map(|(_, _, long)| *long)
         });
         let flag = translated.unwrap_or(flag);
-        if inline_value.is_none() && TAKES_VALUE.contains(&flag) {
+        // `-i` is `--import FILE` for the registry but the flag `--init` for the scheduler.
+        let takes_value = TAKES_VALUE.contains(&flag)
+            && !(flag == "-i" && subcommand.as_deref() != Some("registry"));
+        if inline_value.is_none() && takes_value {
             value_expected = true;
         }
         match (translated, inline_value) {
@@ -332,6 +335,17 @@ mod tests {
         assert_eq!(
             translate(&["js", "-sj", "registry"]),
             ["js", "-sj", "registry"]
+        );
+        assert_eq!(
+            translate(&["js", "scheduler", "-i", "-nd", "-i", "-sj"]),
+            [
+                "js",
+                "scheduler",
+                "-i",
+                "--no-daemon",
+                "-i",
+                "--show-scheduled-jobs"
+            ]
         );
     }
 

@@ -279,6 +279,18 @@ impl RabbitmqConfig {
     }
 }
 
+/// `url` with `password` in it (the environment's password wins over the one in a URL). A URL
+/// that does not parse is left for validation to report.
+fn with_password(url: Secret, password: &str) -> Secret {
+    let Ok(mut parsed) = url::Url::parse(url.expose()) else {
+        return url;
+    };
+    match parsed.set_password(Some(password)) {
+        Ok(()) => Secret(parsed.to_string()),
+        Err(()) => url,
+    }
+}
+
 /// A URL with its password replaced by `********`.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
@@ -553,6 +565,7 @@ fn build(
         database.url = Some(Secret(url));
     }
     if let Some(password) = env(ENV_DATABASE_PASSWORD) {
+        database.url = database.url.map(|url| with_password(url, &password));
         database.password = Some(Secret(password));
     }
     // Validate the URL now so that a typo is reported at start, not at first use.
@@ -615,6 +628,7 @@ fn build(
         rabbitmq.url = Some(Secret(url));
     }
     if let Some(password) = env(ENV_RABBITMQ_PASSWORD) {
+        rabbitmq.url = rabbitmq.url.map(|url| with_password(url, &password));
         rabbitmq.password = Some(Secret(password));
     }
     if let Some(queue) = env(ENV_QUEUE).filter(|v| !v.is_empty()) {
@@ -881,6 +895,34 @@ mod tests {
         );
         assert_eq!(config.rabbitmq.queue, "from-env");
         assert_eq!(config.sot.values["token"], "env-token");
+    }
+
+    #[test]
+    fn password_variables_override_passwords_in_urls() {
+        let env = |key: &str| match key {
+            ENV_DATABASE_PASSWORD => Some("db-env-pw".to_string()),
+            ENV_RABBITMQ_PASSWORD => Some("mq-env-pw".to_string()),
+            _ => None,
+        };
+        let config = Config::from_str_with_env(
+            Path::new("c.yaml"),
+            "database:\n  url: postgres://u:file-pw@h/db\nrabbitmq:\n  url: amqp://u:file-pw@h:5672/%2f\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            config.database.connect_options().unwrap().get_username(),
+            "u"
+        );
+        assert!(config
+            .database
+            .url
+            .as_ref()
+            .unwrap()
+            .expose()
+            .contains("db-env-pw"));
+        assert!(config.rabbitmq.amqp_url().expose().contains("mq-env-pw"));
+        assert!(!config.rabbitmq.amqp_url().expose().contains("file-pw"));
     }
 
     #[test]

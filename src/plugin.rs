@@ -146,6 +146,9 @@ struct Inner {
     jobs: BTreeMap<String, PluginLocation>,
     preprocessing: BTreeMap<String, PluginLocation>,
     sot: serde_json::Map<String, Value>,
+    /// Secret values of the `sot:` section (token, passwords): replaced by `********` in
+    /// whatever a plugin returns, so they never reach the run history, messages or output.
+    secrets: Vec<String>,
     origin: String,
     libraries: Mutex<HashMap<PathBuf, Arc<Library>>>,
     /// Per function: its on_startup values once they were obtained. The mutex per function
@@ -160,6 +163,20 @@ impl PluginHost {
                 jobs: config.plugins.clone(),
                 preprocessing: config.preprocessing.clone(),
                 sot: config.sot.values.clone(),
+                secrets: config
+                    .sot
+                    .values
+                    .iter()
+                    .filter(|(key, _)| {
+                        let key = key.to_ascii_lowercase();
+                        ["token", "password", "secret", "key"]
+                            .iter()
+                            .any(|s| key.contains(s))
+                    })
+                    .filter_map(|(_, value)| value.as_str())
+                    .filter(|value| value.len() >= 4)
+                    .map(str::to_string)
+                    .collect(),
                 origin: config.origin(),
                 libraries: Mutex::new(HashMap::new()),
                 startup: Mutex::new(HashMap::new()),
@@ -188,6 +205,7 @@ impl PluginHost {
         args: Args,
     ) -> Result<Vec<PlannedJob>, PluginError> {
         let library = self.library_for(function, Kind::Preprocessing)?;
+        let asked_for_sot = args.get("sot") == Some(&Value::Bool(true));
         let args = self.prepare(&library, function, args)?;
         let output = self.invoke(
             &library,
@@ -206,6 +224,11 @@ impl PluginHost {
         for planned in &mut jobs {
             if planned.cmd.as_deref().is_none_or(str::is_empty) {
                 planned.cmd = Some(job.to_string());
+            }
+            // Children that copied the source-of-truth section ask for it again instead of
+            // carrying it (and its token) into the run history and the queue.
+            if asked_for_sot && planned.args.get("sot").is_some_and(Value::is_object) {
+                planned.args.insert("sot".into(), Value::Bool(true));
             }
         }
         Ok(jobs)
@@ -409,12 +432,14 @@ impl PluginHost {
         let (status, bytes) =
             called.map_err(|_| panicked("the host side of the call panicked".into()))?;
         match status {
-            abi::STATUS_OK => {
-                serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))
-            }
+            abi::STATUS_OK => serde_json::from_slice(&bytes)
+                .map(|value| self.redact(value))
+                .map_err(|e| bad(format!("not JSON: {e}"))),
             abi::STATUS_ERROR => {
-                let error: JobError = serde_json::from_slice(&bytes)
+                let mut error: JobError = serde_json::from_slice(&bytes)
                     .map_err(|e| bad(format!("an unreadable error: {e}")))?;
+                error.message = self.redact_text(&error.message);
+                error.details = error.details.map(|d| self.redact(d));
                 Err(PluginError::Failed {
                     plugin: library.plugin.clone(),
                     function: function.to_string(),
@@ -432,6 +457,35 @@ impl PluginHost {
                 provided: describe_functions(&library.functions),
             }),
             other => Err(bad(format!("unknown status {other}"))),
+        }
+    }
+}
+
+impl PluginHost {
+    fn redact_text(&self, text: &str) -> String {
+        let mut text = text.to_string();
+        for secret in &self.inner.secrets {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), "********");
+            }
+        }
+        text
+    }
+
+    /// `value` with every secret replaced by `********`.
+    fn redact(&self, value: Value) -> Value {
+        if self.inner.secrets.is_empty() {
+            return value;
+        }
+        match value {
+            Value::String(s) => Value::String(self.redact_text(&s)),
+            Value::Array(items) => {
+                Value::Array(items.into_iter().map(|v| self.redact(v)).collect())
+            }
+            Value::Object(map) => {
+                Value::Object(map.into_iter().map(|(k, v)| (k, self.redact(v))).collect())
+            }
+            other => other,
         }
     }
 }

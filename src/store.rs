@@ -1129,6 +1129,21 @@ impl Store {
         Ok(requeued)
     }
 
+    /// Records a queued run dead (its message could not be used). Returns whether it was.
+    pub async fn mark_dead(&self, id: Uuid, error: &str) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE job_runs SET status = 'dead', error = $2, finished_at = now()
+             WHERE id = $1 AND status = 'queued'",
+        )
+        .bind(id)
+        .bind(text_without_nul(error))
+        .execute(&self.pool)
+        .await
+        .context("recording a run dead")?
+        .rows_affected();
+        Ok(updated == 1)
+    }
+
     /// Ids of a run's fan-out children.
     pub async fn child_ids(&self, parent: Uuid) -> Result<Vec<Uuid>, StoreError> {
         sqlx::query_scalar("SELECT id FROM job_runs WHERE parent_id = $1 ORDER BY created_at, id")

@@ -413,6 +413,28 @@ async fn handle(context: &Context, delivery: Delivery) {
                 .take(200)
                 .collect();
             tracing::error!(error = %error, body = %preview, "unparsable message: dead-lettered");
+            // A message that names its run is recorded on that run (if it still waits).
+            let run_id = serde_json::from_slice::<Value>(&delivery.data)
+                .ok()
+                .and_then(|v| {
+                    v.get("run_id")
+                        .and_then(Value::as_str)
+                        .and_then(|id| Uuid::parse_str(id).ok())
+                });
+            if let Some(run_id) = run_id {
+                let reason = format!("unusable message: {error}");
+                match until_ok("recording an unusable message", || {
+                    context.store.mark_dead(run_id, &reason)
+                })
+                .await
+                {
+                    Ok(true) => tracing::info!(run = %run_id, "run dead: {reason}"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(run = %run_id, error = %e, "recording an unusable message failed")
+                    }
+                }
+            }
             if let Err(e) = broker::dead_letter(&delivery).await {
                 tracing::warn!(error = %e, "dead-lettering failed; the message returns to the queue");
             }
@@ -503,7 +525,7 @@ async fn handle(context: &Context, delivery: Delivery) {
         let error = format!(
             "gave up after {previous} deliveries without a result: the job killed its workers or lost their connection each time"
         );
-        tracing::error!(run = %run_id, job = %job_name, attempt, "run dead: {error}");
+        tracing::info!(run = %run_id, job = %job_name, attempt, "run dead: {error}");
         record(
             context,
             Finish {
@@ -542,7 +564,7 @@ async fn handle(context: &Context, delivery: Delivery) {
         }
         Err(failure @ Failure::UnknownJob(_)) => {
             let error = failure.message();
-            tracing::error!(run = %run_id, job = %job_name, "run dead: unknown job: {error}");
+            tracing::info!(run = %run_id, job = %job_name, attempt, "run dead: unknown job: {error}");
             (
                 Finish {
                     id: run_id,

@@ -95,13 +95,28 @@ fn a_job_gets_its_arguments_with_on_startup_values_merged_in() {
 }
 
 #[test]
-fn sot_true_becomes_the_config_section() {
-    let result = host()
+fn sot_true_becomes_the_config_section_and_its_token_stays_secret() {
+    let host = host();
+    let result = host
         .call_job("test_echo", args(json!({"sot": true})))
         .unwrap();
+    assert_eq!(result["token_length"], 10, "the plugin got the real token");
     assert_eq!(
         result["args"]["sot"],
-        json!({"nautobot": "https://nautobot.lab", "token": "sot-secret"})
+        json!({"nautobot": "https://nautobot.lab", "token": "********"}),
+        "what the plugin returns never carries the token"
+    );
+    // Fanned-out jobs ask for the section again instead of carrying the token.
+    let jobs = host
+        .call_preprocessing(
+            "test_fanout",
+            "test_echo",
+            args(json!({"count": 2, "sot": true})),
+        )
+        .unwrap();
+    assert!(
+        jobs.iter().all(|j| j.args["sot"] == json!(true)),
+        "{jobs:?}"
     );
 }
 

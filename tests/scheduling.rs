@@ -210,9 +210,18 @@ async fn poison_messages_and_unknown_jobs_are_dead_lettered_and_recorded() {
     cluster
         .publish_raw(br#"{"cmd": "no_such_job", "args": {}}"#)
         .await;
-    // A timeout no clock can hold is as unusable as garbage.
+    // A timeout no clock can hold is as unusable as garbage; the run it names is recorded dead.
+    sqlx::raw_sql(
+        "INSERT INTO job_runs (id, job_name, job, trigger) VALUES
+         ('00000000-0000-4000-8000-000000000009', 'hello', 'hello_world', 'manual')",
+    )
+    .execute(&cluster.pool)
+    .await
+    .unwrap();
     cluster
-        .publish_raw(br#"{"cmd": "hello_world", "args": {}, "timeout": 1e300}"#)
+        .publish_raw(
+            br#"{"cmd": "hello_world", "args": {}, "timeout": 1e300, "run_id": "00000000-0000-4000-8000-000000000009"}"#,
+        )
         .await;
     // The original's bare message of a known job runs and is recorded.
     cluster
@@ -233,6 +242,8 @@ async fn poison_messages_and_unknown_jobs_are_dead_lettered_and_recorded() {
             "the unknown job recorded dead and the bare message succeeded",
             Duration::from_secs(30),
             "SELECT count(*) FILTER (WHERE job = 'no_such_job' AND status = 'dead' AND error LIKE '%no_such_job%') = 1
+                AND count(*) FILTER (WHERE id = '00000000-0000-4000-8000-000000000009' AND status = 'dead'
+                                     AND error LIKE 'unusable message%timeout%') = 1
                 AND count(*) FILTER (WHERE job = 'hello_world' AND status = 'succeeded' AND result->>'from' = 'the original') = 1
              FROM job_runs",
         )

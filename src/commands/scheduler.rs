@@ -90,7 +90,9 @@ pub async fn run(config: &Config, args: &SchedulerArgs) -> Result<()> {
         match sched::publish_queued(&store, &mut publisher, &config.rabbitmq.queue, Some(&ids))
             .await
         {
-            Ok(_) => tracing::info!(run = %ids[0], job = %job_name, "run queued and published"),
+            Ok(_) => {
+                tracing::info!(run = %ids[0], job = %job_name, trigger = "manual", "run queued")
+            }
             Err(e) => {
                 tracing::warn!(run = %ids[0], job = %job_name, error = %e, "run queued; publishing failed, a running scheduler publishes it")
             }

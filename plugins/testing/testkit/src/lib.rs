@@ -8,7 +8,13 @@ use jobschleuder_plugin::{jobschleuder, json, Args, Job, JobError, Outcome, Valu
 #[jobschleuder("test_echo")]
 fn echo(args: Args) -> Result<Value, JobError> {
     jobschleuder_plugin::debug!("test_echo called with {} arguments", args.len());
-    Ok(json!({ "args": args }))
+    // Proof that the plugin saw the real token, without returning it.
+    let token_length = args
+        .get("sot")
+        .and_then(|sot| sot.get("token"))
+        .and_then(Value::as_str)
+        .map(str::len);
+    Ok(json!({ "args": args, "token_length": token_length }))
 }
 
 #[jobschleuder("test_echo:on_startup")]

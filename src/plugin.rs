@@ -312,7 +312,12 @@ impl PluginHost {
         if let Some(library) = libraries.get(&path) {
             return Ok(library.clone());
         }
-        let library = Arc::new(open(&location.plugin, &path, function)?);
+        let library = Arc::new(open(
+            &location.plugin,
+            &path,
+            function,
+            &self.inner.secrets,
+        )?);
         tracing::info!(
             plugin = %library.plugin,
             path = %library.path.display(),
@@ -501,7 +506,12 @@ fn describe_functions(functions: &BTreeMap<String, Kind>) -> String {
         .join(", ")
 }
 
-fn open(plugin: &str, path: &std::path::Path, function: &str) -> Result<Library, PluginError> {
+fn open(
+    plugin: &str,
+    path: &std::path::Path,
+    function: &str,
+    secrets: &[String],
+) -> Result<Library, PluginError> {
     let load_error = |message: String| PluginError::Load {
         plugin: plugin.to_string(),
         function: function.to_string(),
@@ -575,12 +585,15 @@ fn open(plugin: &str, path: &std::path::Path, function: &str) -> Result<Library,
             return Err(load_error(format!("function {name:?} is registered twice")));
         }
     }
-    let context: &'static String = Box::leak(Box::new(plugin.to_string()));
+    let context: &'static LogContext = Box::leak(Box::new(LogContext {
+        plugin: plugin.to_string(),
+        secrets: secrets.to_vec(),
+    }));
     // SAFETY: `host_log` and the leaked context live for the whole process.
     unsafe {
         (descriptor.set_logger)(
             host_log,
-            context as *const String as *const c_void,
+            context as *const LogContext as *const c_void,
             max_plugin_level(),
         )
     };
@@ -604,13 +617,27 @@ fn max_plugin_level() -> u32 {
     }
 }
 
-/// Where plugin log lines arrive: target `plugin`, with the plugin's name.
+/// What the log sink knows of the plugin that logs: its name, and the secrets to hide.
+struct LogContext {
+    plugin: String,
+    secrets: Vec<String>,
+}
+
+/// Where plugin log lines arrive: target `plugin`, with the plugin's name; secrets the plugin
+/// was given are replaced by `********`.
 unsafe extern "C" fn host_log(context: *const c_void, level: u32, message: *const u8, len: usize) {
     let _ = catch_unwind(|| {
-        // SAFETY: `context` is the leaked plugin name given in `set_logger`; the message
+        // SAFETY: `context` is the leaked LogContext given in `set_logger`; the message
         // pointer and length describe the plugin's buffer for this call.
-        let plugin = unsafe { &*(context as *const String) };
-        let text = String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(message, len) });
+        let context = unsafe { &*(context as *const LogContext) };
+        let plugin = &context.plugin;
+        let mut text = String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(message, len) })
+            .into_owned();
+        for secret in &context.secrets {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), "********");
+            }
+        }
         match level {
             abi::LEVEL_ERROR => tracing::error!(target: "plugin", plugin = %plugin, "{text}"),
             abi::LEVEL_WARN => tracing::warn!(target: "plugin", plugin = %plugin, "{text}"),

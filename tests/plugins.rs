@@ -355,3 +355,32 @@ fn worker_exec_runs_preprocessing_jobs_and_postprocessing() {
     );
     assert!(err.contains("JSON object"), "{err}");
 }
+
+#[test]
+fn secrets_given_to_plugins_appear_neither_in_output_nor_in_logs() {
+    let ws = Workspace::new();
+    let config = ws.write("config.yaml", &plugin_config_text());
+    let out = run(ws.command().arg("--config").arg(&config).args([
+        "--loglevel",
+        "debug",
+        "worker",
+        "--exec",
+        "hello_world",
+        "--args",
+        r#"{"sot": true}"#,
+    ]));
+    let (stdout, stderr) = (stdout(&out), stderr(&out));
+    success(out);
+    assert!(
+        stderr.contains("hello world:") && stderr.contains("********"),
+        "the plugin's log line:\n{stderr}"
+    );
+    assert!(
+        !stdout.contains("sot-secret") && !stderr.contains("sot-secret"),
+        "a secret leaked:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("https://nautobot.lab"),
+        "the rest of the section is the plugin's to return: {stdout}"
+    );
+}

@@ -327,17 +327,11 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) -> Result<PassSummary, PassError> {
     let mut publisher = Publisher::new(config, "scheduler");
-    let mut listener = match sqlx::postgres::PgListener::connect_with(store.pool()).await {
-        Ok(mut listener) => match listener.listen(crate::store::NOTIFY_CHANNEL).await {
-            Ok(()) => {
-                tracing::info!("listening for registry changes and new runs");
-                Some(listener)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot LISTEN for registry changes; relying on the wake-up timer");
-                None
-            }
-        },
+    let mut listener = match store.notifications().await {
+        Ok(listener) => {
+            tracing::info!("listening for registry changes and new runs");
+            Some(listener)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot LISTEN for registry changes; relying on the wake-up timer");
             None
@@ -458,13 +452,8 @@ pub async fn run(
         }
         let notified = async {
             match listener.as_mut() {
-                Some(listener) => match listener.recv().await {
-                    Ok(notification) => {
-                        tracing::debug!(
-                            payload = notification.payload(),
-                            "woken by a notification"
-                        );
-                    }
+                Some(listener) => match listener.next().await {
+                    Ok(payload) => tracing::debug!(payload = %payload, "woken by a notification"),
                     Err(e) => {
                         tracing::warn!(error = %e, "lost the notification connection; it reconnects");
                         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -605,6 +605,23 @@ pub struct RunRow {
 const RUN_COLUMNS: &str = "id, job_name, job, trigger, status, attempt, max_retries, worker, queue, arguments,
     scheduled_for, not_before, created_at, published_at, started_at, finished_at, result, error, parent_id";
 
+/// Notifications on [`NOTIFY_CHANNEL`]: registry changes and new runs.
+pub struct Notifications {
+    listener: sqlx::postgres::PgListener,
+}
+
+impl Notifications {
+    /// The next notification's payload. After a lost connection this errs once; the next call
+    /// connects again.
+    pub async fn next(&mut self) -> Result<String, StoreError> {
+        self.listener
+            .recv()
+            .await
+            .map(|n| n.payload().to_string())
+            .context("waiting for notifications")
+    }
+}
+
 /// First key of worker leases (`pg_advisory_lock(LEASE_CLASS, token)`).
 const LEASE_CLASS: i32 = 0x6a73_776b; // "jswk"
 
@@ -633,6 +650,18 @@ impl Drop for WorkerLease {
 const SCHEDULE_LOCK: i64 = 0x6a6f_6273_6368_6564; // "jobsched"
 
 impl Store {
+    /// Listens for notifications (what schedulers wake up on).
+    pub async fn notifications(&self) -> Result<Notifications, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool)
+            .await
+            .context("connecting to listen for notifications")?;
+        listener
+            .listen(NOTIFY_CHANNEL)
+            .await
+            .context("listening for notifications")?;
+        Ok(Notifications { listener })
+    }
+
     /// Sends a notification to listening schedulers (`registry` or `run`).
     pub async fn notify(&self, what: &str) -> Result<(), StoreError> {
         sqlx::query("SELECT pg_notify($1, $2)")

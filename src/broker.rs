@@ -384,6 +384,13 @@ pub async fn dead_letter(delivery: &Delivery) -> Result<(), BrokerError> {
         .map_err(amqp("dead-lettering a delivery"))
 }
 
+/// Whether a consumer's error is RabbitMQ closing the channel because a delivery stayed
+/// unacknowledged longer than its `consumer_timeout`.
+pub fn is_consumer_timeout(error: &lapin::Error) -> bool {
+    let text = error.to_string();
+    text.contains("acknowledgement timed out") || text.contains("consumer_timeout")
+}
+
 /// How often the broker has handed this message out before (quorum queues count deliveries
 /// that were not acknowledged); 0 for a first delivery.
 pub fn previous_deliveries(delivery: &Delivery) -> u64 {

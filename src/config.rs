@@ -273,10 +273,6 @@ impl RabbitmqConfig {
     pub fn describe(&self) -> String {
         redact_url(self.amqp_url().expose())
     }
-
-    pub fn heartbeat(&self) -> Duration {
-        Duration::from_secs(self.heartbeat.into())
-    }
 }
 
 /// `url` with `password` in it (the environment's password wins over the one in a URL). A URL

@@ -26,6 +26,13 @@ pub enum Error {
     Runtime(String),
 }
 
+impl From<std::io::Error> for Error {
+    /// Writing output failed (a closed pipe, a full disk).
+    fn from(e: std::io::Error) -> Self {
+        Error::Runtime(format!("cannot write output: {e}"))
+    }
+}
+
 impl Error {
     /// 2 for a command line that cannot work, 1 for everything else.
     pub fn exit_code(&self) -> u8 {

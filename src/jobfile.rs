@@ -13,11 +13,11 @@ use crate::config::parse_timezone;
 use crate::cron::CronSchedule;
 
 /// Lengths of the original's `varchar` columns, checked here so that the database never has to.
-const MAX_JOB: usize = 50;
+pub const MAX_JOB: usize = 50;
 const MAX_DESCRIPTION: usize = 100;
 const MAX_FUNCTION: usize = 50;
 const MAX_SCHEDULE: usize = 100;
-const MAX_NAME: usize = 200;
+pub const MAX_NAME: usize = 200;
 const MAX_QUEUE: usize = 255;
 
 /// One job of the file, valid by construction.

@@ -26,10 +26,6 @@ impl TitledTable {
     pub fn row(&mut self, cells: Vec<String>) {
         self.table.add_row(cells);
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.table.row_iter().next().is_none()
-    }
 }
 
 impl std::fmt::Display for TitledTable {

@@ -112,6 +112,15 @@ impl PluginError {
         }
     }
 
+    /// The error as postprocessing and `worker --exec` show it.
+    pub fn job_error(&self) -> JobError {
+        JobError {
+            message: self.to_string(),
+            retryable: self.retryable(),
+            details: self.details().cloned(),
+        }
+    }
+
     /// What the plugin attached to its error (exit status, output), if anything.
     pub fn details(&self) -> Option<&Value> {
         match self {

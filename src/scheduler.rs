@@ -116,8 +116,14 @@ impl Publisher {
         Ok(self.broker.as_ref().expect("connected above"))
     }
 
+    /// The connection is broken: drop it and wait before the next attempt.
     fn failed(&mut self) {
         self.broker = None;
+        self.back_off();
+    }
+
+    /// No publishing before a pause that doubles with each setback.
+    fn back_off(&mut self) {
         self.retry_at = Some(tokio::time::Instant::now() + self.backoff);
         self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
     }
@@ -137,10 +143,7 @@ impl Publisher {
         match &result {
             Err(_) => self.failed(),
             // Refused messages are tried again after a pause, not at once.
-            Ok(acked) if acked.iter().any(|ok| !ok) => {
-                self.retry_at = Some(tokio::time::Instant::now() + self.backoff);
-                self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
-            }
+            Ok(acked) if acked.iter().any(|ok| !ok) => self.back_off(),
             Ok(_) => {}
         }
         result
@@ -173,10 +176,7 @@ pub struct PassSummary {
 pub fn message_of(run: &crate::store::OutboxRun) -> JobMessage {
     JobMessage {
         cmd: run.job.clone(),
-        args: match &run.arguments {
-            serde_json::Value::Object(map) => map.clone(),
-            _ => serde_json::Map::new(),
-        },
+        args: crate::store::object_or_empty(Some(&run.arguments)),
         run_id: Some(run.id),
         job_name: Some(run.job_name.clone()),
         preprocessing: run.preprocessing.clone(),
@@ -256,18 +256,15 @@ pub async fn publish_queued(
         // On a broker error the batch is dropped unmarked (its transaction rolls back): the
         // runs stay in the outbox for the next pass.
         let acked = publisher.publish(&outgoing).await?;
-        let ids: Vec<uuid::Uuid> = batch
-            .runs
-            .iter()
-            .zip(&acked)
-            .filter(|(_, ok)| **ok)
-            .map(|(run, _)| run.id)
-            .collect();
+        let mut ids = Vec::with_capacity(batch.runs.len());
+        for (run, ok) in batch.runs.iter().zip(&acked) {
+            if *ok {
+                tracing::debug!(run = %run.id, job = %run.job_name, "run published");
+                ids.push(run.id);
+            }
+        }
         let nacked = acked.len() - ids.len();
         let full = batch.runs.len() == PUBLISH_BATCH as usize;
-        for run in batch.runs.iter().filter(|r| ids.contains(&r.id)) {
-            tracing::debug!(run = %run.id, job = %run.job_name, "run published");
-        }
         batch.mark_published(&ids).await?;
         published += ids.len();
         if nacked > 0 {

@@ -85,8 +85,20 @@ impl StoreError {
     }
 }
 
+/// JSON text for a jsonb column: serialized once; rebuilt without NUL characters only when the
+/// text shows one (`\u0000`), which is rare.
+fn jsonb_text(value: &impl Serialize) -> String {
+    let text = serde_json::to_string(value).unwrap_or_else(|_| "null".into());
+    if !text.contains("\\u0000") {
+        return text;
+    }
+    serde_json::to_value(value)
+        .map(|v| without_nul(&v).to_string())
+        .unwrap_or(text)
+}
+
 /// Postgres text and jsonb cannot hold NUL characters; plugin output can. They become U+FFFD.
-pub fn without_nul(value: &serde_json::Value) -> serde_json::Value {
+fn without_nul(value: &serde_json::Value) -> serde_json::Value {
     match value {
         serde_json::Value::String(s) if s.contains('\0') => {
             serde_json::Value::String(s.replace('\0', "\u{fffd}"))
@@ -277,25 +289,17 @@ impl Store {
             done += chunk.len();
             progress(done, jobs.len());
         }
-        sqlx::query("SELECT pg_notify($1, 'registry')")
-            .bind(NOTIFY_CHANNEL)
-            .execute(&mut *tx)
-            .await
-            .context("notifying schedulers")?;
+        notify_on(&mut tx, "registry").await?;
         tx.commit().await.context("committing the import")?;
         Ok(summary)
     }
 
     /// All jobs, by id.
     pub async fn jobs(&self) -> Result<Vec<JobRow>, StoreError> {
-        sqlx::query_as(
-            "SELECT id, name, job, description, preprocessing, postprocessing, arguments,
-                    timeout_seconds, retries, queue
-             FROM jobs ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .context("reading jobs")
+        sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await
+            .context("reading jobs")
     }
 
     /// All registry entries with their job's name and description, by id.
@@ -377,6 +381,17 @@ async fn insert_chunk(tx: &mut PgConnection, chunk: &[JobDefinition]) -> Result<
     .execute(&mut *tx)
     .await
     .context("inserting registry entries")?;
+    Ok(())
+}
+
+/// Notifies listening schedulers on `conn` (within a transaction: at its commit).
+async fn notify_on(conn: &mut PgConnection, what: &str) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(NOTIFY_CHANNEL)
+        .bind(what)
+        .execute(conn)
+        .await
+        .context("notifying schedulers")?;
     Ok(())
 }
 
@@ -506,6 +521,37 @@ pub struct NewRun {
     pub published: bool,
 }
 
+impl NewRun {
+    /// A run of `job` (manual or webhook) with the job's arguments and settings.
+    pub fn of_job(job: &JobRow, trigger: &'static str) -> NewRun {
+        NewRun {
+            job_name: job.name.clone().unwrap_or_else(|| job.id.to_string()),
+            job: job.job.clone(),
+            job_id: Some(job.id),
+            trigger,
+            queue: job.queue.clone(),
+            arguments: object_or_empty(job.arguments.as_ref()),
+            preprocessing: job.preprocessing.clone(),
+            postprocessing: job.postprocessing.clone(),
+            timeout_seconds: job.timeout_seconds,
+            max_retries: job.retries,
+            parent_id: None,
+            published: false,
+        }
+    }
+}
+
+/// A JSON object's entries; anything else (NULL arguments of the original, a stray value) is
+/// no arguments.
+pub fn object_or_empty(
+    value: Option<&serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    match value {
+        Some(serde_json::Value::Object(map)) => map.clone(),
+        _ => serde_json::Map::new(),
+    }
+}
+
 /// A queued run not yet confirmed by the broker: all that is needed to publish it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRun {
@@ -602,6 +648,9 @@ pub struct RunRow {
     pub parent_id: Option<Uuid>,
 }
 
+const JOB_COLUMNS: &str = "id, name, job, description, preprocessing, postprocessing, arguments,
+    timeout_seconds, retries, queue";
+
 const RUN_COLUMNS: &str = "id, job_name, job, trigger, status, attempt, max_retries, worker, queue, arguments,
     scheduled_for, not_before, created_at, published_at, started_at, finished_at, result, error, parent_id";
 
@@ -664,13 +713,8 @@ impl Store {
 
     /// Sends a notification to listening schedulers (`registry` or `run`).
     pub async fn notify(&self, what: &str) -> Result<(), StoreError> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(NOTIFY_CHANNEL)
-            .bind(what)
-            .execute(&self.pool)
-            .await
-            .context("notifying schedulers")?;
-        Ok(())
+        let mut conn = self.pool.acquire().await.context("notifying schedulers")?;
+        notify_on(&mut conn, what).await
     }
 
     /// Replaces the whole schedule: each registry entry's next run, from `next(entry)`.
@@ -798,10 +842,7 @@ impl Store {
                         job_id: Some(entry.job_id),
                         trigger: "schedule",
                         queue: entry.queue.clone(),
-                        arguments: match &entry.arguments {
-                            Some(serde_json::Value::Object(map)) => map.clone(),
-                            _ => serde_json::Map::new(),
-                        },
+                        arguments: object_or_empty(entry.arguments.as_ref()),
                         preprocessing: entry.preprocessing.clone(),
                         postprocessing: entry.postprocessing.clone(),
                         timeout_seconds: entry.timeout_seconds,
@@ -856,11 +897,7 @@ impl Store {
         }
         let mut tx = self.pool.begin().await.context("starting to insert runs")?;
         columns.insert(&mut tx).await?;
-        sqlx::query("SELECT pg_notify($1, 'run')")
-            .bind(NOTIFY_CHANNEL)
-            .execute(&mut *tx)
-            .await
-            .context("notifying schedulers")?;
+        notify_on(&mut tx, "run").await?;
         tx.commit().await.context("committing new runs")?;
         Ok(columns.ids)
     }
@@ -936,30 +973,15 @@ impl Store {
 
     /// A job by id (digits) or by name.
     pub async fn find_job(&self, key: &str) -> Result<Option<JobRow>, StoreError> {
-        let by_name: Option<JobRow> = sqlx::query_as(
-            "SELECT id, name, job, description, preprocessing, postprocessing, arguments,
-                    timeout_seconds, retries, queue
-             FROM jobs WHERE name = $1",
-        )
+        // A name wins over an id: a job may be named "4".
+        sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE name = $1 OR id = $2 ORDER BY name = $1 DESC LIMIT 1"
+        ))
         .bind(key)
+        .bind(key.parse::<i32>().ok())
         .fetch_optional(&self.pool)
         .await
-        .context("looking up a job by name")?;
-        if by_name.is_some() {
-            return Ok(by_name);
-        }
-        let Ok(id) = key.parse::<i32>() else {
-            return Ok(None);
-        };
-        sqlx::query_as(
-            "SELECT id, name, job, description, preprocessing, postprocessing, arguments,
-                    timeout_seconds, retries, queue
-             FROM jobs WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .context("looking up a job by id")
+        .context("looking up a job")
     }
 
     // ---- the worker's side ----
@@ -1011,28 +1033,24 @@ impl Store {
         let ids: Vec<Uuid> = claims.iter().map(|c| c.0).collect();
         let redelivered: Vec<bool> = claims.iter().map(|c| c.1).collect();
         let rows: Vec<ClaimRow> = sqlx::query_as(
-            "WITH input AS (SELECT * FROM UNNEST($1::uuid[], $2::bool[]) AS u(id, redelivered)),
+            &format!("WITH input AS (SELECT * FROM UNNEST($2::uuid[], $3::bool[]) AS u(id, redelivered)),
              claimed AS (
                 UPDATE job_runs r
-                SET status = 'running', attempt = r.attempt + 1, worker = $3, claim_token = $4,
+                SET status = 'running', attempt = r.attempt + 1, worker = $4, claim_token = $5,
                     started_at = now(), finished_at = NULL, published_at = COALESCE(r.published_at, now())
                 FROM (SELECT id, bool_or(redelivered) AS redelivered FROM input GROUP BY id) i
                 WHERE r.id = i.id
                   AND (r.status = 'queued'
-                       OR (r.status = 'running' AND i.redelivered AND NOT EXISTS (
-                              SELECT 1 FROM pg_locks l
-                              WHERE l.locktype = 'advisory' AND l.granted
-                                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                                AND l.classid = $5::oid AND l.objid = r.claim_token::oid AND l.objsubid = 2)))
+                       OR (r.status = 'running' AND i.redelivered AND {LEASE_GONE}))
                 RETURNING r.id, r.attempt, r.trigger)
              SELECT i.id, c.attempt, r.status, c.trigger
-             FROM input i LEFT JOIN claimed c ON c.id = i.id LEFT JOIN job_runs r ON r.id = i.id",
+             FROM input i LEFT JOIN claimed c ON c.id = i.id LEFT JOIN job_runs r ON r.id = i.id"),
         )
+        .bind(LEASE_CLASS)
         .bind(&ids)
         .bind(&redelivered)
         .bind(worker)
         .bind(token)
-        .bind(LEASE_CLASS)
         .fetch_all(&self.pool)
         .await
         .context("claiming runs")?;
@@ -1078,7 +1096,7 @@ impl Store {
             .collect();
         let results: Vec<Option<String>> = finishes
             .iter()
-            .map(|f| f.result.as_ref().map(|r| without_nul(r).to_string()))
+            .map(|f| f.result.as_ref().map(jsonb_text))
             .collect();
         let errors: Vec<Option<String>> = finishes
             .iter()
@@ -1115,11 +1133,7 @@ impl Store {
         .await
         .context("recording finished runs")?;
         if finishes.iter().any(|f| matches!(f.end, RunEnd::Retry(_))) {
-            sqlx::query("SELECT pg_notify($1, 'run')")
-                .bind(NOTIFY_CHANNEL)
-                .execute(&mut *tx)
-                .await
-                .context("notifying schedulers")?;
+            notify_on(&mut tx, "run").await?;
         }
         tx.commit().await.context("committing finished runs")
     }
@@ -1274,14 +1288,13 @@ struct RunColumns {
 impl RunColumns {
     fn push(&mut self, run: &NewRun, slot: Option<(i32, DateTime<Utc>)>) {
         self.ids.push(Uuid::new_v4());
-        self.job_names.push(run.job_name.clone());
-        self.jobs.push(run.job.clone());
+        self.job_names.push(text_without_nul(&run.job_name));
+        self.jobs.push(text_without_nul(&run.job));
         self.job_ids.push(run.job_id);
         self.registry_ids.push(slot.map(|s| s.0));
         self.triggers.push(run.trigger);
         self.queues.push(run.queue.clone());
-        self.arguments
-            .push(without_nul(&serde_json::Value::Object(run.arguments.clone())).to_string());
+        self.arguments.push(jsonb_text(&run.arguments));
         self.pre.push(run.preprocessing.clone());
         self.post.push(run.postprocessing.clone());
         self.timeouts.push(run.timeout_seconds);

@@ -38,7 +38,7 @@ const BATCH_MAX: usize = 512;
 /// Batches of one kind written at the same time (each on its own pooled connection).
 const BATCHES_IN_FLIGHT: usize = 3;
 /// The longest child `cmd` a run row holds (the original's varchar(50)).
-const MAX_JOB: usize = 50;
+use crate::jobfile::{MAX_JOB, MAX_NAME};
 
 /// Collects requests from many tasks and serves them in batches; each caller gets its own
 /// answer. The batch function retries until the database answers: state changes are never
@@ -303,7 +303,7 @@ pub async fn run(
                     }
                     Some(Err(e)) => {
                         let text = e.to_string();
-                        if text.contains("acknowledgement timed out") || text.contains("consumer_timeout") {
+                        if broker::is_consumer_timeout(&e) {
                             // RabbitMQ closes a channel whose delivery stays unacknowledged longer
                             // than its consumer_timeout (30 min by default). The running job goes
                             // on and records its result; its re-delivered message is skipped.
@@ -376,6 +376,15 @@ impl Failure {
         match self {
             Failure::Plugin(e) => e.details().cloned(),
             _ => None,
+        }
+    }
+
+    /// As postprocessing sees it.
+    fn job_error(&self) -> crate::plugin::JobError {
+        crate::plugin::JobError {
+            message: self.message(),
+            retryable: self.retryable(),
+            details: self.details(),
         }
     }
 }
@@ -451,15 +460,9 @@ async fn handle(context: &Context, delivery: Delivery) {
                     .clone()
                     .unwrap_or_else(|| message.cmd.clone())
                     .chars()
-                    .filter(|c| *c != '\0')
-                    .take(200)
+                    .take(MAX_NAME)
                     .collect(),
-                job: message
-                    .cmd
-                    .chars()
-                    .filter(|c| *c != '\0')
-                    .take(MAX_JOB)
-                    .collect(),
+                job: message.cmd.chars().take(MAX_JOB).collect(),
                 job_id: None,
                 trigger: "manual",
                 queue: Some(context.queue.clone()),
@@ -521,61 +524,38 @@ async fn handle(context: &Context, delivery: Delivery) {
             .saturating_sub(1)
             .max(1),
     );
+    let finish = |end: RunEnd, result: Option<Value>, error: Option<String>| Finish {
+        id: run_id,
+        token: context.token,
+        attempt,
+        end,
+        result,
+        error,
+    };
     if previous >= limit {
         let error = format!(
             "gave up after {previous} deliveries without a result: the job killed its workers or lost their connection each time"
         );
         tracing::info!(run = %run_id, job = %job_name, attempt, "run dead: {error}");
-        record(
-            context,
-            Finish {
-                id: run_id,
-                token: context.token,
-                attempt,
-                end: RunEnd::Dead,
-                result: None,
-                error: Some(error),
-            },
-        )
-        .await;
+        record(context, finish(RunEnd::Dead, None, Some(error))).await;
         let _ = broker::dead_letter(&delivery).await;
         return;
     }
 
     tracing::info!(run = %run_id, job = %job_name, cmd = %message.cmd, attempt, worker = %context.worker_id, "run started");
     let started = Instant::now();
-    let outcome = execute(context, &message, run_id, &job_name, &trigger).await;
+    let outcome = execute(context, &message, run_id, attempt, &job_name, &trigger).await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let max_retries = i32::try_from(message.retries.unwrap_or(0)).unwrap_or(i32::MAX);
-    let (finish, dead) = match outcome {
+    let finished = match outcome {
         Ok(result) => {
             tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, "run succeeded");
-            (
-                Finish {
-                    id: run_id,
-                    token: context.token,
-                    attempt,
-                    end: RunEnd::Succeeded,
-                    result: Some(result),
-                    error: None,
-                },
-                false,
-            )
+            finish(RunEnd::Succeeded, Some(result), None)
         }
         Err(failure @ Failure::UnknownJob(_)) => {
             let error = failure.message();
             tracing::info!(run = %run_id, job = %job_name, attempt, "run dead: unknown job: {error}");
-            (
-                Finish {
-                    id: run_id,
-                    token: context.token,
-                    attempt,
-                    end: RunEnd::Dead,
-                    result: None,
-                    error: Some(error),
-                },
-                true,
-            )
+            finish(RunEnd::Dead, None, Some(error))
         }
         Err(failure) => {
             let error = failure.message();
@@ -584,34 +564,15 @@ async fn handle(context: &Context, delivery: Delivery) {
                 let at = Utc::now()
                     + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
                 tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, retry_in = ?delay, "run failed; retry scheduled: {error}");
-                (
-                    Finish {
-                        id: run_id,
-                        token: context.token,
-                        attempt,
-                        end: RunEnd::Retry(at),
-                        result: failure.details(),
-                        error: Some(error),
-                    },
-                    false,
-                )
+                finish(RunEnd::Retry(at), failure.details(), Some(error))
             } else {
                 tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, "run failed: {error}");
-                (
-                    Finish {
-                        id: run_id,
-                        token: context.token,
-                        attempt,
-                        end: RunEnd::Failed,
-                        result: failure.details(),
-                        error: Some(error),
-                    },
-                    false,
-                )
+                finish(RunEnd::Failed, failure.details(), Some(error))
             }
         }
     };
-    record(context, finish).await;
+    let dead = finished.end == RunEnd::Dead;
+    record(context, finished).await;
     let settled = if dead {
         broker::dead_letter(&delivery).await
     } else {
@@ -644,6 +605,7 @@ async fn execute(
     context: &Context,
     message: &JobMessage,
     run_id: Uuid,
+    attempt: i32,
     job_name: &str,
     trigger: &str,
 ) -> Result<Value, Failure> {
@@ -655,10 +617,14 @@ async fn execute(
     if let Some(pre) = message.preprocessing.clone() {
         // An earlier attempt fanned out already (its worker died before recording the
         // parent): publish what it created instead of creating every child again.
-        let existing = until_ok("reading fanned-out runs", || {
-            context.store.child_ids(run_id)
-        })
-        .await
+        let existing = if attempt <= 1 {
+            Ok(Vec::new())
+        } else {
+            until_ok("reading fanned-out runs", || {
+                context.store.child_ids(run_id)
+            })
+            .await
+        }
         .map_err(|e| Failure::Crashed(format!("the fanned-out runs cannot be read: {e}")))?;
         if !existing.is_empty() {
             publish_children(context, run_id, &existing).await;
@@ -689,11 +655,7 @@ async fn execute(
         },
         Err(failure) => Outcome {
             result: failure.details(),
-            error: Some(crate::plugin::JobError {
-                message: failure.message(),
-                retryable: failure.retryable(),
-                details: failure.details(),
-            }),
+            error: Some(failure.job_error()),
         },
     };
     let host = context.host.clone();

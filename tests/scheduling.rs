@@ -477,8 +477,8 @@ async fn a_fan_out_is_not_repeated_when_its_parent_runs_again() {
     cluster.import("jobs:\n- id: fan\n  job: test_echo\n  preprocessing: test_fanout\n  arguments: {count: 3}\n");
     // An earlier attempt created one child and died before recording the parent.
     sqlx::raw_sql(
-        "INSERT INTO job_runs (id, job_name, job, trigger, preprocessing, arguments)
-         VALUES ('00000000-0000-4000-8000-000000000002', 'fan', 'test_echo', 'manual', 'test_fanout', '{\"count\": 3}');
+        "INSERT INTO job_runs (id, job_name, job, trigger, preprocessing, arguments, attempt)
+         VALUES ('00000000-0000-4000-8000-000000000002', 'fan', 'test_echo', 'manual', 'test_fanout', '{\"count\": 3}', 1);
          INSERT INTO job_runs (id, job_name, job, trigger, arguments, parent_id, status)
          VALUES ('00000000-0000-4000-8000-000000000003', 'fan', 'test_echo', 'manual', '{\"index\": 0}',
                  '00000000-0000-4000-8000-000000000002', 'queued');
@@ -493,7 +493,8 @@ async fn a_fan_out_is_not_repeated_when_its_parent_runs_again() {
         .wait_until(
             "the parent and its one child to succeed",
             Duration::from_secs(30),
-            "SELECT count(*) = 2 FROM job_runs WHERE status = 'succeeded'",
+            "SELECT count(*) = 2 AND bool_or(id = '00000000-0000-4000-8000-000000000002')
+             FROM job_runs WHERE status = 'succeeded'",
         )
         .await;
     let (fanned_out, total): (i64, i64) = sqlx::query_as(

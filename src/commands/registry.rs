@@ -58,13 +58,13 @@ pub async fn run(config: &Config, args: &RegistryArgs) -> Result<()> {
             summary.removed,
             summary.scheduled,
         )
-        .map_err(io_error)?;
+        ?;
     }
 
     if args.show_jobs {
         let jobs = store.jobs().await?;
         if args.json {
-            writeln!(stdout, "{}", output::json(&jobs)).map_err(io_error)?;
+            writeln!(stdout, "{}", output::json(&jobs))?;
         } else {
             let mut table = TitledTable::new(
                 "All Jobs",
@@ -84,14 +84,14 @@ pub async fn run(config: &Config, args: &RegistryArgs) -> Result<()> {
                         .unwrap_or_default(),
                 ]);
             }
-            writeln!(stdout, "{table}").map_err(io_error)?;
+            writeln!(stdout, "{table}")?;
         }
     }
 
     if args.show_registry {
         let entries = store.registry().await?;
         if args.json {
-            writeln!(stdout, "{}", output::json(&entries)).map_err(io_error)?;
+            writeln!(stdout, "{}", output::json(&entries))?;
         } else {
             let mut table = TitledTable::new(
                 "Job registry",
@@ -110,12 +110,8 @@ pub async fn run(config: &Config, args: &RegistryArgs) -> Result<()> {
                         .unwrap_or_else(|| format!("{} (config)", config.timezone.name())),
                 ]);
             }
-            writeln!(stdout, "{table}").map_err(io_error)?;
+            writeln!(stdout, "{table}")?;
         }
     }
     Ok(())
-}
-
-fn io_error(e: std::io::Error) -> Error {
-    Error::Runtime(format!("cannot write output: {e}"))
 }

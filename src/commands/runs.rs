@@ -44,7 +44,7 @@ pub async fn run(config: &Config, args: &RunsArgs) -> Result<()> {
             if args.json {
                 let mut value = serde_json::to_value(&run).unwrap_or_default();
                 value["children"] = serde_json::to_value(&children).unwrap_or_default();
-                writeln!(stdout, "{}", output::json(&value)).map_err(io_error)?;
+                writeln!(stdout, "{}", output::json(&value))?;
                 return Ok(());
             }
             let mut table = TitledTable::new(&format!("Run {id}"), &["field", "value"]);
@@ -76,12 +76,12 @@ pub async fn run(config: &Config, args: &RunsArgs) -> Result<()> {
             ] {
                 table.row(vec![field.to_string(), value]);
             }
-            writeln!(stdout, "{table}").map_err(io_error)?;
+            writeln!(stdout, "{table}")?;
             if let Some(result) = &run.result {
-                writeln!(stdout, "Result\n{}", output::json(result)).map_err(io_error)?;
+                writeln!(stdout, "Result\n{}", output::json(result))?;
             }
             if !children.is_empty() {
-                writeln!(stdout, "{}", list("Fan-out children", &children)).map_err(io_error)?;
+                writeln!(stdout, "{}", list("Fan-out children", &children))?;
             }
         }
         None => {
@@ -89,9 +89,9 @@ pub async fn run(config: &Config, args: &RunsArgs) -> Result<()> {
                 .runs(args.job.as_deref(), args.status.as_deref(), args.limit)
                 .await?;
             if args.json {
-                writeln!(stdout, "{}", output::json(&runs)).map_err(io_error)?;
+                writeln!(stdout, "{}", output::json(&runs))?;
             } else {
-                writeln!(stdout, "{}", list("Recent runs", &runs)).map_err(io_error)?;
+                writeln!(stdout, "{}", list("Recent runs", &runs))?;
             }
         }
     }
@@ -142,8 +142,4 @@ fn list(title: &str, runs: &[RunRow]) -> TitledTable {
         ]);
     }
     table
-}
-
-fn io_error(e: std::io::Error) -> Error {
-    Error::Runtime(format!("cannot write output: {e}"))
 }

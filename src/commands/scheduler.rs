@@ -56,8 +56,7 @@ pub async fn run(config: &Config, args: &SchedulerArgs) -> Result<()> {
             } else {
                 format!(", {} without a next run (see the log)", unschedulable.len())
             }
-        )
-        .map_err(io_error)?;
+        )?;
     }
 
     if let Some(key) = &args.run_now {
@@ -67,25 +66,7 @@ pub async fn run(config: &Config, args: &SchedulerArgs) -> Result<()> {
             ))
         })?;
         let job_name = job.name.clone().unwrap_or_else(|| job.id.to_string());
-        let ids = store
-            .insert_runs(&[NewRun {
-                job_name: job_name.clone(),
-                job: job.job.clone(),
-                job_id: Some(job.id),
-                trigger: "manual",
-                queue: job.queue.clone(),
-                arguments: match job.arguments {
-                    Some(serde_json::Value::Object(map)) => map,
-                    _ => serde_json::Map::new(),
-                },
-                preprocessing: job.preprocessing.clone(),
-                postprocessing: job.postprocessing.clone(),
-                timeout_seconds: job.timeout_seconds,
-                max_retries: job.retries,
-                parent_id: None,
-                published: false,
-            }])
-            .await?;
+        let ids = store.insert_runs(&[NewRun::of_job(&job, "manual")]).await?;
         let mut publisher = Publisher::new(config, "scheduler --run-now");
         match sched::publish_queued(&store, &mut publisher, &config.rabbitmq.queue, Some(&ids))
             .await
@@ -98,7 +79,7 @@ pub async fn run(config: &Config, args: &SchedulerArgs) -> Result<()> {
             }
         }
         publisher.close().await;
-        writeln!(stdout, "{}", ids[0]).map_err(io_error)?;
+        writeln!(stdout, "{}", ids[0])?;
     }
 
     for (wanted, due_only, title) in [
@@ -110,7 +91,7 @@ pub async fn run(config: &Config, args: &SchedulerArgs) -> Result<()> {
         }
         let rows = store.scheduled(due_only.then(Utc::now)).await?;
         if args.json {
-            writeln!(stdout, "{}", output::json(&rows)).map_err(io_error)?;
+            writeln!(stdout, "{}", output::json(&rows))?;
             continue;
         }
         let mut table = TitledTable::new(
@@ -140,7 +121,7 @@ pub async fn run(config: &Config, args: &SchedulerArgs) -> Result<()> {
                 row.next_run.format("%Y-%m-%d %H:%M:%S").to_string(),
             ]);
         }
-        writeln!(stdout, "{table}").map_err(io_error)?;
+        writeln!(stdout, "{table}")?;
     }
     drop(stdout);
 
@@ -192,7 +173,7 @@ fn preview(config: &Config, expression: &str, args: &SchedulerArgs) -> Result<()
     let mut stdout = std::io::stdout().lock();
     // Inclusive of `from` itself.
     for time in schedule.upcoming(from - chrono::Duration::seconds(1), tz, args.count) {
-        writeln!(stdout, "{}", time.with_timezone(&tz).to_rfc3339()).map_err(io_error)?;
+        writeln!(stdout, "{}", time.with_timezone(&tz).to_rfc3339())?;
     }
     Ok(())
 }
@@ -217,8 +198,4 @@ fn parse_from(text: &str, tz: Tz) -> Result<DateTime<Utc>> {
                 tz.name()
             ))
         })
-}
-
-fn io_error(e: std::io::Error) -> Error {
-    Error::Runtime(format!("cannot write output: {e}"))
 }

@@ -58,17 +58,13 @@ fn parse_args(text: Option<&str>) -> Result<Args> {
 }
 
 fn error_json(error: &PluginError) -> Value {
-    json!({
-        "message": error.to_string(),
-        "retryable": error.retryable(),
-        "details": error.details(),
-    })
+    serde_json::to_value(error.job_error()).unwrap_or_default()
 }
 
 /// One JSON line per step on stdout.
 fn emit(line: &Value) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{line}").map_err(|e| Error::Runtime(format!("cannot write output: {e}")))
+    Ok(writeln!(stdout, "{line}")?)
 }
 
 fn exec(
@@ -117,11 +113,7 @@ fn exec(
                 )?;
                 Outcome {
                     result: error.details().cloned(),
-                    error: Some(crate::plugin::JobError {
-                        message: error.to_string(),
-                        retryable: error.retryable(),
-                        details: error.details().cloned(),
-                    }),
+                    error: Some(error.job_error()),
                 }
             }
         };

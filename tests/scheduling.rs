@@ -86,8 +86,12 @@ async fn two_schedulers_run_every_slot_exactly_once() {
             "SELECT count(*) >= 6 FROM job_runs",
         )
         .await;
-    drop(first);
-    drop(second);
+    for mut scheduler in [first, second] {
+        scheduler.signal("TERM");
+        assert!(scheduler
+            .wait_exit(Duration::from_secs(30))
+            .is_some_and(|s| s.success()));
+    }
     let slots: Vec<(i64, i64)> = sqlx::query_as(
         "SELECT extract(epoch FROM scheduled_for)::bigint, count(*) FROM job_runs GROUP BY 1 ORDER BY 1",
     )
@@ -102,14 +106,32 @@ async fn two_schedulers_run_every_slot_exactly_once() {
         slots.windows(2).all(|w| w[1].0 == w[0].0 + 1),
         "a slot was lost: {slots:?}"
     );
-    // Nothing was published twice: the queue holds exactly one message per published run.
-    let published = cluster
-        .count("SELECT count(*) FROM job_runs WHERE published_at IS NOT NULL")
-        .await;
-    assert!(published >= 5, "{published}");
-    assert_eq!(
-        i64::from(cluster.queue_depth(&cluster.queue).await),
-        published
+    // Nothing was published twice: each run is in the queue at most once, and every run marked
+    // published is there. (A scheduler stopped between the broker's confirm and its commit
+    // leaves a queued message whose run is not marked yet: the next pass publishes that run
+    // again, and workers skip the duplicate. That is by design, and allowed here.)
+    let published: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT id FROM job_runs WHERE published_at IS NOT NULL")
+            .fetch_all(&cluster.pool)
+            .await
+            .unwrap();
+    assert!(published.len() >= 5, "{published:?}");
+    let mut queued: Vec<uuid::Uuid> = cluster
+        .drain(&cluster.queue)
+        .await
+        .iter()
+        .map(|body| {
+            let message: serde_json::Value = serde_json::from_slice(body).unwrap();
+            uuid::Uuid::parse_str(message["run_id"].as_str().unwrap()).unwrap()
+        })
+        .collect();
+    let count = queued.len();
+    queued.sort();
+    queued.dedup();
+    assert_eq!(queued.len(), count, "a run was published twice");
+    assert!(
+        published.iter().all(|id| queued.contains(id)),
+        "a published run is missing from the queue"
     );
 }
 

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sqlx::PgPool;
@@ -244,6 +246,24 @@ impl Cluster {
             .await;
         let _ = connection.close(200, ShortString::from("bye")).await;
         declared.map(|q| q.message_count()).unwrap_or(0)
+    }
+
+    /// Takes every message out of `queue` and returns their bodies.
+    pub async fn drain(&self, queue: &str) -> Vec<Vec<u8>> {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("amqp");
+        let channel = connection.create_channel().await.expect("channel");
+        let mut bodies = Vec::new();
+        while let Some(message) = channel
+            .basic_get(ShortString::from(queue), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            bodies.push(message.delivery.data.clone());
+        }
+        let _ = connection.close(200, ShortString::from("bye")).await;
+        bodies
     }
 
     /// Publishes raw bytes to the test queue, as any other client could.

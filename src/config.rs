@@ -204,6 +204,30 @@ pub struct SotConfig {
     pub values: serde_json::Map<String, serde_json::Value>,
 }
 
+impl Config {
+    /// Every secret value of the configuration: passwords (given alone or in a URL), the
+    /// source-of-truth token and other secret keys of `sot:`.
+    pub fn secret_values(&self) -> Vec<String> {
+        let mut secrets = Vec::new();
+        for password in [&self.database.password, &self.rabbitmq.password]
+            .into_iter()
+            .flatten()
+        {
+            secrets.push(password.expose().to_string());
+        }
+        for url in [&self.database.url, &self.rabbitmq.url]
+            .into_iter()
+            .flatten()
+        {
+            secrets.extend(url_secrets(url.expose()));
+        }
+        secrets.extend(secrets_in(&self.sot.values));
+        secrets.sort();
+        secrets.dedup();
+        secrets
+    }
+}
+
 impl fmt::Debug for SotConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let keys: Vec<&String> = self.values.keys().collect();
@@ -287,12 +311,37 @@ fn with_password(url: Secret, password: &str) -> Secret {
     }
 }
 
-/// A URL with its password replaced by `********`.
+/// Parts of a key's name that make its value a secret (compared without case): `password`,
+/// `sslpassword`, `api_key`, `auth_token`, `client_secret`, ...
+pub const SECRET_KEY_PARTS: [&str; 6] =
+    ["token", "password", "passwd", "secret", "key", "credential"];
+
+/// Whether a value under `key` (a config key, a URL query key, a plugin's argument) is a secret.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    SECRET_KEY_PARTS.iter().any(|part| key.contains(part))
+}
+
+/// A URL with its password, and the values of secret query keys (`?password=`, `?token=`, ...),
+/// replaced by `********`; the rest stays as written.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut url) => {
             if url.password().is_some() {
                 let _ = url.set_password(Some("********"));
+            }
+            if let Some(query) = url.query() {
+                let query = query
+                    .split('&')
+                    .map(|pair| match pair.split_once('=') {
+                        Some((key, _)) if is_secret_key(&decode_query_part(key)) => {
+                            format!("{key}=********")
+                        }
+                        _ => pair.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("&");
+                url.set_query(Some(&query));
             }
             url.to_string()
         }
@@ -300,12 +349,80 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
-fn redact_message(message: &str, secret: &Secret) -> String {
-    if secret.expose().is_empty() {
-        message.to_string()
-    } else {
-        message.replace(secret.expose(), "********")
+/// The secrets a URL carries, as written and decoded: its password and the values of its secret
+/// query keys. Nothing for a string that is not a URL.
+pub fn url_secrets(raw: &str) -> Vec<String> {
+    let Ok(url) = url::Url::parse(raw) else {
+        return Vec::new();
+    };
+    let mut secrets = Vec::new();
+    if let Some(password) = url.password() {
+        secrets.push(password.to_string());
+        // Percent-decoded; a `+` in user info is a plus, not a space.
+        secrets.push(decode_query_part(&password.replace('+', "%2B")));
     }
+    for pair in url.query().unwrap_or_default().split('&') {
+        if let Some((key, value)) = pair.split_once('=') {
+            if is_secret_key(&decode_query_part(key)) {
+                secrets.push(value.to_string());
+                secrets.push(decode_query_part(value));
+            }
+        }
+    }
+    secrets.sort();
+    secrets.dedup();
+    secrets.retain(|s| !s.is_empty());
+    secrets
+}
+
+fn decode_query_part(text: &str) -> String {
+    url::form_urlencoded::parse(format!("x={text}").as_bytes())
+        .next()
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default()
+}
+
+/// Every string under a secret key of `values`, at any depth, and the secrets of every URL in
+/// them: what must never come back out of a plugin that was given (or produced) them.
+pub fn secrets_in(values: &serde_json::Map<String, serde_json::Value>) -> Vec<String> {
+    fn strings(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::String(s) => out.push(s.clone()),
+            serde_json::Value::Array(items) => items.iter().for_each(|v| strings(v, out)),
+            serde_json::Value::Object(map) => map.values().for_each(|v| strings(v, out)),
+            _ => {}
+        }
+    }
+    fn walk(key: Option<&str>, value: &serde_json::Value, out: &mut Vec<String>) {
+        if key.is_some_and(is_secret_key) {
+            strings(value, out);
+            return;
+        }
+        match value {
+            serde_json::Value::String(s) if s.contains("://") => out.extend(url_secrets(s)),
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(None, v, out)),
+            serde_json::Value::Object(map) => map.iter().for_each(|(k, v)| walk(Some(k), v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for (key, value) in values {
+        walk(Some(key), value, &mut out);
+    }
+    out
+}
+
+/// `message` without the URL `secret`, nor the passwords in it.
+fn redact_message(message: &str, secret: &Secret) -> String {
+    let mut message = message.to_string();
+    let mut parts = url_secrets(secret.expose());
+    parts.push(secret.expose().to_string());
+    // Longest first, so that the whole URL goes before a password inside it.
+    parts.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for part in parts.iter().filter(|p| !p.is_empty()) {
+        message = message.replace(part.as_str(), "********");
+    }
+    message
 }
 
 // ---- the file as written ----
@@ -869,6 +986,65 @@ mod tests {
         assert!(!config.database.describe().contains("hunter2"));
         assert!(!config.rabbitmq.describe().contains("bunny-pw"));
         assert!(config.rabbitmq.amqp_url().expose().contains("bunny-pw"));
+    }
+
+    #[test]
+    fn passwords_in_url_queries_are_masked() {
+        for (url, secret) in [
+            ("postgres://u@h/db?password=q-secret1", "q-secret1"),
+            (
+                "postgres://u@h/db?sslmode=require&sslpassword=q-secret2",
+                "q-secret2",
+            ),
+            (
+                "amqp://u@h:5672/%2f?heartbeat=30&password=q-secret3",
+                "q-secret3",
+            ),
+            ("amqps://h/%2f?auth_token=q-secret4&x=1", "q-secret4"),
+            ("postgres://h/db?API_KEY=q-secret5", "q-secret5"),
+            ("postgres://h/db?client_secret=q%2Dsecret6", "q%2Dsecret6"),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{url} shows as {shown}");
+            assert!(shown.contains("********"), "{shown}");
+        }
+        // Everything else stays as written.
+        assert_eq!(
+            redact_url("amqp://u:pw@h:5672/%2f?heartbeat=30&password=x&channel_max=7"),
+            "amqp://u:********@h:5672/%2f?heartbeat=30&password=********&channel_max=7"
+        );
+        assert_eq!(
+            redact_url("postgres://h/db?sslmode=require"),
+            "postgres://h/db?sslmode=require"
+        );
+
+        let env = |key: &str| match key {
+            ENV_DATABASE_URL => Some("postgres://u@h/db?password=db-query-pw".to_string()),
+            ENV_AMQP_URL => Some("amqp://u@h/%2f?password=mq-query-pw".to_string()),
+            _ => None,
+        };
+        let config = Config::from_str_with_env(Path::new("c.yaml"), "", &env).unwrap();
+        assert!(!config.database.describe().contains("db-query-pw"));
+        assert!(!config.rabbitmq.describe().contains("mq-query-pw"));
+    }
+
+    #[test]
+    fn secret_values_come_from_every_section() {
+        assert_eq!(
+            url_secrets("postgres://u:p%40ss+1@h/db?sslpassword=a%2Bb&x=1"),
+            ["a%2Bb", "a+b", "p%40ss+1", "p@ss+1"]
+        );
+        assert!(url_secrets("not a url").is_empty());
+        let config = load(
+            "database:\n  password: db-pw\nrabbitmq:\n  url: amqp://u@h/%2f?password=mq-pw\n\
+             sot:\n  nautobot: https://user:sot-url-pw@nautobot.lab\n  token: tok-1\n  \
+             inventory:\n    api_key: [key-1]\n    name: not-secret\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.secret_values(),
+            ["db-pw", "guest", "key-1", "mq-pw", "sot-url-pw", "tok-1"]
+        );
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //!   first call; the object it returns is merged into every call's arguments, its values winning
 //!   on equal keys (as in the original). A failed on_startup is tried again on the next call.
 //! - `sot: true` in a call's arguments is replaced by the config's `sot:` section.
+//! - Secrets never come back out: the config's (passwords, also inside URLs; the `sot:` token)
+//!   and credentials on_startup hands out are masked in results, errors, panic messages and
+//!   plugin log lines, whatever key holds them.
 //! - Calls are blocking: run them on blocking threads (`tokio::task::spawn_blocking`), never on
 //!   the async runtime. A panic in plugin code is caught (by the SDK, inside the library, where
 //!   unwinding can be stopped) and becomes a failed call; the host guards its side as well.
@@ -17,13 +20,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use jobschleuder_plugin::abi;
 pub use jobschleuder_plugin::{Args, Job as PlannedJob, JobError, Kind, Outcome};
 use serde_json::Value;
 
-use crate::config::{Config, PluginLocation};
+use crate::config::{secrets_in, Config, PluginLocation};
 
 /// Why a plugin call did not produce a result. Every variant names the function, the plugin
 /// and the library path tried.
@@ -155,9 +158,9 @@ struct Inner {
     jobs: BTreeMap<String, PluginLocation>,
     preprocessing: BTreeMap<String, PluginLocation>,
     sot: serde_json::Map<String, Value>,
-    /// Secret values of the `sot:` section (token, passwords): replaced by `********` in
-    /// whatever a plugin returns, so they never reach the run history, messages or output.
-    secrets: Vec<String>,
+    /// Replaced by `********` in whatever a plugin returns, so they never reach the run
+    /// history, messages, output or logs. Shared with the log sinks of loaded libraries.
+    secrets: Arc<Secrets>,
     origin: String,
     libraries: Mutex<HashMap<PathBuf, Arc<Library>>>,
     /// Per function: its on_startup values once they were obtained. The mutex per function
@@ -172,20 +175,7 @@ impl PluginHost {
                 jobs: config.plugins.clone(),
                 preprocessing: config.preprocessing.clone(),
                 sot: config.sot.values.clone(),
-                secrets: config
-                    .sot
-                    .values
-                    .iter()
-                    .filter(|(key, _)| {
-                        let key = key.to_ascii_lowercase();
-                        ["token", "password", "secret", "key"]
-                            .iter()
-                            .any(|s| key.contains(s))
-                    })
-                    .filter_map(|(_, value)| value.as_str())
-                    .filter(|value| value.len() >= 4)
-                    .map(str::to_string)
-                    .collect(),
+                secrets: Arc::new(Secrets::new(config.secret_values())),
                 origin: config.origin(),
                 libraries: Mutex::new(HashMap::new()),
                 startup: Mutex::new(HashMap::new()),
@@ -325,7 +315,7 @@ impl PluginHost {
             &location.plugin,
             &path,
             function,
-            &self.inner.secrets,
+            self.inner.secrets.clone(),
         )?);
         tracing::info!(
             plugin = %library.plugin,
@@ -352,8 +342,9 @@ impl PluginHost {
             };
             let mut values = slot.lock().unwrap_or_else(|p| p.into_inner());
             if values.is_none() {
+                // Not redacted: these values go to the plugin, not to a reader.
                 let output = self
-                    .invoke(
+                    .invoke_unredacted(
                         library,
                         &startup_name,
                         Kind::OnStartup,
@@ -369,14 +360,21 @@ impl PluginHost {
                         other => other,
                     })?;
                 match output {
-                    Value::Object(map) => *values = Some(map),
+                    Value::Object(map) => {
+                        // Credentials it fetched are secrets from now on, like the `sot:` token.
+                        self.inner.secrets.add_all(secrets_in(&map));
+                        *values = Some(map)
+                    }
                     other => {
                         return Err(PluginError::BadOutput {
                             plugin: library.plugin.clone(),
                             function: startup_name,
                             kind: Kind::OnStartup.as_str(),
                             path: library.path.clone(),
-                            message: format!("on_startup must return a JSON object, not {other}"),
+                            message: format!(
+                                "on_startup must return a JSON object, not {}",
+                                self.inner.secrets.redact(other)
+                            ),
                         })
                     }
                 }
@@ -393,7 +391,20 @@ impl PluginHost {
         Ok(args)
     }
 
+    /// Calls `function`; what it returns has every secret masked.
     fn invoke(
+        &self,
+        library: &Library,
+        function: &str,
+        kind: Kind,
+        input: &Value,
+    ) -> Result<Value, PluginError> {
+        self.invoke_unredacted(library, function, kind, input)
+            .map(|value| self.inner.secrets.redact(value))
+    }
+
+    /// Calls `function`; its errors have every secret masked, its output does not.
+    fn invoke_unredacted(
         &self,
         library: &Library,
         function: &str,
@@ -446,14 +457,14 @@ impl PluginHost {
         let (status, bytes) =
             called.map_err(|_| panicked("the host side of the call panicked".into()))?;
         match status {
-            abi::STATUS_OK => serde_json::from_slice(&bytes)
-                .map(|value| self.redact(value))
-                .map_err(|e| bad(format!("not JSON: {e}"))),
+            abi::STATUS_OK => {
+                serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))
+            }
             abi::STATUS_ERROR => {
                 let mut error: JobError = serde_json::from_slice(&bytes)
                     .map_err(|e| bad(format!("an unreadable error: {e}")))?;
-                error.message = self.redact_text(&error.message);
-                error.details = error.details.map(|d| self.redact(d));
+                error.message = self.inner.secrets.redact_text(&error.message);
+                error.details = error.details.map(|d| self.inner.secrets.redact(d));
                 Err(PluginError::Failed {
                     plugin: library.plugin.clone(),
                     function: function.to_string(),
@@ -462,7 +473,11 @@ impl PluginHost {
                     error: Box::new(error),
                 })
             }
-            abi::STATUS_PANIC => Err(panicked(String::from_utf8_lossy(&bytes).into_owned())),
+            abi::STATUS_PANIC => Err(panicked(
+                self.inner
+                    .secrets
+                    .redact_text(&String::from_utf8_lossy(&bytes)),
+            )),
             abi::STATUS_UNKNOWN_FUNCTION => Err(PluginError::NotProvided {
                 plugin: library.plugin.clone(),
                 function: function.to_string(),
@@ -475,10 +490,46 @@ impl PluginHost {
     }
 }
 
-impl PluginHost {
+/// Well-known default passwords: public already, and masking every "guest" in plugin output
+/// would garble it without hiding anything.
+const PUBLIC_DEFAULTS: [&str; 2] = ["guest", "postgres"];
+
+/// Values shorter than this are not masked: they would match inside ordinary words and numbers,
+/// and hiding them there says little about the secret anyway.
+const MIN_SECRET_LEN: usize = 4;
+
+/// The values to mask in whatever comes back from plugins. It grows when an on_startup
+/// function hands out credentials.
+struct Secrets {
+    /// Longest first, so that a secret containing another is masked whole.
+    values: RwLock<Vec<String>>,
+}
+
+impl Secrets {
+    fn new(values: Vec<String>) -> Secrets {
+        let secrets = Secrets {
+            values: RwLock::new(Vec::new()),
+        };
+        secrets.add_all(values);
+        secrets
+    }
+
+    fn add_all(&self, values: Vec<String>) {
+        let mut known = self.values.write().unwrap_or_else(|p| p.into_inner());
+        for value in values {
+            if value.chars().count() >= MIN_SECRET_LEN
+                && !PUBLIC_DEFAULTS.contains(&value.as_str())
+                && !known.contains(&value)
+            {
+                known.push(value);
+            }
+        }
+        known.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    }
+
     fn redact_text(&self, text: &str) -> String {
         let mut text = text.to_string();
-        for secret in &self.inner.secrets {
+        for secret in self.values.read().unwrap_or_else(|p| p.into_inner()).iter() {
             if text.contains(secret.as_str()) {
                 text = text.replace(secret.as_str(), "********");
             }
@@ -486,19 +537,18 @@ impl PluginHost {
         text
     }
 
-    /// `value` with every secret replaced by `********`.
+    /// `value` with every secret replaced by `********`, in keys as well as values.
     fn redact(&self, value: Value) -> Value {
-        if self.inner.secrets.is_empty() {
-            return value;
-        }
         match value {
             Value::String(s) => Value::String(self.redact_text(&s)),
             Value::Array(items) => {
                 Value::Array(items.into_iter().map(|v| self.redact(v)).collect())
             }
-            Value::Object(map) => {
-                Value::Object(map.into_iter().map(|(k, v)| (k, self.redact(v))).collect())
-            }
+            Value::Object(map) => Value::Object(
+                map.into_iter()
+                    .map(|(k, v)| (self.redact_text(&k), self.redact(v)))
+                    .collect(),
+            ),
             other => other,
         }
     }
@@ -519,7 +569,7 @@ fn open(
     plugin: &str,
     path: &std::path::Path,
     function: &str,
-    secrets: &[String],
+    secrets: Arc<Secrets>,
 ) -> Result<Library, PluginError> {
     let load_error = |message: String| PluginError::Load {
         plugin: plugin.to_string(),
@@ -596,7 +646,7 @@ fn open(
     }
     let context: &'static LogContext = Box::leak(Box::new(LogContext {
         plugin: plugin.to_string(),
-        secrets: secrets.to_vec(),
+        secrets,
     }));
     // SAFETY: `host_log` and the leaked context live for the whole process.
     unsafe {
@@ -629,24 +679,22 @@ fn max_plugin_level() -> u32 {
 /// What the log sink knows of the plugin that logs: its name, and the secrets to hide.
 struct LogContext {
     plugin: String,
-    secrets: Vec<String>,
+    secrets: Arc<Secrets>,
 }
 
-/// Where plugin log lines arrive: target `plugin`, with the plugin's name; secrets the plugin
-/// was given are replaced by `********`.
+/// Where plugin log lines arrive: target `plugin`, with the plugin's name; every known secret
+/// is replaced by `********`.
 unsafe extern "C" fn host_log(context: *const c_void, level: u32, message: *const u8, len: usize) {
     let _ = catch_unwind(|| {
         // SAFETY: `context` is the leaked LogContext given in `set_logger`; the message
         // pointer and length describe the plugin's buffer for this call.
         let context = unsafe { &*(context as *const LogContext) };
         let plugin = &context.plugin;
-        let mut text = String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(message, len) })
-            .into_owned();
-        for secret in &context.secrets {
-            if text.contains(secret.as_str()) {
-                text = text.replace(secret.as_str(), "********");
-            }
-        }
+        let text = context
+            .secrets
+            .redact_text(&String::from_utf8_lossy(unsafe {
+                std::slice::from_raw_parts(message, len)
+            }));
         match level {
             abi::LEVEL_ERROR => tracing::error!(target: "plugin", plugin = %plugin, "{text}"),
             abi::LEVEL_WARN => tracing::warn!(target: "plugin", plugin = %plugin, "{text}"),
@@ -655,4 +703,28 @@ unsafe extern "C" fn host_log(context: *const c_void, level: u32, message: *cons
             _ => tracing::trace!(target: "plugin", plugin = %plugin, "{text}"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_masked_whole_and_short_or_public_values_are_not() {
+        let secrets = Secrets::new(vec![
+            "abcd".into(),
+            "abcdefgh".into(),
+            "abc".into(),
+            "guest".into(),
+        ]);
+        assert_eq!(
+            secrets.redact_text("x abcdefgh y abcd abc guest"),
+            "x ******** y ******** abc guest"
+        );
+        secrets.add_all(vec!["later-token".into()]);
+        assert_eq!(
+            secrets.redact(serde_json::json!({"later-token": ["later-token", 5]})),
+            serde_json::json!({"********": ["********", 5]})
+        );
+    }
 }

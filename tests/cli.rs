@@ -87,6 +87,32 @@ async fn environment_overrides_the_config_file_and_secrets_stay_secret() {
     assert!(!err.contains("hunter2-secret"), "a secret leaked: {err}");
 }
 
+#[test]
+fn passwords_in_url_query_strings_stay_secret() {
+    let ws = Workspace::new();
+    // Nothing listens on port 1: the error and the debug log describe both URLs.
+    let mut command = ws.command();
+    command
+        .env(
+            "JOBSCHLEUDER_DATABASE_URL",
+            "postgres://nobody@127.0.0.1:1/nope?sslmode=disable&password=db-query-secret",
+        )
+        .env(
+            "JOBSCHLEUDER_AMQP_URL",
+            "amqp://nobody@127.0.0.1:1/%2f?password=mq-query-secret",
+        )
+        .args(["--loglevel", "debug", "registry", "-sj"]);
+    let err = failure(run(&mut command), 1);
+    assert!(
+        err.contains("127.0.0.1:1") && err.contains("password=********"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("db-query-secret") && !err.contains("mq-query-secret"),
+        "a secret leaked: {err}"
+    );
+}
+
 #[tokio::test]
 async fn original_config_sections_load_with_a_warning() {
     let db = TestDb::new().await;

@@ -39,6 +39,7 @@ pub fn plugin_config_text() -> String {
         ("test_sleep", "testkit"),
         ("test_abort", "testkit"),
         ("test_broken", "testkit"),
+        ("test_startup_secret", "testkit"),
         ("test_missing_function", "testkit"),
         ("old_abi", "abi_mismatch"),
         ("not_a_plugin", "no_symbols"),
@@ -70,6 +71,30 @@ fn host() -> PluginHost {
     )
     .unwrap();
     PluginHost::new(&config)
+}
+
+/// The plugin config plus secrets of other sections: a database password, and a broker
+/// password in the URL's query string.
+fn config_with_secrets_text() -> String {
+    format!(
+        "{}database:\n  password: db-pass-4242\nrabbitmq:\n  url: amqp://u@127.0.0.1:5672/%2f?password=mq-query-99\n",
+        plugin_config_text()
+    )
+}
+
+fn host_with_secrets() -> PluginHost {
+    let config = Config::from_str_with_env(
+        &PathBuf::from("plugins.yaml"),
+        &config_with_secrets_text(),
+        &|_| None,
+    )
+    .unwrap();
+    PluginHost::new(&config)
+}
+
+/// The error as every reader sees it: its message and what `worker --exec` prints of it.
+fn shown(err: &PluginError) -> String {
+    format!("{err} {}", serde_json::to_string(&err.job_error()).unwrap())
 }
 
 fn args(value: Value) -> serde_json::Map<String, Value> {
@@ -383,4 +408,144 @@ fn secrets_given_to_plugins_appear_neither_in_output_nor_in_logs() {
         stdout.contains("https://nautobot.lab"),
         "the rest of the section is the plugin's to return: {stdout}"
     );
+}
+
+#[test]
+fn a_panic_message_never_carries_a_secret() {
+    let host = host_with_secrets();
+    for (job_args, secret) in [
+        (json!({"sot": true}), "sot-secret"),
+        (
+            json!({"say": "postgres://u:db-pass-4242@h/db"}),
+            "db-pass-4242",
+        ),
+        (json!({"say": "mq-query-99"}), "mq-query-99"),
+    ] {
+        let err = host.call_job("test_panic", args(job_args)).unwrap_err();
+        assert!(matches!(err, PluginError::Panicked { .. }), "{err:?}");
+        let text = shown(&err);
+        assert!(
+            text.contains("boom from the plugin") && text.contains("********"),
+            "{text}"
+        );
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+}
+
+#[test]
+fn on_startup_credentials_are_masked_like_the_sot_token() {
+    let host = host();
+    let result = host
+        .call_job("test_startup_secret", args(json!({})))
+        .unwrap();
+    let text = result.to_string();
+    assert!(
+        !text.contains("startup-token-77") && !text.contains("nested-pw-88"),
+        "{text}"
+    );
+    assert_eq!(result["header"], "Bearer ********", "{text}");
+    assert_eq!(result["args"]["vault"]["password"], "********", "{text}");
+    assert_eq!(
+        result["args"]["region"], "eu-north-1",
+        "values under other keys are the plugin's to return"
+    );
+    for then in ["fail", "panic"] {
+        let err = host
+            .call_job("test_startup_secret", args(json!({"then": then})))
+            .unwrap_err();
+        let text = shown(&err);
+        assert!(text.contains("the api refused ********"), "{text}");
+        assert!(!text.contains("startup-token-77"), "{text}");
+    }
+}
+
+#[test]
+fn configured_secrets_are_masked_whatever_key_holds_them() {
+    let host = host_with_secrets();
+    let result = host
+        .call_job(
+            "test_echo",
+            args(json!({"conn": "postgres://u:db-pass-4242@h/db", "note": "mq-query-99"})),
+        )
+        .unwrap();
+    assert_eq!(result["args"]["conn"], "postgres://u:********@h/db");
+    assert_eq!(result["args"]["note"], "********");
+    let err = host
+        .call_job("test_fail", args(json!({"x": "db-pass-4242"})))
+        .unwrap_err();
+    assert_eq!(err.details().unwrap()["args"]["x"], "********");
+    // The default broker password is public: masking every "guest" would only garble output.
+    let result = host
+        .call_job("hello_world", args(json!({"user": "guest"})))
+        .unwrap();
+    assert_eq!(result["user"], "guest");
+}
+
+#[test]
+fn logs_and_output_hide_configured_startup_and_panic_secrets() {
+    let ws = Workspace::new();
+    let config = ws.write("config.yaml", &config_with_secrets_text());
+    // hello_world logs its arguments; the others log or panic with what they were given.
+    for (job, job_args) in [
+        (
+            "hello_world",
+            r#"{"conn": "postgres://u:db-pass-4242@h/db"}"#,
+        ),
+        ("test_startup_secret", r#"{"then": "panic"}"#),
+        ("test_panic", r#"{"sot": true, "say": "mq-query-99"}"#),
+    ] {
+        let out = run(ws.command().arg("--config").arg(&config).args([
+            "--loglevel",
+            "debug",
+            "worker",
+            "--exec",
+            job,
+            "--args",
+            job_args,
+        ]));
+        let (stdout, stderr) = (stdout(&out), stderr(&out));
+        // What the plugin made of it; the arguments echoed back are the caller's own.
+        let stdout: String = stdout
+            .lines()
+            .map(|line| {
+                let mut line: Value = serde_json::from_str(line).unwrap();
+                line.as_object_mut().unwrap().remove("args");
+                line.to_string()
+            })
+            .collect();
+        assert!(
+            stdout.contains("********") && stderr.contains("********"),
+            "{job} did not run as expected:\n{stdout}\n{stderr}"
+        );
+        for secret in [
+            "db-pass-4242",
+            "mq-query-99",
+            "startup-token-77",
+            "sot-secret",
+        ] {
+            assert!(
+                !stdout.contains(secret) && !stderr.contains(secret),
+                "{job}: {secret} leaked:\n{stdout}\n{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn command_quotes_substituted_values_for_the_shell() {
+    let ws = Workspace::new();
+    let marker = ws.path().join("injected");
+    let host_value = format!("sw1;touch {}", marker.display());
+    let result = host()
+        .call_job(
+            "command",
+            args(json!({"command": "printf '[%s]' {host}", "shell": true, "host": host_value})),
+        )
+        .unwrap();
+    assert_eq!(
+        result["stdout"],
+        format!("[{host_value}]"),
+        "the value arrives as one argument"
+    );
+    assert!(!marker.exists(), "the substituted value ran as a command");
 }

@@ -14,7 +14,10 @@
 //! - `success_codes`: exit statuses that count as success (default `[0]`).
 //!
 //! `{name}` in `command` and `args` is replaced by the argument `name` when it is a string or a
-//! number, so a fanned-out job can say `ssh {host} ...`.
+//! number, so a fanned-out job can say `ssh {host} ...`. In a `shell: true` command line the
+//! value is quoted for the shell: it stays one word and runs nothing, whatever it contains (so
+//! do not put placeholders inside quotes of your own). Substituted values are not searched for
+//! placeholders again.
 //!
 //! The result has `exit_code` (or `signal`), `stdout` and `stderr` (their last 64 KiB),
 //! `stdout_truncated`/`stderr_truncated`, `duration_ms` and `timed_out`. A failed run carries the
@@ -70,20 +73,45 @@ fn command(args: Args) -> Result<Value, JobError> {
     run(&spec, &args)
 }
 
-fn substitute(text: &str, args: &Args) -> String {
-    if !text.contains('{') {
-        return text.to_string();
+/// `text` with each `{name}` replaced by the argument `name` (a string or a number), in one pass:
+/// a substituted value is never searched for placeholders. With `quote`, values are quoted for a
+/// POSIX shell, so a host name like `sw1;rm -rf ~` stays one word.
+fn substitute(text: &str, args: &Args, quote: bool) -> Result<String, JobError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let value = after.find('}').and_then(|close| {
+            let name = &after[..close];
+            let value = match args.get(name)? {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                _ => return None,
+            };
+            Some((name, value, close))
+        });
+        match value {
+            Some((name, value, close)) => {
+                if quote {
+                    let quoted = shlex::try_quote(&value).map_err(|e| {
+                        JobError::fatal(format!("command: the value of {{{name}}}: {e}"))
+                    })?;
+                    out.push_str(&quoted);
+                } else {
+                    out.push_str(&value);
+                }
+                rest = &after[close + 1..];
+            }
+            // Not a placeholder of ours (shell braces, `${VAR}`): kept as written.
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
     }
-    let mut out = text.to_string();
-    for (key, value) in args {
-        let replacement = match value {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            _ => continue,
-        };
-        out = out.replace(&format!("{{{key}}}"), &replacement);
-    }
-    out
+    out.push_str(rest);
+    Ok(out)
 }
 
 fn build(spec: &Spec, args: &Args) -> Result<(Command, Vec<String>), JobError> {
@@ -105,8 +133,14 @@ fn build(spec: &Spec, args: &Args) -> Result<(Command, Vec<String>), JobError> {
     if argv.first().is_none_or(|p| p.trim().is_empty()) {
         return Err(JobError::fatal("command: `command` is empty"));
     }
+    // Only the shell's command line is parsed by the shell; every other word is passed as is.
+    let line = if spec.shell { Some(2) } else { None };
     argv.extend(spec.args.iter().cloned());
-    let argv: Vec<String> = argv.iter().map(|a| substitute(a, args)).collect();
+    let argv = argv
+        .iter()
+        .enumerate()
+        .map(|(index, word)| substitute(word, args, line == Some(index)))
+        .collect::<Result<Vec<String>, JobError>>()?;
     let mut command = Command::new(&argv[0]);
     command.args(&argv[1..]);
     if spec.clear_env {
@@ -355,6 +389,43 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(result["stdout"], "hi sw1.lab\n/tmp\nfrom stdin");
+    }
+
+    #[test]
+    fn shell_placeholders_are_quoted_and_run_nothing() {
+        let dir = std::env::temp_dir().join(format!("command-quote-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = dir.join("injected");
+        let host = format!("sw1 ;touch {}", marker.display());
+        let result = call(json!({
+            "command": "printf '[%s]' {host} {port}",
+            "shell": true,
+            "host": host,
+            "port": 22,
+        }))
+        .unwrap();
+        assert_eq!(result["stdout"], format!("[{host}][22]"));
+        assert!(!marker.exists(), "the value ran as a command");
+
+        // A value is never searched for placeholders again: `{b}` inside `a` stays text.
+        let result = call(json!({
+            "command": "printf '[%s]' {a} {b}",
+            "shell": true,
+            "a": "{b}",
+            "b": format!("x;touch {}", marker.display()),
+        }))
+        .unwrap();
+        assert_eq!(
+            result["stdout"],
+            format!("[{{b}}][x;touch {}]", marker.display())
+        );
+        assert!(!marker.exists(), "the value ran as a command");
+
+        // Without a shell, values are plain arguments, as before.
+        let result =
+            call(json!({"command": ["printf", "[%s]", "{host}"], "host": "a b;c"})).unwrap();
+        assert_eq!(result["stdout"], "[a b;c]");
+        std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]

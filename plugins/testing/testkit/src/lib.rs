@@ -1,5 +1,5 @@
 //! Functions of every kind, for the host's tests: echo, failure, panic, fan-out, postprocessing,
-//! on_startup (working and failing), and a sleeper.
+//! on_startup (working, failing, and handing out a credential), and a sleeper.
 
 use std::time::Duration;
 
@@ -40,8 +40,47 @@ fn fail(args: Args) -> Result<Value, JobError> {
 }
 
 #[jobschleuder("test_panic")]
-fn panic(_args: Args) -> Result<Value, JobError> {
-    panic!("boom from the plugin")
+fn panic(args: Args) -> Result<Value, JobError> {
+    // Panic messages that carry what the plugin was given: the token, or any argument.
+    let token = args
+        .get("sot")
+        .and_then(|sot| sot.get("token"))
+        .and_then(Value::as_str)
+        .map(|token| format!(" with token {token}"))
+        .unwrap_or_default();
+    let said = args
+        .get("say")
+        .and_then(Value::as_str)
+        .map(|say| format!(" saying {say}"))
+        .unwrap_or_default();
+    panic!("boom from the plugin{token}{said}")
+}
+
+/// Uses a credential its on_startup fetched, and shows it everywhere it can: result, error,
+/// panic and log line.
+#[jobschleuder("test_startup_secret")]
+fn startup_secret(args: Args) -> Result<Value, JobError> {
+    let token = args
+        .get("api_token")
+        .and_then(Value::as_str)
+        .unwrap_or("none")
+        .to_string();
+    jobschleuder_plugin::info!("calling the api with {token}");
+    match args.get("then").and_then(Value::as_str) {
+        Some("fail") => Err(JobError::fatal(format!("the api refused {token}"))
+            .with_details(json!({ "header": format!("Bearer {token}") }))),
+        Some("panic") => panic!("the api refused {token}"),
+        _ => Ok(json!({ "args": args, "header": format!("Bearer {token}") })),
+    }
+}
+
+#[jobschleuder("test_startup_secret:on_startup")]
+fn startup_secret_startup() -> Result<Args, JobError> {
+    let mut args = Args::new();
+    args.insert("api_token".into(), json!("startup-token-77"));
+    args.insert("vault".into(), json!({ "password": "nested-pw-88" }));
+    args.insert("region".into(), json!("eu-north-1"));
+    Ok(args)
 }
 
 #[jobschleuder("test_sleep")]

@@ -61,6 +61,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let batch: Vec<NewRun> = chunk
             .iter()
             .map(|i| NewRun {
+                id: None,
                 job_name: "bench".into(),
                 job: "hello_world".into(),
                 job_id: None,
@@ -129,7 +130,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         total.as_secs_f64()
     );
 
-    let _ = stop.send(true);
+    stop.stop();
     let _ = worker.await;
     publisher.close().await;
     store.pool().close().await;

@@ -6,7 +6,7 @@
 //! `<queue>.dead-letter` to the durable queue `<queue>.dead`, both declared alongside: unparsable messages, unknown jobs, and messages that keep killing
 //! workers end there instead of looping.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::config::{QueueType, RabbitmqConfig};
 
 pub use lapin::message::Delivery;
-pub use lapin::Consumer;
+pub use lapin::{Acker, Consumer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -101,6 +101,18 @@ impl JobMessage {
         }
         Ok(message)
     }
+}
+
+/// What became of one published message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// The broker confirmed it.
+    Acked,
+    /// The broker refused it for now (a nack, or it came back unroutable): try again later.
+    Nacked,
+    /// It can never be published as it is (its queue cannot be declared as configured, or it
+    /// is too large): the reason, for the run's record.
+    Refused(String),
 }
 
 /// One message to publish: the queue (routing key on the default exchange) and the job.
@@ -180,15 +192,32 @@ impl Broker {
         format!("{queue}.dead")
     }
 
-    /// Declares `queue` (and its dead-letter queue) as configured, once per connection.
+    /// Declares `queue` (and its dead-letter queue) as configured, once per connection. The
+    /// declarations use a channel of their own: a refused declaration closes its channel, and
+    /// must not take the publishing channel (and every other run of its batch) with it.
     pub async fn declare(&self, queue: &str) -> Result<(), BrokerError> {
         let mut declared = self.declared.lock().await;
         if declared.contains(queue) {
             return Ok(());
         }
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(amqp("opening a channel to declare queues"))?;
+        let result = self.declare_on(&channel, queue).await;
+        if channel.status().connected() {
+            let _ = channel.close(200, ShortString::from("declared")).await;
+        }
+        result?;
+        declared.insert(queue.to_string());
+        Ok(())
+    }
+
+    async fn declare_on(&self, channel: &Channel, queue: &str) -> Result<(), BrokerError> {
         let dead = Self::dead_letter_queue(queue);
         let exchange = Self::dead_letter_exchange(queue);
-        self.channel
+        channel
             .exchange_declare(
                 ShortString::from(exchange.as_str()),
                 ExchangeKind::Direct,
@@ -200,7 +229,7 @@ impl Broker {
             )
             .await
             .map_err(amqp("declaring the dead-letter exchange"))?;
-        self.channel
+        channel
             .queue_declare(
                 ShortString::from(dead.as_str()),
                 QueueDeclareOptions::durable(),
@@ -208,7 +237,7 @@ impl Broker {
             )
             .await
             .map_err(amqp("declaring the dead-letter queue"))?;
-        self.channel
+        channel
             .queue_bind(
                 ShortString::from(dead.as_str()),
                 ShortString::from(exchange.as_str()),
@@ -237,7 +266,7 @@ impl Broker {
                 AMQPValue::LongInt(i32::try_from(self.config.delivery_limit).unwrap_or(i32::MAX)),
             );
         }
-        self.channel
+        channel
             .queue_declare(
                 ShortString::from(queue),
                 QueueDeclareOptions::durable(),
@@ -260,24 +289,47 @@ impl Broker {
                     }
                 }
             })?;
-        declared.insert(queue.to_string());
         Ok(())
     }
 
     /// Publishes persistent messages and waits for the broker's confirms, all in flight at once.
-    /// Returns, per message, whether the broker took it (acked).
-    pub async fn publish(&self, batch: &[Outgoing]) -> Result<Vec<bool>, BrokerError> {
+    /// Returns what became of each message. A message that can never be published (its queue
+    /// is refused, it is too large) is `Refused` without affecting the others; an error means
+    /// the connection failed and nothing of the batch is known to be published.
+    pub async fn publish(&self, batch: &[Outgoing]) -> Result<Vec<Published>, BrokerError> {
         let _one_publisher = self.publishing.lock().await;
+        let mut refused_queues: HashMap<&str, String> = HashMap::new();
         for queue in batch
             .iter()
             .map(|o| o.queue.as_str())
             .collect::<HashSet<_>>()
         {
-            self.declare(queue).await?;
+            match self.declare(queue).await {
+                Ok(()) => {}
+                // The connection is fine, so the broker refused this queue: its runs cannot be
+                // published as they are, the others can.
+                Err(e) if self.connection.status().connected() => {
+                    refused_queues.insert(queue, format!("queue {queue:?} cannot be used: {e}"));
+                }
+                Err(e) => return Err(e),
+            }
         }
+        let mut outcomes: Vec<Option<Published>> = vec![None; batch.len()];
         let mut confirms = Vec::with_capacity(batch.len());
-        for outgoing in batch {
+        for (index, outgoing) in batch.iter().enumerate() {
+            if let Some(reason) = refused_queues.get(outgoing.queue.as_str()) {
+                outcomes[index] = Some(Published::Refused(reason.clone()));
+                continue;
+            }
             let payload = outgoing.message.to_bytes();
+            if payload.len() > self.config.max_message_size {
+                outcomes[index] = Some(Published::Refused(format!(
+                    "its message of {} bytes is larger than rabbitmq.max_message_size ({} bytes)",
+                    payload.len(),
+                    self.config.max_message_size
+                )));
+                continue;
+            }
             let confirm = self
                 .channel
                 .basic_publish(
@@ -296,21 +348,29 @@ impl Broker {
                 )
                 .await
                 .map_err(amqp("publishing"))?;
-            confirms.push(confirm);
+            confirms.push((index, confirm));
         }
+        let (indexes, confirms): (Vec<usize>, Vec<_>) = confirms.into_iter().unzip();
         let results = join_all(confirms).await;
-        let mut acked = Vec::with_capacity(results.len());
-        for result in results {
-            match result.map_err(amqp("waiting for publisher confirms"))? {
-                Confirmation::Ack(None) | Confirmation::NotRequested => acked.push(true),
-                Confirmation::Ack(Some(_)) | Confirmation::Nack(_) => acked.push(false),
-            }
+        let mut nacked = false;
+        for (index, result) in indexes.into_iter().zip(results) {
+            let outcome = match result.map_err(amqp("waiting for publisher confirms"))? {
+                Confirmation::Ack(None) | Confirmation::NotRequested => Published::Acked,
+                Confirmation::Ack(Some(_)) | Confirmation::Nack(_) => {
+                    nacked = true;
+                    Published::Nacked
+                }
+            };
+            outcomes[index] = Some(outcome);
         }
-        if acked.iter().any(|ok| !ok) {
+        if nacked {
             // Perhaps a queue was deleted: declare queues again before the next publish.
             self.declared.lock().await.clear();
         }
-        Ok(acked)
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Published::Nacked))
+            .collect())
     }
 
     /// Starts consuming `queue` with at most `prefetch` unacknowledged deliveries.
@@ -353,12 +413,25 @@ impl Broker {
 
 /// Acknowledges a delivery: the job's result is recorded.
 pub async fn ack(delivery: &Delivery) -> Result<(), BrokerError> {
-    delivery
-        .acker
+    acknowledge(&delivery.acker).await
+}
+
+/// Acknowledges the delivery `acker` belongs to (kept apart from its delivery).
+pub async fn acknowledge(acker: &Acker) -> Result<(), BrokerError> {
+    acker
         .ack(BasicAckOptions::default())
         .await
         .map(|_| ())
         .map_err(amqp("acknowledging a delivery"))
+}
+
+/// The AMQP `message_id` a sender gave the message, if any.
+pub fn message_id(delivery: &Delivery) -> Option<String> {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str().to_string())
 }
 
 /// Puts a delivery back in the queue, to be delivered again.

@@ -97,7 +97,8 @@ pub struct Config {
     pub loglevel: Option<String>,
     /// The source-of-truth section, handed to plugins in place of `sot: true`.
     pub sot: SotConfig,
-    /// The zone cron schedules are read in unless a job names its own.
+    /// The zone cron schedules are read in unless a job names its own: `timezone:`, else UTC —
+    /// never the host's zone, which may differ between the hosts of one installation.
     pub timezone: Tz,
     pub scheduler: SchedulerConfig,
     pub worker: WorkerConfig,
@@ -134,6 +135,10 @@ pub struct RabbitmqConfig {
     /// Deliveries of one message before it is dead-lettered (quorum queues only): a job that
     /// keeps killing its workers ends there instead of looping.
     pub delivery_limit: u32,
+    /// Largest message body published; a run whose message is larger is recorded dead instead
+    /// of closing the channel for the whole batch. Keep it at or below the broker's own
+    /// `max_message_size` (128 MiB by default).
+    pub max_message_size: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +165,13 @@ pub struct SchedulerConfig {
     pub misfire_grace: Duration,
     /// Registry entries handled per transaction.
     pub batch_size: u32,
+    /// How often running runs are checked for a vanished worker (two checks in a row make an
+    /// orphan) and long-unclaimed runs are published again.
+    pub sweep_every: Duration,
+    /// A run still queued this long after it was published (no worker claimed it: its message
+    /// was lost, or dead-lettered by the broker) is published again; the claim makes the
+    /// duplicate harmless.
+    pub republish_after: Duration,
 }
 
 /// `worker:` settings.
@@ -170,6 +182,8 @@ pub struct WorkerConfig {
     /// First retry delay; doubles per attempt up to `retry_backoff_max`.
     pub retry_backoff: Duration,
     pub retry_backoff_max: Duration,
+    /// How long calls wait for a plugin's `on_startup` before they fail (it may hang).
+    pub startup_timeout: Duration,
 }
 
 /// `runs:` settings.
@@ -450,6 +464,8 @@ struct RawScheduler {
     max_sleep: Option<f64>,
     misfire_grace: Option<f64>,
     batch_size: Option<u32>,
+    sweep_every: Option<f64>,
+    republish_after: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -458,6 +474,7 @@ struct RawWorker {
     grace_period: Option<f64>,
     retry_backoff: Option<f64>,
     retry_backoff_max: Option<f64>,
+    startup_timeout: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -493,6 +510,7 @@ struct RawRabbitmq {
     heartbeat: Option<u16>,
     queue_type: Option<String>,
     delivery_limit: Option<u32>,
+    max_message_size: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -736,6 +754,11 @@ fn build(
             .and_then(|m| m.delivery_limit)
             .unwrap_or(5)
             .max(1),
+        max_message_size: mq
+            .as_ref()
+            .and_then(|m| m.max_message_size)
+            .unwrap_or(128 * 1024 * 1024)
+            .max(1024),
     };
     if let Some(url) = env(ENV_AMQP_URL).filter(|v| !v.is_empty()) {
         rabbitmq.url = Some(Secret(url));
@@ -808,7 +831,7 @@ fn build(
             key: "timezone".into(),
             message,
         })?,
-        None => host_timezone(),
+        None => Tz::UTC,
     };
 
     let seconds = |value: Option<f64>, default: f64, key: &str| -> Result<Duration, ConfigError> {
@@ -841,6 +864,18 @@ fn build(
             .and_then(|s| s.batch_size)
             .unwrap_or(1000)
             .max(1),
+        sweep_every: seconds(
+            sch.as_ref().and_then(|s| s.sweep_every),
+            10.0,
+            "scheduler.sweep_every",
+        )?
+        .max(Duration::from_millis(100)),
+        republish_after: seconds(
+            sch.as_ref().and_then(|s| s.republish_after),
+            900.0,
+            "scheduler.republish_after",
+        )?
+        .max(Duration::from_secs(1)),
     };
     let wrk = raw.worker;
     let worker = WorkerConfig {
@@ -858,6 +893,11 @@ fn build(
             wrk.as_ref().and_then(|w| w.retry_backoff_max),
             3600.0,
             "worker.retry_backoff_max",
+        )?,
+        startup_timeout: seconds(
+            wrk.as_ref().and_then(|w| w.startup_timeout),
+            60.0,
+            "worker.startup_timeout",
         )?,
     };
     let runs = RunsConfig {
@@ -892,19 +932,6 @@ pub fn parse_timezone(name: &str) -> Result<Tz, String> {
     name.parse::<Tz>().map_err(|_| {
         format!("unknown time zone {name:?}: use an IANA name such as \"Europe/Berlin\", \"America/New_York\" or \"UTC\"")
     })
-}
-
-/// The host's zone (from TZ or /etc/localtime), UTC when it cannot be told.
-pub fn host_timezone() -> Tz {
-    if let Ok(tz) = std::env::var("TZ") {
-        if let Ok(zone) = tz.trim_start_matches(':').parse::<Tz>() {
-            return zone;
-        }
-    }
-    iana_time_zone::get_timezone()
-        .ok()
-        .and_then(|name| name.parse::<Tz>().ok())
-        .unwrap_or(Tz::UTC)
 }
 
 #[cfg(test)]

@@ -24,6 +24,9 @@ pub enum Error {
     NotImplemented(&'static str),
     #[error("{0}")]
     Runtime(String),
+    /// Stopped at once by a second stop signal (after recording what it could).
+    #[error("stopped by a second stop signal")]
+    Interrupted,
 }
 
 impl From<std::io::Error> for Error {
@@ -34,10 +37,13 @@ impl From<std::io::Error> for Error {
 }
 
 impl Error {
-    /// 2 for a command line that cannot work, 1 for everything else.
+    /// 2 for a command line that cannot work, 130 after a second stop signal, 1 for everything
+    /// else.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) => 2,
+            // As a shell reports a process ended by SIGINT.
+            Error::Interrupted => 130,
             _ => 1,
         }
     }

@@ -15,7 +15,8 @@
 //! - [`broker`]: RabbitMQ: queues, publishing with confirms, consuming, the message format.
 //! - [`scheduler`]: due schedule rows become runs; queued runs are published (the outbox).
 //! - [`worker`]: deliveries become plugin calls; results are recorded, then acknowledged.
-//! - [`shutdown`]: SIGTERM/SIGINT handling.
+//! - [`shutdown`]: SIGTERM/SIGINT handling: a graceful stop, then an immediate one.
+//! - [`process`]: the processes a worker started, killed when it stops.
 //! - [`output`]: tables and JSON for `--show-*`.
 //! - [`commands`]: one module per subcommand.
 //! - [`error`]: the error type commands return, and exit codes.
@@ -30,6 +31,7 @@ pub mod jobfile;
 pub mod logging;
 pub mod output;
 pub mod plugin;
+pub mod process;
 pub mod scheduler;
 pub mod shutdown;
 pub mod store;

@@ -1,6 +1,6 @@
 //! The scheduler's work: turning due schedule rows into runs, and publishing queued runs.
 //!
-//! One pass (DESIGN.md rules 1, 2, 8, 9):
+//! One pass (ARCHITECTURE.md, invariants 1, 2, 7 and 8):
 //! 1. Registry entries without a schedule row (new after an import) get their next run.
 //! 2. In one transaction per batch: lock due schedule rows (`FOR UPDATE SKIP LOCKED`), insert
 //!    their runs (unique per registry entry and scheduled time), advance `next_run`.
@@ -16,19 +16,24 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 
-use crate::broker::{Broker, BrokerError, JobMessage, Outgoing};
+use crate::broker::{Broker, BrokerError, JobMessage, Outgoing, Published};
 use crate::config::Config;
 use crate::cron::CronSchedule;
 use crate::jobfile::Misfire;
 use crate::shutdown::Shutdown;
-use crate::store::{Decision, DueEntry, EntrySchedule, Store, StoreError};
+use crate::store::{ClaimKey, Decision, DueEntry, EntrySchedule, Store, StoreError};
+use std::collections::HashSet;
 
 /// Runs published per batch (one transaction, confirms awaited together).
 const PUBLISH_BATCH: u32 = 1000;
 /// The longest a batch may wait for the broker's confirms.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often running runs are checked for a vanished worker.
-const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// Finished runs deleted per statement when pruning, and the pause between statements: a big
+/// backlog is pruned in the background without holding locks or the pass.
+const PRUNE_CHUNK: u32 = 5000;
+const PRUNE_PAUSE: Duration = Duration::from_millis(50);
+/// How often the pruner looks for runs past their retention.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// The zone of an entry: its own, else the configured one.
 pub fn entry_zone(timezone: Option<&str>, default: Tz) -> Tz {
@@ -50,9 +55,11 @@ pub fn next_run(
         .next_after(after, entry_zone(timezone, default))
 }
 
-/// What to do with a due entry at `now`: run the slot once (unless it was missed and the job
-/// says `misfire: skip`), then go on from now — so a scheduler that was down runs a missed job
-/// once, not once per missed slot.
+/// What to do with a due entry at `now`. A slot that is merely late (by less than
+/// `misfire_grace`: a slow pass, a busy database, an import) runs, and the next slot follows
+/// it, so no slot is lost to a late pass. A missed slot (later than that: no scheduler ran)
+/// runs once — or not at all with `misfire: skip` — and the schedule goes on from now, so a
+/// scheduler that was down runs a missed job once, not once per missed slot.
 pub fn decide(
     entry: &DueEntry,
     now: DateTime<Utc>,
@@ -62,7 +69,7 @@ pub fn decide(
     let missed = now - entry.next_run
         > chrono::Duration::from_std(misfire_grace).unwrap_or(chrono::Duration::MAX);
     let skip = missed && Misfire::parse(&entry.misfire) == Some(Misfire::Skip);
-    let from = entry.next_run.max(now);
+    let from = if missed { now } else { entry.next_run };
     Decision {
         run_for: if skip { None } else { Some(entry.next_run) },
         next_run: next_run(&entry.schedule, entry.timezone.as_deref(), default, from),
@@ -129,7 +136,7 @@ impl Publisher {
     }
 
     /// Publishes `batch`; on a broker error the connection is dropped and retried later.
-    pub async fn publish(&mut self, batch: &[Outgoing]) -> Result<Vec<bool>, BrokerError> {
+    pub async fn publish(&mut self, batch: &[Outgoing]) -> Result<Vec<Published>, BrokerError> {
         let result = match self.broker().await {
             // A broker that stops confirming (a resource alarm) must not hold the outbox.
             Ok(broker) => {
@@ -143,7 +150,7 @@ impl Publisher {
         match &result {
             Err(_) => self.failed(),
             // Refused messages are tried again after a pause, not at once.
-            Ok(acked) if acked.iter().any(|ok| !ok) => self.back_off(),
+            Ok(outcomes) if outcomes.contains(&Published::Nacked) => self.back_off(),
             Ok(_) => {}
         }
         result
@@ -187,18 +194,24 @@ pub fn message_of(run: &crate::store::OutboxRun) -> JobMessage {
     }
 }
 
-/// Steps 1 and 2 of a pass: schedule new entries, create due runs.
+/// Steps 1 and 2 of a pass: schedule new entries, create due runs. "Now" is the database's
+/// clock, or `at` when given (tests stepping through time).
 pub async fn create_due_runs(
     store: &Store,
     config: &Config,
-    now: DateTime<Utc>,
+    at: Option<DateTime<Utc>>,
 ) -> Result<PassSummary, StoreError> {
     let mut summary = PassSummary::default();
     let default_tz = config.timezone;
     if store.has_unscheduled_entries().await? {
         let (count, unschedulable) = store
-            .fill_missing_schedule(&|e: &EntrySchedule| {
-                next_run(&e.schedule, e.timezone.as_deref(), default_tz, now)
+            .fill_missing_schedule(&|e: &EntrySchedule, now| {
+                next_run(
+                    &e.schedule,
+                    e.timezone.as_deref(),
+                    default_tz,
+                    at.unwrap_or(now),
+                )
             })
             .await?;
         summary.newly_scheduled = count;
@@ -211,16 +224,22 @@ pub async fn create_due_runs(
     }
     let grace = config.scheduler.misfire_grace;
     loop {
+        // Whether an entry is due again at once (a late pass catching up slot by slot).
+        let again = std::cell::Cell::new(false);
         let (handled, created) = store
-            .schedule_due(now, config.scheduler.batch_size, &|entry| {
-                decide(entry, now, default_tz, grace)
+            .schedule_due(at, config.scheduler.batch_size, &|entry, now| {
+                let decision = decide(entry, now, default_tz, grace);
+                if decision.next_run.is_some_and(|next| next <= now) {
+                    again.set(true);
+                }
+                decision
             })
             .await?;
         for run in &created {
             tracing::info!(run = %run.id, job = %run.job_name, scheduled_for = %run.scheduled_for.map(|t| t.to_rfc3339()).unwrap_or_default(), "run queued");
         }
         summary.runs_created += created.len();
-        if handled < config.scheduler.batch_size as usize {
+        if handled < config.scheduler.batch_size as usize && !again.get() {
             break;
         }
     }
@@ -239,7 +258,7 @@ pub async fn publish_queued(
     loop {
         let batch = store.outbox(PUBLISH_BATCH, only).await?;
         if batch.runs.is_empty() {
-            batch.mark_published(&[]).await?;
+            batch.settle(&[], &[]).await?;
             return Ok(published);
         }
         let outgoing: Vec<Outgoing> = batch
@@ -255,17 +274,26 @@ pub async fn publish_queued(
             .collect();
         // On a broker error the batch is dropped unmarked (its transaction rolls back): the
         // runs stay in the outbox for the next pass.
-        let acked = publisher.publish(&outgoing).await?;
+        let outcomes = publisher.publish(&outgoing).await?;
         let mut ids = Vec::with_capacity(batch.runs.len());
-        for (run, ok) in batch.runs.iter().zip(&acked) {
-            if *ok {
-                tracing::debug!(run = %run.id, job = %run.job_name, "run published");
-                ids.push(run.id);
+        let mut dead = Vec::new();
+        let mut nacked = 0;
+        for (run, outcome) in batch.runs.iter().zip(outcomes) {
+            match outcome {
+                Published::Acked => {
+                    tracing::debug!(run = %run.id, job = %run.job_name, "run published");
+                    ids.push(run.id);
+                }
+                Published::Nacked => nacked += 1,
+                Published::Refused(reason) => {
+                    let error = format!("cannot be published: {reason}");
+                    tracing::error!(run = %run.id, job = %run.job_name, "run dead: {error}");
+                    dead.push((run.id, error));
+                }
             }
         }
-        let nacked = acked.len() - ids.len();
         let full = batch.runs.len() == PUBLISH_BATCH as usize;
-        batch.mark_published(&ids).await?;
+        batch.settle(&ids, &dead).await?;
         published += ids.len();
         if nacked > 0 {
             return Err(BrokerError::Nacked(nacked).into());
@@ -277,43 +305,102 @@ pub async fn publish_queued(
 }
 
 /// Finds runs left `running` by a worker that is gone (its lease ended) after their message
-/// was settled, and queues them again. A run counts as orphaned only when it was seen without
-/// a lease on two sweeps in a row, so a worker that lost its lease connection for a moment
-/// (a database restart) has time to take its lease back.
-#[derive(Default)]
+/// was settled, and queues them again; and puts runs that stayed queued long after they were
+/// published (no worker claimed them) back in the outbox. A claim counts as orphaned only
+/// when it was seen without a lease on two sweeps in a row, so a worker that lost its lease
+/// connection for a moment (a database restart) has time to take its lease back.
 struct Sweeper {
+    every: Duration,
+    republish_after: Duration,
+    crash_limit: u32,
     last: Option<tokio::time::Instant>,
-    suspects: std::collections::HashSet<uuid::Uuid>,
+    suspects: HashSet<ClaimKey>,
 }
 
 impl Sweeper {
+    fn new(config: &Config) -> Sweeper {
+        Sweeper {
+            every: config.scheduler.sweep_every,
+            republish_after: config.scheduler.republish_after,
+            crash_limit: config.rabbitmq.delivery_limit,
+            last: None,
+            suspects: HashSet::new(),
+        }
+    }
+
     async fn sweep(&mut self, store: &Store) {
-        if self.last.is_some_and(|at| at.elapsed() < SWEEP_EVERY) {
+        if self.last.is_some_and(|at| at.elapsed() < self.every) {
             return;
         }
         self.last = Some(tokio::time::Instant::now());
-        let now: std::collections::HashSet<uuid::Uuid> = match store.orphaned_runs().await {
-            Ok(ids) => ids.into_iter().collect(),
+        match store.republish_stale(self.republish_after).await {
+            Ok(ids) => {
+                for id in ids {
+                    tracing::warn!(run = %id, "run published again: no worker claimed it within scheduler.republish_after");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "republishing unclaimed runs failed"),
+        }
+        let now: HashSet<ClaimKey> = match store.orphaned_runs().await {
+            Ok(claims) => claims.into_iter().collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "looking for orphaned runs failed");
                 return;
             }
         };
-        let confirmed: Vec<uuid::Uuid> = now.intersection(&self.suspects).copied().collect();
+        let confirmed: Vec<ClaimKey> = now.intersection(&self.suspects).copied().collect();
         self.suspects = now;
         if confirmed.is_empty() {
             return;
         }
-        match store.requeue_orphans(&confirmed).await {
-            Ok(requeued) => {
-                for id in &requeued {
-                    tracing::warn!(run = %id, "run queued again: its worker vanished while running it");
-                    self.suspects.remove(id);
+        match store.requeue_orphans(&confirmed, self.crash_limit).await {
+            Ok(handled) => {
+                for (id, attempt, status) in &handled {
+                    if status == "dead" {
+                        tracing::warn!(run = %id, attempt, "run dead: its worker vanished while running it too often");
+                    } else {
+                        tracing::warn!(run = %id, attempt, "run queued again: its worker vanished while running it");
+                    }
                 }
+                self.suspects
+                    .retain(|claim| !handled.iter().any(|(id, _, _)| *id == claim.0));
             }
             Err(e) => tracing::warn!(error = %e, "queueing orphaned runs again failed"),
         }
     }
+}
+
+/// Deletes finished runs past `runs.retention_days`, in bounded chunks with pauses, on a task
+/// of its own: a big backlog never holds up a scheduling pass.
+fn spawn_pruner(store: &Store, retention: Duration) -> tokio::task::JoinHandle<()> {
+    let store = store.clone();
+    tokio::spawn(async move {
+        loop {
+            let mut total = 0u64;
+            loop {
+                match store.prune_runs(retention, PRUNE_CHUNK).await {
+                    Ok(count) => {
+                        total += count;
+                        if count < u64::from(PRUNE_CHUNK) {
+                            break;
+                        }
+                        tokio::time::sleep(PRUNE_PAUSE).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pruning old runs failed");
+                        break;
+                    }
+                }
+            }
+            if total > 0 {
+                tracing::info!(
+                    runs = total,
+                    "pruned finished runs older than the retention period"
+                );
+            }
+            tokio::time::sleep(PRUNE_EVERY).await;
+        }
+    })
 }
 
 /// The scheduler loop, until `shutdown` (or after one pass with `once`).
@@ -335,15 +422,18 @@ pub async fn run(
         }
     };
     let mut total = PassSummary::default();
-    let mut last_prune: Option<tokio::time::Instant> = None;
     let mut db_backoff = Duration::from_millis(200);
-    let mut sweeper = Sweeper::default();
+    let mut sweeper = Sweeper::new(config);
+    // Aborted when the loop ends (a dropped JoinHandle would leave it running).
+    let pruner = match (once, config.runs.retention) {
+        (false, Some(retention)) => Some(AbortOnDrop(spawn_pruner(store, retention))),
+        _ => None,
+    };
     loop {
         let pass = async {
-            let now = Utc::now();
             let mut db_failed = false;
             let mut published = 0;
-            match create_due_runs(store, config, now).await {
+            match create_due_runs(store, config, None).await {
                 Ok(summary) => {
                     total.newly_scheduled += summary.newly_scheduled;
                     total.runs_created += summary.runs_created;
@@ -377,22 +467,6 @@ pub async fn run(
             if !db_failed {
                 sweeper.sweep(store).await;
             }
-            if let Some(retention) = config.runs.retention {
-                let due = last_prune.is_none_or(|at| at.elapsed() >= Duration::from_secs(3600));
-                if due && !db_failed {
-                    last_prune = Some(tokio::time::Instant::now());
-                    let cutoff = Utc::now()
-                        - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
-                    match store.prune_runs(cutoff).await {
-                        Ok(0) => {}
-                        Ok(count) => tracing::info!(
-                            runs = count,
-                            "pruned finished runs older than the retention period"
-                        ),
-                        Err(e) => tracing::warn!(error = %e, "pruning old runs failed"),
-                    }
-                }
-            }
             Ok((db_failed, published))
         };
         // A pass stopped by a signal loses nothing: its open transaction rolls back.
@@ -416,21 +490,23 @@ pub async fn run(
         let now = tokio::time::Instant::now();
         let mut wake = now + config.scheduler.max_sleep;
         if !sweeper.suspects.is_empty() {
-            wake = wake.min(now + SWEEP_EVERY);
+            wake = wake.min(now + sweeper.every);
         }
         if db_failed {
             wake = now + db_backoff;
             db_backoff = (db_backoff * 2).min(Duration::from_secs(10));
         } else {
             db_backoff = Duration::from_millis(200);
-            let until =
-                |at: DateTime<Utc>| now + (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
             match store.next_wakeup().await {
-                Ok((next_run, next_publish)) => {
-                    if let Some(at) = next_run {
+                Ok(next) => {
+                    // Measured on the database's clock, like the due check itself.
+                    let until = |at: DateTime<Utc>| {
+                        now + (at - next.now).to_std().unwrap_or(Duration::ZERO)
+                    };
+                    if let Some(at) = next.next_run {
                         wake = wake.min(until(at));
                     }
-                    if let Some(at) = next_publish {
+                    if let Some(at) = next.next_publish {
                         let mut publish_at = until(at);
                         if let Some(retry) = publisher.retry_at() {
                             publish_at = publish_at.max(retry);
@@ -439,6 +515,14 @@ pub async fn run(
                             publish_at = publish_at.max(now + Duration::from_millis(250));
                         }
                         wake = wake.min(publish_at);
+                    }
+                    // The sweep looks at running runs, and at published runs nobody claimed.
+                    if next.any_running {
+                        wake = wake.min(now + sweeper.every);
+                    }
+                    if let Some(at) = next.oldest_unclaimed {
+                        let due = until(at) + sweeper.republish_after;
+                        wake = wake.min(due.max(now + sweeper.every));
                     }
                 }
                 Err(e) => {
@@ -465,8 +549,18 @@ pub async fn run(
             _ = shutdown.wait() => break,
         }
     }
+    drop(pruner);
     publisher.close().await;
     Ok(total)
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]

@@ -242,15 +242,24 @@ impl Store {
     }
 
     /// Replaces all jobs and registry entries with `jobs`, in one transaction: either the whole
-    /// file is in the registry afterwards, or nothing changed. The schedule of removed entries
-    /// goes with them; the run history stays. `progress(done, total)` is called per chunk.
+    /// file is in the registry afterwards, or nothing changed. The run history stays.
+    /// `progress(done, total)` is called per chunk.
+    ///
+    /// Jobs are matched by name: a job that stays keeps its row (and id), and a registry entry
+    /// whose schedule and time zone are unchanged keeps its schedule row untouched — its next
+    /// run, and a missed run still waiting for catch-up, survive the import, and schedulers go
+    /// on firing it while the import runs. Only entries that are new or whose schedule or zone
+    /// changed get a new next run (computed by the scheduler, from now).
+    ///
+    /// # Transactions, locks, and timeouts
+    /// One importer at a time (`LOCK TABLE jobs`). Schedulers are not blocked: their passes lock
+    /// schedule rows, which the import deletes only for entries that changed or went.
     pub async fn replace_registry(
         &self,
         jobs: &[JobDefinition],
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<ImportSummary, StoreError> {
         let mut tx = self.pool.begin().await.context("starting the import")?;
-        // One importer at a time; a second waits rather than interleaving.
         sqlx::query("LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE")
             .execute(&mut *tx)
             .await
@@ -259,8 +268,7 @@ impl Store {
             .fetch_all(&mut *tx)
             .await
             .context("reading the current jobs")?;
-        let new_names: std::collections::HashSet<&str> =
-            jobs.iter().map(|j| j.name.as_str()).collect();
+        let new_names: HashSet<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
         let kept = before
             .iter()
             .filter(|n| n.as_deref().is_some_and(|n| new_names.contains(n)))
@@ -273,21 +281,23 @@ impl Store {
             scheduled: jobs.iter().filter(|j| j.schedule.is_some()).count(),
         };
 
-        for statement in [
-            "DELETE FROM schedule",
-            "DELETE FROM registry",
-            "DELETE FROM jobs",
-        ] {
-            tx.execute(statement)
-                .await
-                .context("removing the old registry")?;
-        }
-
+        tx.execute(
+            "CREATE TEMP TABLE import_jobs (
+                ord int, name text, job text, description text, preprocessing text,
+                postprocessing text, arguments text, timeout_seconds float8, retries int4,
+                queue text, schedule text, timezone text, misfire text
+             ) ON COMMIT DROP",
+        )
+        .await
+        .context("preparing the import")?;
         let mut done = 0;
         for chunk in jobs.chunks(IMPORT_CHUNK) {
-            insert_chunk(&mut tx, chunk).await?;
+            stage_chunk(&mut tx, done, chunk).await?;
             done += chunk.len();
             progress(done, jobs.len());
+        }
+        for (statement, context) in IMPORT_STATEMENTS {
+            tx.execute(*statement).await.context(context)?;
         }
         notify_on(&mut tx, "registry").await?;
         tx.commit().await.context("committing the import")?;
@@ -315,7 +325,88 @@ impl Store {
     }
 }
 
-async fn insert_chunk(tx: &mut PgConnection, chunk: &[JobDefinition]) -> Result<(), StoreError> {
+/// The statements that turn the staged file (`import_jobs`) into the registry, in order.
+const IMPORT_STATEMENTS: &[(&str, &str)] = &[
+    (
+        "ANALYZE import_jobs",
+        "preparing the import",
+    ),
+    (
+        // Jobs no longer in the file go, with their registry entry and schedule row (cascade).
+        "DELETE FROM jobs j
+         WHERE j.name IS NULL OR NOT EXISTS (SELECT 1 FROM import_jobs t WHERE t.name = j.name)",
+        "removing jobs that are no longer in the file",
+    ),
+    (
+        // Only rows that differ are written: an unchanged job costs nothing.
+        "UPDATE jobs j
+         SET job = t.job, description = t.description, preprocessing = t.preprocessing,
+             postprocessing = t.postprocessing, arguments = t.arguments::json,
+             timeout_seconds = t.timeout_seconds, retries = t.retries, queue = t.queue
+         FROM import_jobs t
+         WHERE j.name = t.name
+           AND (j.job, j.description, j.preprocessing, j.postprocessing, j.arguments::text,
+                j.timeout_seconds, j.retries, j.queue)
+               IS DISTINCT FROM
+               (t.job, t.description, t.preprocessing, t.postprocessing, t.arguments,
+                t.timeout_seconds, t.retries, t.queue)",
+        "updating jobs",
+    ),
+    (
+        "INSERT INTO jobs (name, job, description, preprocessing, postprocessing, arguments,
+                           timeout_seconds, retries, queue)
+         SELECT t.name, t.job, t.description, t.preprocessing, t.postprocessing, t.arguments::json,
+                t.timeout_seconds, t.retries, t.queue
+         FROM import_jobs t
+         WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.name = t.name)
+         ORDER BY t.ord",
+        "inserting jobs",
+    ),
+    (
+        // One registry entry per job (a database of the original may have several); none for
+        // a job that has no schedule now.
+        "DELETE FROM registry r
+         USING jobs j, import_jobs t
+         WHERE r.job = j.id AND j.name = t.name
+           AND (t.schedule IS NULL
+                OR EXISTS (SELECT 1 FROM registry r2 WHERE r2.job = r.job AND r2.id < r.id))",
+        "removing registry entries",
+    ),
+    (
+        // A changed schedule or zone gets a new next run (the scheduler computes it from now).
+        "DELETE FROM schedule s
+         USING registry r, jobs j, import_jobs t
+         WHERE s.job = r.id AND r.job = j.id AND j.name = t.name
+           AND (r.schedule, r.timezone) IS DISTINCT FROM (t.schedule, t.timezone)",
+        "removing the schedule of changed entries",
+    ),
+    (
+        "UPDATE registry r
+         SET schedule = t.schedule, timezone = t.timezone, misfire = t.misfire
+         FROM jobs j, import_jobs t
+         WHERE r.job = j.id AND j.name = t.name
+           AND (r.schedule, r.timezone, r.misfire) IS DISTINCT FROM (t.schedule, t.timezone, t.misfire)",
+        "updating registry entries",
+    ),
+    (
+        "INSERT INTO registry (job, schedule, timezone, misfire)
+         SELECT j.id, t.schedule, t.timezone, t.misfire
+         FROM import_jobs t JOIN jobs j ON j.name = t.name
+         WHERE t.schedule IS NOT NULL AND NOT EXISTS (SELECT 1 FROM registry r WHERE r.job = j.id)
+         ORDER BY t.ord",
+        "inserting registry entries",
+    ),
+];
+
+/// Copies a chunk of the job file into the import's staging table.
+async fn stage_chunk(
+    tx: &mut PgConnection,
+    offset: usize,
+    chunk: &[JobDefinition],
+) -> Result<(), StoreError> {
+    let ord: Vec<i32> = (0..chunk.len())
+        .map(|i| i32::try_from(offset + i).unwrap_or(i32::MAX))
+        .collect();
     let names: Vec<&str> = chunk.iter().map(|j| j.name.as_str()).collect();
     let job: Vec<&str> = chunk.iter().map(|j| j.job.as_str()).collect();
     let description: Vec<Option<&str>> = chunk.iter().map(|j| j.description.as_deref()).collect();
@@ -334,16 +425,22 @@ async fn insert_chunk(tx: &mut PgConnection, chunk: &[JobDefinition]) -> Result<
         .map(|j| i32::try_from(j.retries).unwrap_or(i32::MAX))
         .collect();
     let queue: Vec<Option<&str>> = chunk.iter().map(|j| j.queue.as_deref()).collect();
+    let schedules: Vec<Option<&str>> = chunk
+        .iter()
+        .map(|j| j.schedule.as_ref().map(|s| s.expression()))
+        .collect();
+    let zones: Vec<Option<String>> = chunk
+        .iter()
+        .map(|j| j.timezone.map(|t| t.name().to_string()))
+        .collect();
+    let misfire: Vec<&str> = chunk.iter().map(|j| j.misfire.as_str()).collect();
     sqlx::query(
-        "INSERT INTO jobs (name, job, description, preprocessing, postprocessing, arguments,
-                           timeout_seconds, retries, queue)
-         SELECT name, job, description, preprocessing, postprocessing, arguments::json,
-                timeout_seconds, retries, queue
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::float8[], $8::int4[], $9::text[])
-           AS t(name, job, description, preprocessing, postprocessing, arguments,
-                timeout_seconds, retries, queue)",
+        "INSERT INTO import_jobs
+         SELECT * FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                              $7::text[], $8::float8[], $9::int4[], $10::text[], $11::text[],
+                              $12::text[], $13::text[])",
     )
+    .bind(&ord)
     .bind(&names)
     .bind(&job)
     .bind(&description)
@@ -353,34 +450,12 @@ async fn insert_chunk(tx: &mut PgConnection, chunk: &[JobDefinition]) -> Result<
     .bind(&timeout)
     .bind(&retries)
     .bind(&queue)
-    .execute(&mut *tx)
-    .await
-    .context("inserting jobs")?;
-
-    let scheduled: Vec<&JobDefinition> = chunk.iter().filter(|j| j.schedule.is_some()).collect();
-    let names: Vec<&str> = scheduled.iter().map(|j| j.name.as_str()).collect();
-    let schedules: Vec<&str> = scheduled
-        .iter()
-        .filter_map(|j| j.schedule.as_ref().map(|s| s.expression()))
-        .collect();
-    let zones: Vec<Option<String>> = scheduled
-        .iter()
-        .map(|j| j.timezone.map(|t| t.name().to_string()))
-        .collect();
-    let misfire: Vec<&str> = scheduled.iter().map(|j| j.misfire.as_str()).collect();
-    sqlx::query(
-        "INSERT INTO registry (job, schedule, timezone, misfire)
-         SELECT j.id, t.schedule, t.timezone, t.misfire
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS t(name, schedule, timezone, misfire)
-         JOIN jobs j ON j.name = t.name",
-    )
-    .bind(&names)
     .bind(&schedules)
     .bind(&zones)
     .bind(&misfire)
     .execute(&mut *tx)
     .await
-    .context("inserting registry entries")?;
+    .context("staging the job file")?;
     Ok(())
 }
 
@@ -483,6 +558,18 @@ pub struct CreatedRun {
     pub scheduled_for: Option<DateTime<Utc>>,
 }
 
+/// Computes a registry entry's next run after `now` (the database's clock).
+pub type NextRun<'a> = dyn Fn(&EntrySchedule, DateTime<Utc>) -> Option<DateTime<Utc>> + 'a;
+
+/// The database's clock: the one clock every host's due checks and retry times use, so hosts
+/// with skewed clocks still fire each slot once and on time.
+async fn db_now(conn: &mut PgConnection) -> Result<DateTime<Utc>, StoreError> {
+    sqlx::query_scalar("SELECT now()")
+        .fetch_one(conn)
+        .await
+        .context("reading the database's clock")
+}
+
 /// A registry entry's schedule, for computing its next run.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct EntrySchedule {
@@ -506,6 +593,9 @@ pub struct ScheduledRow {
 /// A run to insert (manual, webhook, fan-out child, or a bare message of the original).
 #[derive(Debug, Clone)]
 pub struct NewRun {
+    /// A deterministic id (fan-out children, bare messages with a message id), so that an
+    /// insert retried after a lost reply creates no second run; `None`: a fresh one.
+    pub id: Option<Uuid>,
     pub job_name: String,
     pub job: String,
     pub job_id: Option<i32>,
@@ -525,6 +615,7 @@ impl NewRun {
     /// A run of `job` (manual or webhook) with the job's arguments and settings.
     pub fn of_job(job: &JobRow, trigger: &'static str) -> NewRun {
         NewRun {
+            id: None,
             job_name: job.name.clone().unwrap_or_else(|| job.id.to_string()),
             job: job.job.clone(),
             job_id: Some(job.id),
@@ -574,14 +665,33 @@ pub struct OutboxBatch {
 }
 
 impl OutboxBatch {
-    /// Marks the runs the broker confirmed as published, and releases the batch.
-    pub async fn mark_published(mut self, ids: &[Uuid]) -> Result<(), StoreError> {
-        if !ids.is_empty() {
+    /// Marks the runs the broker confirmed as published and records the runs that can never
+    /// be published dead (with the reason), and releases the batch.
+    pub async fn settle(
+        mut self,
+        published: &[Uuid],
+        dead: &[(Uuid, String)],
+    ) -> Result<(), StoreError> {
+        if !published.is_empty() {
             sqlx::query("UPDATE job_runs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL")
-                .bind(ids)
+                .bind(published)
                 .execute(&mut *self.tx)
                 .await
                 .context("marking runs published")?;
+        }
+        if !dead.is_empty() {
+            let ids: Vec<Uuid> = dead.iter().map(|d| d.0).collect();
+            let errors: Vec<String> = dead.iter().map(|d| text_without_nul(&d.1)).collect();
+            sqlx::query(
+                "UPDATE job_runs r SET status = 'dead', error = u.error, finished_at = now()
+                 FROM UNNEST($1::uuid[], $2::text[]) AS u(id, error)
+                 WHERE r.id = u.id AND r.status = 'queued'",
+            )
+            .bind(&ids)
+            .bind(&errors)
+            .execute(&mut *self.tx)
+            .await
+            .context("recording unpublishable runs dead")?;
         }
         self.tx.commit().await.context("committing published runs")
     }
@@ -608,8 +718,9 @@ pub enum RunEnd {
     Succeeded,
     Failed,
     Dead,
-    /// Failed, and is queued again, to be published at this time.
-    Retry(DateTime<Utc>),
+    /// Failed (or was interrupted), and is queued again, to be published after this delay —
+    /// counted on the database's clock.
+    Retry(Duration),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -686,6 +797,10 @@ const LEASE_GONE: &str = "NOT EXISTS (
 /// the process lives. Dropping it (or the process dying) releases it.
 pub struct WorkerLease {
     pub token: i32,
+    /// Whether the lock is held right now: false from a lost lease connection until the lock
+    /// is taken again. A worker claims nothing meanwhile (a sweeper may already be handing its
+    /// runs to others).
+    pub held: tokio::sync::watch::Receiver<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -717,11 +832,12 @@ impl Store {
         notify_on(&mut conn, what).await
     }
 
-    /// Replaces the whole schedule: each registry entry's next run, from `next(entry)`.
-    /// Returns (entries scheduled, entries without a next run).
+    /// Replaces the whole schedule: each registry entry's next run, from `next(entry, now)`
+    /// with the database's clock as `now`. Returns (entries scheduled, entries without a next
+    /// run).
     pub async fn replace_schedule(
         &self,
-        next: &dyn Fn(&EntrySchedule) -> Option<DateTime<Utc>>,
+        next: &NextRun<'_>,
     ) -> Result<(usize, Vec<EntrySchedule>), StoreError> {
         self.write_schedule(true, next).await
     }
@@ -729,7 +845,7 @@ impl Store {
     /// Adds schedule rows for registry entries that have none (new after an import).
     pub async fn fill_missing_schedule(
         &self,
-        next: &dyn Fn(&EntrySchedule) -> Option<DateTime<Utc>>,
+        next: &NextRun<'_>,
     ) -> Result<(usize, Vec<EntrySchedule>), StoreError> {
         self.write_schedule(false, next).await
     }
@@ -737,7 +853,7 @@ impl Store {
     async fn write_schedule(
         &self,
         replace: bool,
-        next: &dyn Fn(&EntrySchedule) -> Option<DateTime<Utc>>,
+        next: &NextRun<'_>,
     ) -> Result<(usize, Vec<EntrySchedule>), StoreError> {
         let mut tx = self
             .pool
@@ -754,6 +870,7 @@ impl Store {
                 .await
                 .context("clearing the schedule")?;
         }
+        let now = db_now(&mut tx).await?;
         let entries: Vec<EntrySchedule> = sqlx::query_as(
             "SELECT r.id AS registry_id, r.schedule, r.timezone FROM registry r
              WHERE NOT EXISTS (SELECT 1 FROM schedule s WHERE s.job = r.id)
@@ -766,7 +883,7 @@ impl Store {
         let mut times = Vec::with_capacity(entries.len());
         let mut unschedulable = Vec::new();
         for entry in entries {
-            match next(&entry) {
+            match next(&entry, now) {
                 Some(time) => {
                     ids.push(entry.registry_id);
                     times.push(time);
@@ -793,17 +910,24 @@ impl Store {
     /// # Transactions, locks, and timeouts
     /// Rows are locked `FOR UPDATE SKIP LOCKED`, so schedulers running at once share the work
     /// without waiting on each other; the run rows and the new `next_run` commit together.
+    ///
+    /// "Now" is the database's clock (one clock for every host), unless `at` says otherwise
+    /// (tests stepping through time).
     pub async fn schedule_due(
         &self,
-        now: DateTime<Utc>,
+        at: Option<DateTime<Utc>>,
         limit: u32,
-        decide: &dyn Fn(&DueEntry) -> Decision,
+        decide: &dyn Fn(&DueEntry, DateTime<Utc>) -> Decision,
     ) -> Result<(usize, Vec<CreatedRun>), StoreError> {
         let mut tx = self
             .pool
             .begin()
             .await
             .context("starting a scheduling pass")?;
+        let now = match at {
+            Some(at) => at,
+            None => db_now(&mut tx).await?,
+        };
         let due: Vec<DueEntry> = sqlx::query_as(
             "SELECT s.id AS schedule_id, r.id AS registry_id, s.next_run, r.schedule, r.timezone, r.misfire,
                     j.id AS job_id, COALESCE(j.name, j.id::text) AS job_name, j.job, j.arguments,
@@ -833,10 +957,11 @@ impl Store {
         let mut advance_to = Vec::new();
         let mut finished_ids = Vec::new();
         for entry in &due {
-            let decision = decide(entry);
+            let decision = decide(entry, now);
             if let Some(run_for) = decision.run_for {
                 runs.push(
                     &NewRun {
+                        id: None,
                         job_name: entry.job_name.clone(),
                         job: entry.job.clone(),
                         job_id: Some(entry.job_id),
@@ -928,15 +1053,16 @@ impl Store {
         Ok(OutboxBatch { tx, runs })
     }
 
-    /// When the scheduler must look next: the earliest next run, and the earliest time a
-    /// queued run becomes publishable (now, for runs waiting to be published).
-    pub async fn next_wakeup(
-        &self,
-    ) -> Result<(Option<DateTime<Utc>>, Option<DateTime<Utc>>), StoreError> {
+    /// When the scheduler must look next (see [`Wakeup`]).
+    pub async fn next_wakeup(&self) -> Result<Wakeup, StoreError> {
         sqlx::query_as(
-            "SELECT (SELECT min(next_run) FROM schedule),
+            "SELECT (SELECT min(next_run) FROM schedule) AS next_run,
                     (SELECT min(COALESCE(not_before, created_at)) FROM job_runs
-                     WHERE status = 'queued' AND published_at IS NULL)",
+                     WHERE status = 'queued' AND published_at IS NULL) AS next_publish,
+                    (SELECT min(published_at) FROM job_runs
+                     WHERE status = 'queued' AND published_at IS NOT NULL) AS oldest_unclaimed,
+                    EXISTS (SELECT 1 FROM job_runs WHERE status = 'running') AS any_running,
+                    now() AS now",
         )
         .fetch_one(&self.pool)
         .await
@@ -994,17 +1120,21 @@ impl Store {
             .max(1);
         let options = self.pool.connect_options().as_ref().clone();
         let mut conn = lease_connection(&options, token).await?;
+        let (set_held, held) = tokio::sync::watch::channel(true);
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 if sqlx::query("SELECT 1").execute(&mut conn).await.is_ok() {
                     continue;
                 }
-                tracing::warn!("lost the worker lease connection; taking the lease again");
+                let _ = set_held.send(false);
+                tracing::warn!("lost the worker lease connection; claiming nothing until the lease is taken again");
                 loop {
                     match lease_connection(&options, token).await {
                         Ok(new) => {
                             conn = new;
+                            let _ = set_held.send(true);
+                            tracing::info!("worker lease taken again");
                             break;
                         }
                         Err(e) => {
@@ -1015,7 +1145,7 @@ impl Store {
                 }
             }
         });
-        Ok(WorkerLease { token, task })
+        Ok(WorkerLease { token, held, task })
     }
 
     /// Claims delivered runs for `worker`: a queued run (or a running one whose message came
@@ -1024,10 +1154,15 @@ impl Store {
     /// A running run is taken over only when its message was re-delivered *and* the worker
     /// process that claimed it no longer holds its lease (it died): a live worker that merely
     /// lost its broker channel finishes and records the run itself.
+    ///
+    /// `nonce` identifies this claim statement: the same call retried after a lost reply finds
+    /// the runs its first try claimed (running, with this nonce) and gets them as claimed,
+    /// instead of skipping them as another worker's.
     pub async fn claim_runs(
         &self,
         worker: &str,
         token: i32,
+        nonce: Uuid,
         claims: &[(Uuid, bool)],
     ) -> Result<Vec<Claim>, StoreError> {
         let ids: Vec<Uuid> = claims.iter().map(|c| c.0).collect();
@@ -1037,13 +1172,17 @@ impl Store {
              claimed AS (
                 UPDATE job_runs r
                 SET status = 'running', attempt = r.attempt + 1, worker = $4, claim_token = $5,
-                    started_at = now(), finished_at = NULL, published_at = COALESCE(r.published_at, now())
+                    claim_nonce = $6, started_at = now(), finished_at = NULL,
+                    published_at = COALESCE(r.published_at, now())
                 FROM (SELECT id, bool_or(redelivered) AS redelivered FROM input GROUP BY id) i
                 WHERE r.id = i.id
                   AND (r.status = 'queued'
                        OR (r.status = 'running' AND i.redelivered AND {LEASE_GONE}))
                 RETURNING r.id, r.attempt, r.trigger)
-             SELECT i.id, c.attempt, r.status, c.trigger
+             SELECT i.id,
+                    COALESCE(c.attempt, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.attempt END),
+                    r.status,
+                    COALESCE(c.trigger, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.trigger END)
              FROM input i LEFT JOIN claimed c ON c.id = i.id LEFT JOIN job_runs r ON r.id = i.id"),
         )
         .bind(LEASE_CLASS)
@@ -1051,6 +1190,7 @@ impl Store {
         .bind(&redelivered)
         .bind(worker)
         .bind(token)
+        .bind(nonce)
         .fetch_all(&self.pool)
         .await
         .context("claiming runs")?;
@@ -1082,8 +1222,13 @@ impl Store {
     }
 
     /// Records how runs ended, in one statement. A retry goes back to the outbox with its
-    /// not-before time, and schedulers are told.
-    pub async fn finish_runs(&self, finishes: &[Finish]) -> Result<(), StoreError> {
+    /// not-before time, and schedulers are told. A result is recorded only for the claim it
+    /// belongs to (same lease token and attempt); returns the ids of runs whose result was not
+    /// recorded because the run was taken over meanwhile (or already ended).
+    ///
+    /// Retrying this after a lost reply is harmless: a result recorded the first time no
+    /// longer matches a running claim.
+    pub async fn finish_runs(&self, finishes: &[Finish]) -> Result<Vec<Uuid>, StoreError> {
         let ids: Vec<Uuid> = finishes.iter().map(|f| f.id).collect();
         let statuses: Vec<&str> = finishes
             .iter()
@@ -1102,46 +1247,56 @@ impl Store {
             .iter()
             .map(|f| f.error.as_deref().map(text_without_nul))
             .collect();
-        let not_before: Vec<Option<DateTime<Utc>>> = finishes
+        let delays: Vec<Option<f64>> = finishes
             .iter()
             .map(|f| match f.end {
-                RunEnd::Retry(at) => Some(at),
+                RunEnd::Retry(delay) => Some(delay.as_secs_f64()),
                 _ => None,
             })
             .collect();
         let tokens: Vec<i32> = finishes.iter().map(|f| f.token).collect();
         let attempts: Vec<i32> = finishes.iter().map(|f| f.attempt).collect();
         let mut tx = self.pool.begin().await.context("starting to record runs")?;
-        sqlx::query(
+        let recorded: Vec<Uuid> = sqlx::query_scalar(
             "UPDATE job_runs r
              SET status = u.status,
                  finished_at = CASE WHEN u.status = 'queued' THEN NULL ELSE now() END,
                  published_at = CASE WHEN u.status = 'queued' THEN NULL ELSE r.published_at END,
-                 result = u.result::jsonb, error = u.error, not_before = u.not_before
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::int4[], $7::int4[])
-               AS u(id, status, result, error, not_before, token, attempt)
-             WHERE r.id = u.id AND r.status = 'running' AND r.claim_token = u.token AND r.attempt = u.attempt",
+                 result = u.result::jsonb, error = u.error,
+                 not_before = now() + u.delay * interval '1 second'
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::int4[], $7::int4[])
+               AS u(id, status, result, error, delay, token, attempt)
+             WHERE r.id = u.id AND r.status = 'running' AND r.claim_token = u.token AND r.attempt = u.attempt
+             RETURNING r.id",
         )
         .bind(&ids)
         .bind(&statuses)
         .bind(&results)
         .bind(&errors)
-        .bind(&not_before)
+        .bind(&delays)
         .bind(&tokens)
         .bind(&attempts)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await
         .context("recording finished runs")?;
         if finishes.iter().any(|f| matches!(f.end, RunEnd::Retry(_))) {
             notify_on(&mut tx, "run").await?;
         }
-        tx.commit().await.context("committing finished runs")
+        tx.commit().await.context("committing finished runs")?;
+        let recorded: HashSet<Uuid> = recorded.into_iter().collect();
+        Ok(ids
+            .into_iter()
+            .filter(|id| !recorded.contains(id))
+            .collect())
     }
 
-    /// Running runs whose worker's lease is gone (the worker died, or its host did).
-    pub async fn orphaned_runs(&self) -> Result<Vec<Uuid>, StoreError> {
-        sqlx::query_scalar(&format!(
-            "SELECT r.id FROM job_runs r WHERE r.status = 'running' AND {LEASE_GONE}"
+    /// Running runs whose worker's lease is gone (the worker died, or its host did), as
+    /// (run, claim token, attempt): a suspect is one claim, not a run id that may have been
+    /// claimed again meanwhile.
+    pub async fn orphaned_runs(&self) -> Result<Vec<ClaimKey>, StoreError> {
+        sqlx::query_as(&format!(
+            "SELECT r.id, r.claim_token, r.attempt FROM job_runs r
+             WHERE r.status = 'running' AND r.claim_token IS NOT NULL AND {LEASE_GONE}"
         ))
         .bind(LEASE_CLASS)
         .fetch_all(&self.pool)
@@ -1149,27 +1304,74 @@ impl Store {
         .context("looking for runs whose worker is gone")
     }
 
-    /// Queues `ids` again if they are still running without a lease: their worker died after
-    /// its delivery was settled elsewhere, so no message would bring them back.
-    pub async fn requeue_orphans(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+    /// Queues the claims `suspects` again if they are still running without a lease: their
+    /// worker died after its delivery was settled elsewhere, so no message would bring them
+    /// back. The vanished attempt counts: a run whose attempts reach its retries plus
+    /// `crash_limit` is recorded dead instead (a job that keeps taking its worker down never
+    /// loops). Returns the runs queued again and the runs given up, with their attempt.
+    pub async fn requeue_orphans(
+        &self,
+        suspects: &[ClaimKey],
+        crash_limit: u32,
+    ) -> Result<Vec<(Uuid, i32, String)>, StoreError> {
+        let ids: Vec<Uuid> = suspects.iter().map(|s| s.0).collect();
+        let tokens: Vec<i32> = suspects.iter().map(|s| s.1).collect();
+        let attempts: Vec<i32> = suspects.iter().map(|s| s.2).collect();
         let mut tx = self
             .pool
             .begin()
             .await
             .context("starting to queue orphaned runs again")?;
-        let requeued: Vec<Uuid> = sqlx::query_scalar(&format!(
-            "UPDATE job_runs r SET status = 'queued', published_at = NULL, not_before = NULL,
-                    error = 'its worker vanished while running it; queued again'
-             WHERE r.id = ANY($2) AND r.status = 'running' AND {LEASE_GONE}
-             RETURNING r.id"
+        let handled: Vec<(Uuid, i32, String)> = sqlx::query_as(&format!(
+            "UPDATE job_runs r
+             SET status = CASE WHEN r.attempt >= r.max_retries + $5 THEN 'dead' ELSE 'queued' END,
+                 finished_at = CASE WHEN r.attempt >= r.max_retries + $5 THEN now() END,
+                 published_at = NULL, not_before = NULL,
+                 error = CASE WHEN r.attempt >= r.max_retries + $5
+                              THEN 'its worker vanished while running it, ' || r.attempt || ' times: given up'
+                              ELSE 'its worker vanished while running it; queued again' END
+             FROM UNNEST($2::uuid[], $3::int4[], $4::int4[]) AS u(id, token, attempt)
+             WHERE r.id = u.id AND r.claim_token = u.token AND r.attempt = u.attempt
+               AND r.status = 'running' AND {LEASE_GONE}
+             RETURNING r.id, r.attempt, r.status"
         ))
         .bind(LEASE_CLASS)
-        .bind(ids)
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&attempts)
+        .bind(i32::try_from(crash_limit).unwrap_or(i32::MAX))
         .fetch_all(&mut *tx)
         .await
         .context("queueing orphaned runs again")?;
+        notify_on(&mut tx, "run").await?;
         tx.commit().await.context("committing orphaned runs")?;
-        Ok(requeued)
+        Ok(handled)
+    }
+
+    /// Puts runs back in the outbox that were published `after` ago or longer and are still
+    /// queued: no worker claimed them (their message was lost or dead-lettered by the
+    /// broker). Publishing one twice is harmless: only one delivery can claim it.
+    pub async fn republish_stale(&self, after: Duration) -> Result<Vec<Uuid>, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("starting to republish unclaimed runs")?;
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE job_runs SET published_at = NULL
+             WHERE status = 'queued' AND published_at IS NOT NULL
+               AND published_at < now() - $1 * interval '1 second'
+             RETURNING id",
+        )
+        .bind(after.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await
+        .context("republishing unclaimed runs")?;
+        if !ids.is_empty() {
+            notify_on(&mut tx, "run").await?;
+        }
+        tx.commit().await.context("committing republished runs")?;
+        Ok(ids)
     }
 
     /// Records a queued run dead (its message could not be used). Returns whether it was.
@@ -1205,13 +1407,28 @@ impl Store {
         status: Option<&str>,
         limit: i64,
     ) -> Result<Vec<RunRow>, StoreError> {
+        // A job id is turned into its name first, so that the name index serves the query.
+        let name: Option<String> = match job {
+            None => None,
+            Some(key) => Some(
+                sqlx::query_scalar(
+                    "SELECT COALESCE((SELECT name FROM jobs WHERE name = $1),
+                                     (SELECT name FROM jobs WHERE id = $2), $1)",
+                )
+                .bind(key)
+                .bind(key.parse::<i32>().ok())
+                .fetch_one(&self.pool)
+                .await
+                .context("looking up the job of runs")?,
+            ),
+        };
         sqlx::query_as(&format!(
             "SELECT {RUN_COLUMNS} FROM job_runs
-             WHERE ($1::text IS NULL OR job_name = $1 OR job_id::text = $1) AND ($2::text IS NULL OR status = $2)
+             WHERE ($1::text IS NULL OR job_name = $1) AND ($2::text IS NULL OR status = $2)
              ORDER BY created_at DESC, id
              LIMIT $3"
         ))
-        .bind(job)
+        .bind(name)
         .bind(status)
         .bind(limit)
         .fetch_all(&self.pool)
@@ -1237,28 +1454,43 @@ impl Store {
         .context("reading a run's children")
     }
 
-    /// Deletes finished runs that ended before `before`, in chunks; returns how many went.
-    pub async fn prune_runs(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
-        let mut total = 0;
-        loop {
-            let deleted = sqlx::query(
-                "DELETE FROM job_runs WHERE id IN (
-                    SELECT id FROM job_runs
-                    WHERE finished_at < $1 AND status IN ('succeeded', 'failed', 'dead') AND parent_id IS NULL
-                    LIMIT 10000)",
-            )
-            .bind(before)
-            .execute(&self.pool)
-            .await
-            .context("pruning old runs")?
-            .rows_affected();
-            total += deleted;
-            if deleted < 10_000 {
-                return Ok(total);
-            }
-        }
+    /// Deletes at most `chunk` finished top-level runs (with their children) that ended more
+    /// than `retention` ago on the database's clock; returns how many went. Callers loop, so
+    /// that no single statement holds locks or bloats the table for long.
+    pub async fn prune_runs(&self, retention: Duration, chunk: u32) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "DELETE FROM job_runs WHERE id IN (
+                SELECT id FROM job_runs
+                WHERE parent_id IS NULL AND finished_at IS NOT NULL
+                  AND finished_at < now() - $1 * interval '1 second'
+                  AND status IN ('succeeded', 'failed', 'dead')
+                LIMIT $2)",
+        )
+        .bind(retention.as_secs_f64())
+        .bind(i64::from(chunk))
+        .execute(&self.pool)
+        .await
+        .context("pruning old runs")?
+        .rows_affected())
     }
 }
+
+/// What the scheduler's sleep depends on, all read in one statement: the earliest next run;
+/// the earliest time a queued run becomes publishable (now, for runs waiting to be
+/// published); when the oldest published, still unclaimed run was published; whether any run
+/// is running (the orphan sweep has something to watch); and the database's clock to measure
+/// them against.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Wakeup {
+    pub next_run: Option<DateTime<Utc>>,
+    pub next_publish: Option<DateTime<Utc>>,
+    pub oldest_unclaimed: Option<DateTime<Utc>>,
+    pub any_running: bool,
+    pub now: DateTime<Utc>,
+}
+
+/// One claim of a run: (run, claim token, attempt).
+pub type ClaimKey = (Uuid, i32, i32);
 
 /// A claim's answer row: run id, attempt if claimed, status before, trigger if claimed.
 type ClaimRow = (Uuid, Option<i32>, Option<String>, Option<String>);
@@ -1287,7 +1519,7 @@ struct RunColumns {
 
 impl RunColumns {
     fn push(&mut self, run: &NewRun, slot: Option<(i32, DateTime<Utc>)>) {
-        self.ids.push(Uuid::new_v4());
+        self.ids.push(run.id.unwrap_or_else(Uuid::new_v4));
         self.job_names.push(text_without_nul(&run.job_name));
         self.jobs.push(text_without_nul(&run.job));
         self.job_ids.push(run.job_id);
@@ -1304,8 +1536,10 @@ impl RunColumns {
         self.published.push(run.published);
     }
 
-    /// Inserts the runs; a scheduled slot that already has its run is left out (one run per
-    /// registry entry and scheduled time). Returns the runs inserted.
+    /// Inserts the runs; a run whose identity exists already is left out: a scheduled slot
+    /// (job name and scheduled time) that has its run, or a run id inserted before (ids of
+    /// fan-out children and bare messages are derived from what they come from, so a retried
+    /// insert creates nothing new). Returns the runs inserted.
     async fn insert(&self, tx: &mut PgConnection) -> Result<Vec<CreatedRun>, StoreError> {
         let rows: Vec<(Uuid, String, Option<DateTime<Utc>>)> = sqlx::query_as(
             "INSERT INTO job_runs (id, job_name, job, job_id, registry_id, trigger, queue, arguments, preprocessing,
@@ -1317,7 +1551,7 @@ impl RunColumns {
                          $14::uuid[], $15::bool[])
                AS u(id, job_name, job, job_id, registry_id, trigger, queue, arguments, pre, post, timeout, retries,
                     scheduled_for, parent_id, published)
-             ON CONFLICT (registry_id, scheduled_for) WHERE trigger = 'schedule' AND parent_id IS NULL DO NOTHING
+             ON CONFLICT DO NOTHING
              RETURNING id, job_name, scheduled_for",
         )
         .bind(&self.ids)

@@ -1,8 +1,9 @@
 //! The worker: deliveries become plugin calls; results are recorded, then acknowledged.
 //!
-//! Per delivery (DESIGN.md rules 2–5):
+//! Per delivery (ARCHITECTURE.md, invariants 2–6 and 9):
 //! 1. Parse. An unparsable body is dead-lettered and logged once. A bare `{cmd, args}` message
-//!    of the original gets a run row first.
+//!    of the original becomes a run row in the outbox and is acknowledged; the run then travels
+//!    like any other.
 //! 2. Claim the run (running, attempt + 1, this worker). A run that already finished, or that
 //!    another worker runs, is acknowledged and skipped: re-deliveries never run a job twice.
 //! 3. A message the broker handed out too often (workers died on it) is recorded dead and
@@ -15,11 +16,18 @@
 //!
 //! Claims and results of many concurrent runs are written in batches (one statement for many
 //! runs), which is what makes thousands of runs per second possible.
+//!
+//! Stopping: on SIGTERM the worker takes no more deliveries and lets running jobs finish
+//! within `worker.grace_period`. Whatever still runs then (or at a second signal) is
+//! interrupted: the processes the worker started are killed, the runs are recorded queued
+//! for their next attempt and their deliveries acknowledged — all before the lease is
+//! released, so no other worker starts a run while this one still runs it.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
@@ -37,6 +45,13 @@ use crate::store::{Claim, Finish, NewRun, RunEnd, Store, StoreError};
 const BATCH_MAX: usize = 512;
 /// Batches of one kind written at the same time (each on its own pooled connection).
 const BATCHES_IN_FLIGHT: usize = 3;
+/// How long a timed-out plugin call may take to return before its slot counts as hung.
+const HUNG_AFTER: Duration = Duration::from_secs(10);
+/// The longest that interrupting running jobs may take to record them, before the process
+/// exits regardless (their deliveries then return to the queue).
+const INTERRUPT_RECORD_LIMIT: Duration = Duration::from_secs(10);
+/// Namespace of the run ids derived for fan-out children and bare messages.
+const RUN_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a6f_6273_6368_6c65_7564_6572_2d72_756e);
 /// The longest child `cmd` a run row holds (the original's varchar(50)).
 use crate::jobfile::{MAX_JOB, MAX_NAME};
 
@@ -112,36 +127,56 @@ where
     }
 }
 
-/// Records finished runs. A batch that fails for good is recorded run by run, and a run whose
-/// result cannot be stored is recorded failed with the reason, so a worker never stalls on one.
-async fn record_batch(store: &Store, batch: &[Finish]) {
-    let Err(e) = until_ok("recording runs", || store.finish_runs(batch)).await else {
-        return;
-    };
-    tracing::error!(error = %e, runs = batch.len(), "recording a batch failed; recording its runs one by one");
+/// Records finished runs; returns, per run, whether its delivery may be acknowledged. A batch
+/// that fails for good is recorded run by run, and a run whose result cannot be stored is
+/// recorded failed with the reason, so a worker never stalls on one. A run that cannot be
+/// recorded at all is not acknowledged: its delivery returns to the queue. A result that
+/// arrives for a run taken over meanwhile is logged.
+async fn record_batch(store: &Store, batch: &[Finish]) -> Vec<bool> {
+    match until_ok("recording runs", || store.finish_runs(batch)).await {
+        Ok(not_recorded) => {
+            log_not_recorded(batch, &not_recorded);
+            return vec![true; batch.len()];
+        }
+        Err(e) => {
+            tracing::error!(error = %e, runs = batch.len(), "recording a batch failed; recording its runs one by one")
+        }
+    }
+    let mut settled = Vec::with_capacity(batch.len());
     for finish in batch {
-        let Err(e) = until_ok("recording a run", || {
-            store.finish_runs(std::slice::from_ref(finish))
-        })
-        .await
-        else {
-            continue;
+        let one = std::slice::from_ref(finish);
+        let e = match until_ok("recording a run", || store.finish_runs(one)).await {
+            Ok(not_recorded) => {
+                log_not_recorded(one, &not_recorded);
+                settled.push(true);
+                continue;
+            }
+            Err(e) => e,
         };
         let fallback = Finish {
-            id: finish.id,
-            token: finish.token,
-            attempt: finish.attempt,
-            end: RunEnd::Failed,
-            result: None,
             error: Some(format!("the run's result could not be recorded: {e}")),
+            result: None,
+            end: RunEnd::Failed,
+            ..finish.clone()
         };
-        if let Err(e) = until_ok("recording a run", || {
+        match until_ok("recording a run", || {
             store.finish_runs(std::slice::from_ref(&fallback))
         })
         .await
         {
-            tracing::error!(run = %finish.id, error = %e, "the run cannot be recorded at all");
+            Ok(_) => settled.push(true),
+            Err(e) => {
+                tracing::error!(run = %finish.id, error = %e, "the run cannot be recorded at all; its delivery is not acknowledged");
+                settled.push(false);
+            }
         }
+    }
+    settled
+}
+
+fn log_not_recorded(batch: &[Finish], not_recorded: &[Uuid]) {
+    for finish in batch.iter().filter(|f| not_recorded.contains(&f.id)) {
+        tracing::warn!(run = %finish.id, attempt = finish.attempt, "a late result was not recorded: the run was taken over by another worker (or interrupted) meanwhile");
     }
 }
 
@@ -155,9 +190,26 @@ struct Context {
     token: i32,
     queue: String,
     claims: Batcher<(Uuid, bool), Claim>,
-    finishes: Batcher<Finish, ()>,
+    finishes: Batcher<Finish, bool>,
     /// Publishes fan-out children; one publisher (and channel) for the whole worker.
     publisher: Mutex<Publisher>,
+    /// Runs this process has claimed and not yet recorded, with what is needed to record them
+    /// interrupted when the worker stops: their attempt and their delivery's acker.
+    in_flight: std::sync::Mutex<HashMap<Uuid, (i32, broker::Acker)>>,
+    /// Slots held by plugin calls that outlived their timeout and do not return.
+    hung: AtomicUsize,
+}
+
+/// How the worker stopped, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// A stop signal; running jobs finished (or were interrupted after the grace period).
+    Gracefully,
+    /// A second stop signal: running jobs were interrupted at once.
+    Forced,
+    /// Every slot was held by a plugin call that ignores its timeout: the worker could take no
+    /// more work, so it stopped (its runs recorded for their next attempt) to be restarted.
+    Stuck,
 }
 
 /// Worker settings from the command line.
@@ -174,7 +226,7 @@ pub async fn run(
     config: &Config,
     options: WorkerOptions,
     mut shutdown: Shutdown,
-) -> Result<(), BrokerError> {
+) -> Result<Stopped, BrokerError> {
     let host = PluginHost::new(config);
     {
         let host = host.clone();
@@ -192,7 +244,7 @@ pub async fn run(
                 tracing::warn!(error = %e, "cannot take the worker lease; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = shutdown.wait() => return Ok(()),
+                    _ = shutdown.wait() => return Ok(Stopped::Gracefully),
                 }
             }
         }
@@ -201,11 +253,24 @@ pub async fn run(
         let store = store.clone();
         let worker = options.id.clone();
         let token = lease.token;
+        let held = lease.held.clone();
         Batcher::spawn(move |batch: Vec<(Uuid, bool)>| {
             let store = store.clone();
             let worker = worker.clone();
+            let mut held = held.clone();
             async move {
-                match until_ok("claiming runs", || store.claim_runs(&worker, token, &batch)).await {
+                // Fenced: while the lease is lost, a sweeper may hand this worker's runs to
+                // others, so nothing new is claimed until it is held again.
+                if held.wait_for(|held| *held).await.is_err() {
+                    return vec![Claim::Unavailable; batch.len()];
+                }
+                // One nonce per statement: a retry after a lost reply recognizes its own claims.
+                let nonce = Uuid::new_v4();
+                match until_ok("claiming runs", || {
+                    store.claim_runs(&worker, token, nonce, &batch)
+                })
+                .await
+                {
                     Ok(claims) => claims,
                     Err(e) => {
                         // The deliveries go back to the queue, to be tried again.
@@ -220,10 +285,7 @@ pub async fn run(
         let store = store.clone();
         Batcher::spawn(move |batch: Vec<Finish>| {
             let store = store.clone();
-            async move {
-                record_batch(&store, &batch).await;
-                vec![(); batch.len()]
-            }
+            async move { record_batch(&store, &batch).await }
         })
     };
     let context = Arc::new(Context {
@@ -239,16 +301,19 @@ pub async fn run(
             config,
             &format!("worker {} fan-out", options.id),
         )),
+        in_flight: std::sync::Mutex::new(HashMap::new()),
+        hung: AtomicUsize::new(0),
     });
     let slots = options.slots.max(1);
     let semaphore = Arc::new(Semaphore::new(slots));
     let mut tasks: JoinSet<()> = JoinSet::new();
     let tag = format!("jobschleuder-{}-{}", options.id, std::process::id());
     let mut backoff = Duration::from_millis(200);
+    let mut broker: Option<Broker> = None;
 
-    'session: loop {
+    let stopped = 'session: loop {
         if shutdown.requested() {
-            break;
+            break Stopped::Gracefully;
         }
         let role = format!("worker {}", options.id);
         let session = async {
@@ -262,14 +327,17 @@ pub async fn run(
                 .await?;
             Ok::<_, BrokerError>((broker, consumer))
         };
-        let (broker, mut consumer) = match session.await {
-            Ok(connected) => connected,
+        let mut consumer = match session.await {
+            Ok((connected, consumer)) => {
+                broker = Some(connected);
+                consumer
+            }
             Err(e @ BrokerError::QueueMismatch { .. }) => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot consume; retrying in {backoff:?}");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.wait() => break 'session,
+                    _ = shutdown.wait() => break 'session Stopped::Gracefully,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
                 continue;
@@ -277,24 +345,26 @@ pub async fn run(
         };
         backoff = Duration::from_millis(200);
         tracing::info!(worker = %options.id, queue = %options.queue, slots, "worker consuming");
+        // A slot is taken before the next delivery is read, inside the select: a signal is
+        // seen even while every slot is busy.
+        let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let mut hung_check = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = shutdown.wait() => {
-                    if let Err(e) = broker.cancel(&tag).await {
-                        tracing::debug!(error = %e, "cancelling the consumer failed");
+                    if let Some(broker) = &broker {
+                        if let Err(e) = broker.cancel(&tag).await {
+                            tracing::debug!(error = %e, "cancelling the consumer failed");
+                        }
                     }
-                    drain(&mut tasks, config.worker.grace_period).await;
-                    // Let the last acknowledgements reach the broker before the channel closes.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    // The lease goes first: deliveries of abandoned runs that return to the
-                    // queue with the channel are then taken over by the next worker at once.
-                    drop(lease);
-                    broker.close().await;
-                    break 'session;
+                    break 'session drain(&mut tasks, config.worker.grace_period, &mut shutdown).await;
                 }
-                next = consumer.next() => match next {
+                acquired = semaphore.clone().acquire_owned(), if permit.is_none() => {
+                    permit = Some(acquired.expect("the semaphore is never closed"));
+                }
+                next = consumer.next(), if permit.is_some() => match next {
                     Some(Ok(delivery)) => {
-                        let permit = semaphore.clone().acquire_owned().await.expect("the semaphore is never closed");
+                        let permit = permit.take();
                         let context = context.clone();
                         tasks.spawn(async move {
                             handle(&context, delivery).await;
@@ -319,29 +389,111 @@ pub async fn run(
                     }
                 },
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = hung_check.tick() => {
+                    let hung = context.hung.load(Ordering::SeqCst);
+                    if hung >= slots {
+                        tracing::error!(slots, "every slot is held by a plugin call that ignores its timeout: stopping so that the service manager restarts the worker (its runs are queued for their next attempt)");
+                        break 'session Stopped::Stuck;
+                    }
+                }
             }
         }
+    };
+    if !tasks.is_empty() {
+        interrupt(&context, &mut tasks).await;
+    }
+    // Let the last acknowledgements reach the broker before the channel closes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Everything this process ran is recorded: the lease may go. Deliveries that return to
+    // the queue with the channel are then taken over by the next worker at once.
+    drop(lease);
+    if let Some(broker) = broker {
+        broker.close().await;
     }
     context.publisher.lock().await.close().await;
     tracing::info!(worker = %options.id, "worker stopped");
-    Ok(())
+    Ok(stopped)
 }
 
-/// Waits for running jobs up to `grace`; what is still running then is abandoned (its delivery
-/// is unacknowledged and returns to the queue).
-async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
+/// Waits for running jobs up to `grace`, or until a second stop signal.
+async fn drain(tasks: &mut JoinSet<()>, grace: Duration, shutdown: &mut Shutdown) -> Stopped {
     if tasks.is_empty() {
-        return;
+        return Stopped::Gracefully;
     }
     tracing::info!(running = tasks.len(), grace = ?grace, "waiting for running jobs to finish");
-    let finished =
-        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-    if finished.is_err() {
-        tracing::warn!(
-            abandoned = tasks.len(),
-            "grace period over: abandoning running jobs; their deliveries return to the queue"
+    tokio::select! {
+        finished = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }) => {
+            if finished.is_err() {
+                tracing::warn!(running = tasks.len(), "grace period over: interrupting running jobs");
+            }
+            Stopped::Gracefully
+        }
+        _ = shutdown.forced() => {
+            tracing::warn!(running = tasks.len(), "second stop signal: interrupting running jobs");
+            Stopped::Forced
+        }
+    }
+}
+
+/// Stops what still runs: the handlers end, every process the worker started is killed (with
+/// its process group), and the unfinished runs are recorded queued for their next attempt and
+/// their deliveries acknowledged (the outbox publishes them again). If the database cannot be
+/// reached in time, the deliveries stay unacknowledged and return to the queue instead.
+async fn interrupt(context: &Context, tasks: &mut JoinSet<()>) {
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let killed = crate::process::kill_children();
+    if killed > 0 {
+        tracing::info!(
+            processes = killed,
+            "killed the processes of interrupted jobs"
         );
-        tasks.abort_all();
+    }
+    let in_flight: Vec<(Uuid, (i32, broker::Acker))> = context
+        .in_flight
+        .lock()
+        .map(|mut runs| runs.drain().collect())
+        .unwrap_or_default();
+    if in_flight.is_empty() {
+        return;
+    }
+    let error = format!(
+        "interrupted: worker {} stopped while it ran; queued for its next attempt",
+        context.worker_id
+    );
+    let finishes: Vec<Finish> = in_flight
+        .iter()
+        .map(|(id, (attempt, _))| Finish {
+            id: *id,
+            token: context.token,
+            attempt: *attempt,
+            end: RunEnd::Retry(Duration::ZERO),
+            result: None,
+            error: Some(error.clone()),
+        })
+        .collect();
+    let recorded = tokio::time::timeout(
+        INTERRUPT_RECORD_LIMIT,
+        until_ok("recording interrupted runs", || {
+            context.store.finish_runs(&finishes)
+        }),
+    )
+    .await;
+    match recorded {
+        Ok(Ok(_)) => {
+            for (id, (attempt, acker)) in &in_flight {
+                tracing::info!(run = %id, attempt, "run interrupted; queued for its next attempt");
+                let _ = broker::acknowledge(acker).await;
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "recording interrupted runs failed; their deliveries return to the queue")
+        }
+        Err(_) => {
+            tracing::error!(
+                "recording interrupted runs took too long; their deliveries return to the queue"
+            )
+        }
     }
 }
 
@@ -390,16 +542,30 @@ impl Failure {
 }
 
 /// Runs blocking plugin code on the blocking pool, within `limit`.
+///
+/// A call that outlives its limit has failed, but its attempt is not over while its code
+/// still runs: this waits for the thread to return (plugins that honour their `timeout`
+/// argument, like `command`, return at once), so that a retry never overlaps it. A call that
+/// does not return within `HUNG_AFTER` counts as hung; it keeps its slot (and its run stays
+/// running) until it returns or the worker stops.
 async fn blocking<T: Send + 'static>(
+    context: &Context,
     limit: Option<Duration>,
     call: impl FnOnce() -> Result<T, PluginError> + Send + 'static,
 ) -> Result<T, Failure> {
-    let handle = tokio::task::spawn_blocking(call);
+    let mut handle = tokio::task::spawn_blocking(call);
     let joined = match limit {
-        Some(limit) => match tokio::time::timeout(limit, handle).await {
+        Some(limit) => match tokio::time::timeout(limit, &mut handle).await {
             Ok(joined) => joined,
-            // The thread goes on until the plugin returns; its result is dropped.
-            Err(_) => return Err(Failure::TimedOut(limit)),
+            Err(_) => {
+                if tokio::time::timeout(HUNG_AFTER, &mut handle).await.is_err() {
+                    context.hung.fetch_add(1, Ordering::SeqCst);
+                    tracing::warn!(limit = ?limit, "a plugin call ignores its timeout: its slot stays taken until it returns");
+                    let _ = (&mut handle).await;
+                    context.hung.fetch_sub(1, Ordering::SeqCst);
+                }
+                return Err(Failure::TimedOut(limit));
+            }
         },
         None => handle.await,
     };
@@ -421,7 +587,9 @@ async fn handle(context: &Context, delivery: Delivery) {
                 .chars()
                 .take(200)
                 .collect();
-            tracing::error!(error = %error, body = %preview, "unparsable message: dead-lettered");
+            // The body may hold anything (secrets too): only debug logs show it.
+            tracing::error!(error = %error, "unparsable message: dead-lettered");
+            tracing::debug!(body = %preview, "the unparsable message");
             // A message that names its run is recorded on that run (if it still waits).
             let run_id = serde_json::from_slice::<Value>(&delivery.data)
                 .ok()
@@ -450,45 +618,19 @@ async fn handle(context: &Context, delivery: Delivery) {
             return;
         }
     };
-    let run_id = match message.run_id {
-        Some(id) => id,
-        None => {
-            // The original's bare {cmd, args}: a run row first, so the run is recorded.
-            let new = NewRun {
-                job_name: message
-                    .job_name
-                    .clone()
-                    .unwrap_or_else(|| message.cmd.clone())
-                    .chars()
-                    .take(MAX_NAME)
-                    .collect(),
-                job: message.cmd.chars().take(MAX_JOB).collect(),
-                job_id: None,
-                trigger: "manual",
-                queue: Some(context.queue.clone()),
-                arguments: message.args.clone(),
-                preprocessing: message.preprocessing.clone(),
-                postprocessing: message.postprocessing.clone(),
-                timeout_seconds: message.timeout,
-                max_retries: 0,
-                parent_id: None,
-                published: true,
-            };
-            match until_ok("recording a bare message as a run", || {
-                context.store.insert_runs(std::slice::from_ref(&new))
-            })
-            .await
-            {
-                Ok(ids) => ids[0],
-                Err(e) => {
-                    tracing::error!(error = %e, job = %message.cmd, "a message cannot be recorded as a run: dead-lettered");
-                    let _ = broker::dead_letter(&delivery).await;
-                    return;
-                }
-            }
-        }
+    let Some(run_id) = message.run_id else {
+        adopt_bare_message(context, &delivery, &message).await;
+        return;
     };
     let previous = broker::previous_deliveries(&delivery);
+    let limit = u64::from(
+        context
+            .config
+            .rabbitmq
+            .delivery_limit
+            .saturating_sub(1)
+            .max(1),
+    );
     let (attempt, trigger) = match context.claims.call((run_id, delivery.redelivered)).await {
         Some(Claim::Claimed { attempt, trigger }) => (attempt, trigger),
         Some(Claim::Finished(status)) => {
@@ -499,6 +641,16 @@ async fn handle(context: &Context, delivery: Delivery) {
         Some(Claim::Running) => {
             tracing::debug!(run = %run_id, "duplicate delivery of a running run: skipped");
             let _ = broker::ack(&delivery).await;
+            return;
+        }
+        Some(Claim::Unavailable) if previous >= limit => {
+            // Handed out too often without a claim: record why, so the run does not sit
+            // queued forever once the broker dead-letters the message.
+            let reason = format!("no worker could claim it in {previous} deliveries (the database refused the claim; see the worker's log)");
+            if let Ok(true) = context.store.mark_dead(run_id, &reason).await {
+                tracing::error!(run = %run_id, "run dead: {reason}");
+            }
+            let _ = broker::dead_letter(&delivery).await;
             return;
         }
         Some(Claim::Unavailable) => {
@@ -512,18 +664,86 @@ async fn handle(context: &Context, delivery: Delivery) {
         }
         None => return, // shutting down
     };
+    if let Ok(mut in_flight) = context.in_flight.lock() {
+        in_flight.insert(run_id, (attempt, delivery.acker.clone()));
+    }
+    run_claimed(
+        context, &delivery, &message, run_id, attempt, &trigger, previous, limit,
+    )
+    .await;
+    if let Ok(mut in_flight) = context.in_flight.lock() {
+        in_flight.remove(&run_id);
+    }
+}
+
+/// The original's bare `{cmd, args}` message: it becomes a run row in the outbox (published
+/// at once, or by the scheduler), and the bare delivery is acknowledged. The run then travels
+/// like any other, so a crash at any point leaves a row that the outbox or a re-delivery
+/// completes. A message with an AMQP `message_id` gets a run id derived from it, so its
+/// re-delivery creates nothing new; without one, a worker that dies between recording the run
+/// and acknowledging the delivery leaves a second run to be created from the re-delivery.
+async fn adopt_bare_message(context: &Context, delivery: &Delivery, message: &JobMessage) {
+    let id = broker::message_id(delivery)
+        .map(|m| derived_run_id(format!("{}:{m}", context.queue).as_bytes()));
+    let new = NewRun {
+        id,
+        job_name: message
+            .job_name
+            .clone()
+            .unwrap_or_else(|| message.cmd.clone())
+            .chars()
+            .take(MAX_NAME)
+            .collect(),
+        job: message.cmd.chars().take(MAX_JOB).collect(),
+        job_id: None,
+        trigger: "manual",
+        queue: Some(context.queue.clone()),
+        arguments: message.args.clone(),
+        preprocessing: message.preprocessing.clone(),
+        postprocessing: message.postprocessing.clone(),
+        timeout_seconds: message.timeout,
+        max_retries: 0,
+        parent_id: None,
+        published: false,
+    };
+    let ids = match until_ok("recording a bare message as a run", || {
+        context.store.insert_runs(std::slice::from_ref(&new))
+    })
+    .await
+    {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::error!(error = %e, job = %message.cmd, "a message cannot be recorded as a run: dead-lettered");
+            let _ = broker::dead_letter(delivery).await;
+            return;
+        }
+    };
+    tracing::info!(run = %ids[0], job = %new.job_name, "run queued from a bare message");
+    publish_runs(context, ids[0], &ids).await;
+    let _ = broker::ack(delivery).await;
+}
+
+/// A run id derived from what the run comes from (a parent and an index, a message id).
+fn derived_run_id(source: &[u8]) -> Uuid {
+    Uuid::new_v5(&RUN_ID_NAMESPACE, source)
+}
+
+/// Runs a claimed run, records it, then settles its delivery.
+#[allow(clippy::too_many_arguments)]
+async fn run_claimed(
+    context: &Context,
+    delivery: &Delivery,
+    message: &JobMessage,
+    run_id: Uuid,
+    attempt: i32,
+    trigger: &str,
+    previous: u64,
+    limit: u64,
+) {
     let job_name = message
         .job_name
         .clone()
         .unwrap_or_else(|| message.cmd.clone());
-    let limit = u64::from(
-        context
-            .config
-            .rabbitmq
-            .delivery_limit
-            .saturating_sub(1)
-            .max(1),
-    );
     let finish = |end: RunEnd, result: Option<Value>, error: Option<String>| Finish {
         id: run_id,
         token: context.token,
@@ -537,14 +757,15 @@ async fn handle(context: &Context, delivery: Delivery) {
             "gave up after {previous} deliveries without a result: the job killed its workers or lost their connection each time"
         );
         tracing::info!(run = %run_id, job = %job_name, attempt, "run dead: {error}");
-        record(context, finish(RunEnd::Dead, None, Some(error))).await;
-        let _ = broker::dead_letter(&delivery).await;
+        if record(context, finish(RunEnd::Dead, None, Some(error))).await {
+            let _ = broker::dead_letter(delivery).await;
+        }
         return;
     }
 
     tracing::info!(run = %run_id, job = %job_name, cmd = %message.cmd, attempt, worker = %context.worker_id, "run started");
     let started = Instant::now();
-    let outcome = execute(context, &message, run_id, attempt, &job_name, &trigger).await;
+    let outcome = execute(context, message, run_id, attempt, &job_name, trigger).await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let max_retries = i32::try_from(message.retries.unwrap_or(0)).unwrap_or(i32::MAX);
     let finished = match outcome {
@@ -561,10 +782,8 @@ async fn handle(context: &Context, delivery: Delivery) {
             let error = failure.message();
             if failure.retryable() && attempt <= max_retries {
                 let delay = backoff(context, attempt);
-                let at = Utc::now()
-                    + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
                 tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, retry_in = ?delay, "run failed; retry scheduled: {error}");
-                finish(RunEnd::Retry(at), failure.details(), Some(error))
+                finish(RunEnd::Retry(delay), failure.details(), Some(error))
             } else {
                 tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, "run failed: {error}");
                 finish(RunEnd::Failed, failure.details(), Some(error))
@@ -572,11 +791,16 @@ async fn handle(context: &Context, delivery: Delivery) {
         }
     };
     let dead = finished.end == RunEnd::Dead;
-    record(context, finished).await;
+    if !record(context, finished).await {
+        // Not recorded: the delivery stays unacknowledged (returning it now would only bring
+        // it back as a duplicate of a running run). It returns to the queue when this worker's
+        // channel closes, and the next worker takes the run over.
+        return;
+    }
     let settled = if dead {
-        broker::dead_letter(&delivery).await
+        broker::dead_letter(delivery).await
     } else {
-        broker::ack(&delivery).await
+        broker::ack(delivery).await
     };
     if let Err(e) = settled {
         // Recorded already: a re-delivery will be skipped as finished.
@@ -584,11 +808,16 @@ async fn handle(context: &Context, delivery: Delivery) {
     }
 }
 
-async fn record(context: &Context, finish: Finish) {
-    if context.finishes.call(finish).await.is_none() {
-        tracing::warn!(
-            "the recorder stopped before a run was recorded; its delivery returns to the queue"
-        );
+/// Records a run's end; whether its delivery may be settled.
+async fn record(context: &Context, finish: Finish) -> bool {
+    match context.finishes.call(finish).await {
+        Some(recorded) => recorded,
+        None => {
+            tracing::warn!(
+                "the recorder stopped before a run was recorded; its delivery returns to the queue"
+            );
+            false
+        }
     }
 }
 
@@ -627,24 +856,30 @@ async fn execute(
         }
         .map_err(|e| Failure::Crashed(format!("the fanned-out runs cannot be read: {e}")))?;
         if !existing.is_empty() {
-            publish_children(context, run_id, &existing).await;
+            publish_runs(context, run_id, &existing).await;
             tracing::info!(run = %run_id, job = %job_name, children = existing.len(), "run fanned out (by an earlier attempt)");
             return Ok(json!({ "fanned_out": existing.len(), "children": existing }));
         }
         let cmd = message.cmd.clone();
         let args = message.args.clone();
-        let planned = blocking(limit, move || host.call_preprocessing(&pre, &cmd, args)).await?;
+        let planned = blocking(context, limit, move || {
+            host.call_preprocessing(&pre, &cmd, args)
+        })
+        .await?;
         return fan_out(context, message, run_id, job_name, trigger, planned).await;
     }
 
     let mut args: Args = message.args.clone();
-    // Plugins that take a `timeout` argument (command, http) stop their own work in time.
+    // Plugins that take a `timeout` argument (command, http) stop their own work in time: the
+    // job's timeout is the most they get, so a timed-out attempt has ended before its retry.
     if let Some(timeout) = message.timeout {
-        args.entry("timeout").or_insert(json!(timeout));
+        let own = args.get("timeout").and_then(Value::as_f64);
+        let bounded = own.filter(|t| *t > 0.0 && *t <= timeout).unwrap_or(timeout);
+        args.insert("timeout".into(), json!(bounded));
     }
     let cmd = message.cmd.clone();
     let job_args = args.clone();
-    let result = blocking(limit, move || host.call_job(&cmd, job_args)).await;
+    let result = blocking(context, limit, move || host.call_job(&cmd, job_args)).await;
     let Some(post) = message.postprocessing.clone() else {
         return result;
     };
@@ -660,7 +895,7 @@ async fn execute(
     };
     let host = context.host.clone();
     let post_name = post.clone();
-    match blocking(limit, move || {
+    match blocking(context, limit, move || {
         host.call_postprocessing(&post_name, args, &outcome)
     })
     .await
@@ -697,14 +932,18 @@ async fn fan_out(
         _ => "manual",
     };
     let mut children = Vec::with_capacity(planned.len());
-    for job in planned {
+    for (index, job) in planned.into_iter().enumerate() {
         let cmd = job.cmd.unwrap_or_else(|| message.cmd.clone());
         if cmd.chars().count() > MAX_JOB {
             return Err(Failure::Crashed(format!(
                 "preprocessing returned a job name longer than {MAX_JOB} characters: {cmd:?}"
             )));
         }
+        let mut source = run_id.as_bytes().to_vec();
+        source.extend_from_slice(&(index as u64).to_be_bytes());
         children.push(NewRun {
+            // The parent and the index: a retried insert creates no second set of children.
+            id: Some(derived_run_id(&source)),
             job_name: job_name.to_string(),
             job: cmd,
             job_id: None,
@@ -728,19 +967,20 @@ async fn fan_out(
         .await
         .map_err(|e| Failure::Crashed(format!("the fanned-out runs cannot be recorded: {e}")))?
     };
-    publish_children(context, run_id, &ids).await;
+    publish_runs(context, run_id, &ids).await;
     tracing::info!(run = %run_id, job = %job_name, children = ids.len(), "run fanned out");
     Ok(json!({ "fanned_out": ids.len(), "children": ids }))
 }
 
-/// Publishes fanned-out runs at once; those that fail stay in the outbox for the scheduler.
-async fn publish_children(context: &Context, run_id: Uuid, ids: &[Uuid]) {
+/// Publishes runs this worker created (fan-out children, bare messages) at once; those that
+/// fail stay in the outbox for the scheduler.
+async fn publish_runs(context: &Context, run_id: Uuid, ids: &[Uuid]) {
     if ids.is_empty() {
         return;
     }
     let mut publisher = context.publisher.lock().await;
     if let Err(e) = publish_queued(&context.store, &mut publisher, &context.queue, Some(ids)).await
     {
-        tracing::warn!(run = %run_id, error = %e, "publishing fanned-out runs failed; the scheduler publishes them");
+        tracing::warn!(run = %run_id, error = %e, "publishing runs failed; the scheduler publishes them");
     }
 }

@@ -36,10 +36,9 @@ pub async fn run(config: &Config, args: &SchedulerArgs) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
 
     if args.init {
-        let now = Utc::now();
         let tz = config.timezone;
         let (count, unschedulable) = store
-            .replace_schedule(&|e: &EntrySchedule| {
+            .replace_schedule(&|e: &EntrySchedule, now| {
                 next_run(&e.schedule, e.timezone.as_deref(), tz, now)
             })
             .await?;

@@ -9,6 +9,9 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::plugin::{Args, Outcome, PlannedJob, PluginError, PluginHost};
 
+/// The longest worker id the run history holds (`job_runs.worker`).
+const MAX_WORKER_ID: usize = 200;
+
 pub async fn run(config: &Config, args: &WorkerArgs) -> Result<()> {
     match &args.exec {
         Some(job) => {
@@ -24,12 +27,22 @@ pub async fn run(config: &Config, args: &WorkerArgs) -> Result<()> {
             .map_err(|e| Error::Runtime(format!("the job thread failed: {e}")))?
         }
         None => {
+            let id = args
+                .id
+                .clone()
+                .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned());
+            // The run history records the worker's id; one it cannot hold would make every
+            // claim fail, and runs would wait for a worker that can never take them.
+            if id.trim().is_empty() || id.chars().count() > MAX_WORKER_ID {
+                return Err(Error::Usage(format!(
+                    "worker --id must be 1 to {MAX_WORKER_ID} characters, not {} (\"{}…\")",
+                    id.chars().count(),
+                    id.chars().take(20).collect::<String>()
+                )));
+            }
             let store = crate::store::Store::connect(&config.database).await?;
             let options = crate::worker::WorkerOptions {
-                id: args
-                    .id
-                    .clone()
-                    .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned()),
+                id,
                 slots: args.worker.unwrap_or(1).max(1),
                 queue: args
                     .queue
@@ -37,9 +50,15 @@ pub async fn run(config: &Config, args: &WorkerArgs) -> Result<()> {
                     .unwrap_or_else(|| config.rabbitmq.queue.clone()),
             };
             let shutdown = crate::shutdown::Shutdown::install();
-            crate::worker::run(store, config, options, shutdown)
-                .await
-                .map_err(|e| Error::Runtime(e.to_string()))
+            shutdown.handle_forced();
+            match crate::worker::run(store, config, options, shutdown).await {
+                Ok(crate::worker::Stopped::Gracefully) => Ok(()),
+                Ok(crate::worker::Stopped::Forced) => Err(Error::Interrupted),
+                Ok(crate::worker::Stopped::Stuck) => Err(Error::Runtime(
+                    "every worker slot was held by a plugin call that ignores its timeout; the worker stopped so that it can be restarted (its runs are queued for their next attempt)".into(),
+                )),
+                Err(e) => Err(Error::Runtime(e.to_string())),
+            }
         }
     }
 }

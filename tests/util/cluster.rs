@@ -78,11 +78,17 @@ pub struct Cluster {
 impl Cluster {
     /// `extra` is appended to the generated config (scheduler:/worker: sections and such).
     pub async fn new(extra: &str) -> Cluster {
+        Self::with_rabbitmq("", extra).await
+    }
+
+    /// Like [`Cluster::new`], with `rabbitmq` added to the `rabbitmq:` section (indented
+    /// lines).
+    pub async fn with_rabbitmq(rabbitmq: &str, extra: &str) -> Cluster {
         let db = TestDb::new().await;
         let ws = Workspace::new();
         let queue = format!("js_test_{}", uuid::Uuid::new_v4().simple());
         let text = format!(
-            "timezone: UTC\nrabbitmq:\n  url: {}\n  queue: {queue}\n  delivery_limit: 3\n{}{extra}",
+            "timezone: UTC\nrabbitmq:\n  url: {}\n  queue: {queue}\n  delivery_limit: 3\n{rabbitmq}{}{extra}",
             amqp_url(),
             crate::plugins::plugin_config_text()
         );
@@ -121,6 +127,11 @@ impl Cluster {
 
     /// Starts the binary in the background; its output goes to a log file.
     pub fn spawn(&self, name: &str, args: &[&str]) -> Process {
+        self.spawn_with_env(name, args, &[])
+    }
+
+    /// [`Cluster::spawn`] with extra environment variables.
+    pub fn spawn_with_env(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
         let n = self
             .spawned
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -128,6 +139,7 @@ impl Cluster {
         let file = std::fs::File::create(&log).expect("log file");
         let child = self
             .command()
+            .envs(env.iter().copied())
             .args(["--loglevel", "info,jobschleuder=debug"])
             .args(args)
             .stdin(Stdio::null())
@@ -268,6 +280,15 @@ impl Cluster {
 
     /// Publishes raw bytes to the test queue, as any other client could.
     pub async fn publish_raw(&self, body: &[u8]) {
+        self.publish_message(body, None).await
+    }
+
+    /// Publishes raw bytes to the test queue, with an AMQP `message_id` when given.
+    pub async fn publish_message(&self, body: &[u8], message_id: Option<&str>) {
+        let mut properties = BasicProperties::default().with_delivery_mode(2);
+        if let Some(id) = message_id {
+            properties = properties.with_message_id(ShortString::from(id));
+        }
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await
             .expect("amqp");
@@ -278,7 +299,7 @@ impl Cluster {
                 ShortString::from(self.queue.as_str()),
                 BasicPublishOptions::default(),
                 body,
-                BasicProperties::default().with_delivery_mode(2),
+                properties,
             )
             .await
             .expect("publish")
@@ -310,6 +331,22 @@ impl Cluster {
         closed
     }
 
+    /// Deliveries of `queue` handed to a consumer and not acknowledged yet.
+    pub fn unacknowledged(&self, queue: &str) -> u64 {
+        let output = Command::new("rabbitmqctl")
+            .args(["list_queues", "name", "messages_unacknowledged", "--silent"])
+            .output()
+            .expect("rabbitmqctl");
+        let text = String::from_utf8_lossy(&output.stdout);
+        text.lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                (fields.next() == Some(queue)).then(|| fields.next()?.parse().ok())?
+            })
+            .next()
+            .unwrap_or_else(|| panic!("queue {queue} not listed by rabbitmqctl:\n{text}"))
+    }
+
     /// Ends every other session on this test's database, as a Postgres restart would.
     pub async fn terminate_database_sessions(&self) -> i64 {
         sqlx::query_scalar(
@@ -324,7 +361,14 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let queues = [self.queue.clone(), format!("{}.dead", self.queue)];
+        // The test queue, and a second one (`<queue>_other`) that some tests use.
+        let other = format!("{}_other", self.queue);
+        let queues = [
+            self.queue.clone(),
+            format!("{}.dead", self.queue),
+            format!("{other}.dead"),
+            other,
+        ];
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

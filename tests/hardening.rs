@@ -1,0 +1,698 @@
+//! The rare paths of "exactly once": imports while the scheduler fires, bare messages, stopping
+//! workers, timeouts and hung plugins, lost replies, skewed clocks, unpublishable runs, runs
+//! nobody claims, and lost leases. Each test reproduces its scenario against the real servers.
+
+use std::time::{Duration, Instant};
+
+use jobschleuder::store::{Claim, Finish, NewRun, RunEnd, Store};
+use sqlx::Connection;
+use uuid::Uuid;
+
+use crate::util::cluster::Cluster;
+
+const FAST: &str = "worker:\n  retry_backoff: 0.1\n  grace_period: 20\nscheduler:\n  max_sleep: 60\n  sweep_every: 0.5\n";
+
+/// Whether `pid` is a live process (a zombie waiting to be reaped counts as gone).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat[stat.rfind(')')? + 1..]
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
+/// Waits for a file to hold a pid, and returns it.
+fn pid_in(path: &std::path::Path) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return pid;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no pid in {} within 30 s", path.display());
+}
+
+/// A job file with `tick` (every second) and `others` jobs that are due once a year.
+fn big_file(others: usize, argument: &str) -> String {
+    let mut file =
+        String::from("jobs:\n- id: tick\n  job: hello_world\n  schedule: '* * * * * *'\n");
+    for i in 0..others {
+        file.push_str(&format!(
+            "- id: job {i}\n  job: hello_world\n  schedule: '0 0 1 1 *'\n  arguments: {{{argument}: {i}}}\n"
+        ));
+    }
+    file
+}
+
+/// (runs, distinct slots, seconds from the first slot to the last) of job `tick`.
+async fn tick_slots(cluster: &Cluster) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*), count(DISTINCT scheduled_for),
+                COALESCE(extract(epoch FROM max(scheduled_for) - min(scheduled_for))::int8, -1)
+         FROM job_runs WHERE job_name = 'tick'",
+    )
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_per_second_job_fires_every_slot_once_while_big_files_are_imported() {
+    let cluster = Cluster::new(FAST).await;
+    cluster.import(&big_file(49_999, "n"));
+    let scheduler = cluster.scheduler();
+    cluster
+        .wait_until(
+            "three ticks",
+            Duration::from_secs(60),
+            "SELECT count(*) >= 3 FROM job_runs WHERE job_name = 'tick'",
+        )
+        .await;
+    // The same file again, then one that changes every other job: 50,000 jobs each time.
+    cluster.import(&big_file(49_999, "n"));
+    cluster.import(&big_file(49_999, "m"));
+    let (after_import, _, _) = tick_slots(&cluster).await;
+    cluster
+        .wait_until(
+            "three more ticks",
+            Duration::from_secs(30),
+            &format!(
+                "SELECT count(*) >= {} FROM job_runs WHERE job_name = 'tick'",
+                after_import + 3
+            ),
+        )
+        .await;
+    drop(scheduler);
+    let (runs, slots, span) = tick_slots(&cluster).await;
+    assert_eq!(runs, slots, "a slot ran twice:\n{}", cluster.logs());
+    assert_eq!(
+        runs,
+        span + 1,
+        "slots were missed: {runs} runs over {span} seconds\n{}",
+        cluster.logs()
+    );
+    let changed: i64 = cluster
+        .count("SELECT count(*) FROM jobs WHERE arguments::text LIKE '%\"m\"%'")
+        .await;
+    assert_eq!(changed, 49_999, "the second file is the registry now");
+}
+
+#[tokio::test]
+async fn an_import_keeps_a_missed_run_waiting_for_its_catch_up() {
+    let cluster = Cluster::new(FAST).await;
+    let nightly = "jobs:\n- id: nightly\n  job: hello_world\n  schedule: '0 3 * * *'\n";
+    cluster.import(nightly);
+    cluster.run_ok(&["scheduler", "--init"]);
+    sqlx::query("UPDATE schedule SET next_run = date_trunc('second', now()) - interval '2 hours'")
+        .execute(&cluster.pool)
+        .await
+        .unwrap();
+    let missed: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT next_run FROM schedule")
+        .fetch_one(&cluster.pool)
+        .await
+        .unwrap();
+    // The entry is unchanged; another job comes and one changes its schedule.
+    cluster.import(&format!(
+        "{nightly}- id: other\n  job: hello_world\n  schedule: '0 4 * * *'\n"
+    ));
+    let kept: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "SELECT s.next_run FROM schedule s JOIN registry r ON r.id = s.job JOIN jobs j ON j.id = r.job
+         WHERE j.name = 'nightly'",
+    )
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, missed, "the import kept the missed run");
+    cluster.run_ok(&["scheduler", "--no-daemon"]);
+    let ran: Vec<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT scheduled_for FROM job_runs WHERE job_name = 'nightly'")
+            .fetch_all(&cluster.pool)
+            .await
+            .unwrap();
+    assert_eq!(ran, [missed], "the missed run ran once, for its slot");
+
+    // A changed schedule gets a new next run.
+    cluster.import("jobs:\n- id: nightly\n  job: hello_world\n  schedule: '0 5 * * *'\n");
+    cluster.run_ok(&["scheduler", "--no-daemon"]);
+    let next: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT next_run FROM schedule")
+        .fetch_one(&cluster.pool)
+        .await
+        .unwrap();
+    assert_eq!(next.format("%H:%M").to_string(), "05:00");
+}
+
+#[tokio::test]
+async fn bare_messages_become_runs_and_a_redelivered_one_runs_once() {
+    let cluster = Cluster::new(FAST).await;
+    let _scheduler = cluster.scheduler();
+    let _worker = cluster.worker("w1", 2);
+    let body = br#"{"cmd": "hello_world", "args": {"from": "the original"}}"#;
+    // The same message twice (as a re-delivery after a lost acknowledgement would bring it),
+    // and one without a message id.
+    cluster.publish_message(body, Some("m-1")).await;
+    cluster.publish_message(body, Some("m-1")).await;
+    cluster.publish_message(body, None).await;
+    cluster
+        .wait_until(
+            "two bare-message runs succeeded",
+            Duration::from_secs(30),
+            "SELECT count(*) = 2 FROM job_runs WHERE status = 'succeeded'",
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let runs: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT job_name, status, published_at IS NOT NULL FROM job_runs ORDER BY created_at",
+    )
+    .fetch_all(&cluster.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        runs,
+        [
+            ("hello_world".to_string(), "succeeded".to_string(), true),
+            ("hello_world".to_string(), "succeeded".to_string(), true)
+        ],
+        "{}",
+        cluster.logs()
+    );
+    assert_eq!(cluster.queue_depth(&cluster.queue).await, 0);
+}
+
+/// A job whose first attempt starts a background process (a grandchild of the worker) and
+/// waits for it; later attempts succeed at once. The pid of the background process goes to
+/// `pidfile`.
+fn interruptible_job(cluster: &Cluster) -> (std::path::PathBuf, std::path::PathBuf) {
+    let pidfile = cluster.ws.path().join("sleeper.pid");
+    let marker = cluster.ws.path().join("started-once");
+    cluster.import(&format!(
+        "jobs:\n- id: slow\n  job: command\n  arguments:\n    command: [sh, -c, 'if [ -e \"$1\" ]; then exit 0; fi; touch \"$1\"; sleep 60 & echo $! > \"$2\"; wait', sh, '{}', '{}']\n",
+        marker.display(),
+        pidfile.display()
+    ));
+    (pidfile, marker)
+}
+
+#[tokio::test]
+async fn a_worker_stopped_past_its_grace_period_leaves_nothing_running() {
+    let cluster = Cluster::new(
+        "worker:\n  grace_period: 1\n  retry_backoff: 0.1\nscheduler:\n  sweep_every: 0.5\n",
+    )
+    .await;
+    let (pidfile, _) = interruptible_job(&cluster);
+    let _scheduler = cluster.scheduler();
+    let mut worker = cluster.worker("w1", 1);
+    cluster.run_ok(&["scheduler", "--run-now", "slow"]);
+    let sleeper = pid_in(&pidfile);
+    assert!(alive(sleeper));
+    worker.signal("TERM");
+    let status = worker
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("worker did not stop:\n{}", cluster.logs()));
+    assert_eq!(status.code(), Some(0), "{}", cluster.logs());
+    assert!(
+        !alive(sleeper),
+        "the job's process outlived its worker:\n{}",
+        cluster.logs()
+    );
+    let (status, attempt, error): (String, i32, String) =
+        sqlx::query_as("SELECT status, attempt, error FROM job_runs")
+            .fetch_one(&cluster.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), attempt),
+        ("queued", 1),
+        "{}",
+        cluster.logs()
+    );
+    assert!(error.contains("interrupted"), "{error}");
+    // Its next attempt runs on the next worker.
+    let _next = cluster.worker("w2", 1);
+    cluster
+        .wait_until(
+            "the run succeeded on its next attempt",
+            Duration::from_secs(30),
+            "SELECT status = 'succeeded' AND attempt = 2 AND worker = 'w2' FROM job_runs",
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once_and_leaves_nothing_running() {
+    let cluster = Cluster::new("worker:\n  grace_period: 60\n").await;
+    let (pidfile, _) = interruptible_job(&cluster);
+    let mut worker = cluster.worker("w1", 1);
+    cluster.run_ok(&["scheduler", "--run-now", "slow"]);
+    let sleeper = pid_in(&pidfile);
+    worker.signal("TERM");
+    cluster.wait_for_log(&worker, "waiting for running jobs to finish");
+    worker.signal("TERM");
+    let status = worker
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("worker did not exit:\n{}", cluster.logs()));
+    assert_eq!(status.code(), Some(130), "{}", cluster.logs());
+    assert!(!alive(sleeper), "the job's process outlived its worker");
+    let (status, error): (String, String) = sqlx::query_as("SELECT status, error FROM job_runs")
+        .fetch_one(&cluster.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "queued", "{}", cluster.logs());
+    assert!(error.contains("interrupted"), "{error}");
+}
+
+#[tokio::test]
+async fn a_timed_out_attempt_has_ended_before_its_retry_starts() {
+    let cluster = Cluster::new(FAST).await;
+    let pidfile = cluster.ws.path().join("attempt.pid");
+    let overlaps = cluster.ws.path().join("overlaps");
+    // The plugin's own timeout (60 s) is longer than the job's (2 s): the job's wins.
+    cluster.import(&format!(
+        "jobs:\n- id: stubborn\n  job: command\n  timeout: 2\n  retries: 1\n  arguments:\n    timeout: 60\n    command: [sh, -c, 'p=$(cat \"$1\" 2>/dev/null); if [ -n \"$p\" ] && [ -e /proc/$p ] && ! grep -q \") [ZX] \" /proc/$p/stat; then echo overlap >> \"$2\"; fi; sleep 30 & echo $! > \"$1\"; wait', sh, '{}', '{}']\n",
+        pidfile.display(),
+        overlaps.display()
+    ));
+    let _scheduler = cluster.scheduler();
+    let _worker = cluster.worker("w1", 2);
+    cluster.run_ok(&["scheduler", "--run-now", "stubborn"]);
+    cluster
+        .wait_until(
+            "both attempts timed out",
+            Duration::from_secs(60),
+            "SELECT status = 'failed' AND attempt = 2 FROM job_runs",
+        )
+        .await;
+    let error: String = sqlx::query_scalar("SELECT error FROM job_runs")
+        .fetch_one(&cluster.pool)
+        .await
+        .unwrap();
+    assert!(error.contains("timed out"), "{error}");
+    assert!(
+        !overlaps.exists(),
+        "the retry started while the timed-out attempt still ran"
+    );
+    assert!(
+        !alive(pid_in(&pidfile)),
+        "the last attempt's process lives on"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_whose_slots_all_hang_stops_and_queues_its_runs_again() {
+    let cluster = Cluster::new(FAST).await;
+    cluster.import(
+        "jobs:\n- id: hang\n  job: test_sleep\n  timeout: 1\n  retries: 3\n  arguments: {seconds: 600}\n",
+    );
+    let mut worker = cluster.worker("w1", 1);
+    cluster.run_ok(&["scheduler", "--run-now", "hang"]);
+    let status = worker
+        .wait_exit(Duration::from_secs(40))
+        .unwrap_or_else(|| panic!("the stuck worker did not stop:\n{}", cluster.logs()));
+    assert_eq!(status.code(), Some(1), "{}", cluster.logs());
+    assert!(
+        worker.log_text().contains("every slot is held"),
+        "{}",
+        worker.log_text()
+    );
+    let (status, attempt): (String, i32) = sqlx::query_as("SELECT status, attempt FROM job_runs")
+        .fetch_one(&cluster.pool)
+        .await
+        .unwrap();
+    assert_eq!((status.as_str(), attempt), ("queued", 1));
+}
+
+#[tokio::test]
+async fn sigterm_is_seen_while_every_slot_is_busy() {
+    let cluster = Cluster::new("worker:\n  grace_period: 1\n").await;
+    cluster.import("jobs:\n- id: busy\n  job: command\n  arguments: {command: [sleep, '60']}\n");
+    let mut worker = cluster.worker("w1", 1);
+    for _ in 0..3 {
+        cluster.run_ok(&["scheduler", "--run-now", "busy"]);
+    }
+    cluster
+        .wait_until(
+            "one run running",
+            Duration::from_secs(30),
+            "SELECT count(*) = 1 FROM job_runs WHERE status = 'running'",
+        )
+        .await;
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", cluster.logs());
+    assert_eq!(
+        cluster
+            .count("SELECT count(*) FROM job_runs WHERE status = 'running'")
+            .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn claims_and_inserts_retried_after_a_lost_reply_change_nothing() {
+    let cluster = Cluster::new("").await;
+    let store = Store::from_pool(cluster.pool.clone()).await.unwrap();
+    let run = |id: Option<Uuid>| NewRun {
+        id,
+        job_name: "j".into(),
+        job: "hello_world".into(),
+        job_id: None,
+        trigger: "manual",
+        queue: None,
+        arguments: serde_json::Map::new(),
+        preprocessing: None,
+        postprocessing: None,
+        timeout_seconds: None,
+        max_retries: 0,
+        parent_id: None,
+        published: false,
+    };
+    // A deterministic id (a fan-out child's): the insert retried creates nothing new.
+    let child = Uuid::new_v4();
+    let first = store.insert_runs(&[run(Some(child))]).await.unwrap();
+    let again = store.insert_runs(&[run(Some(child))]).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(cluster.count("SELECT count(*) FROM job_runs").await, 1);
+
+    // A claim retried after its reply was lost finds its own first try.
+    let nonce = Uuid::new_v4();
+    let claimed = store
+        .claim_runs("w1", 7, nonce, &[(child, false)])
+        .await
+        .unwrap();
+    assert!(matches!(claimed[0], Claim::Claimed { attempt: 1, .. }));
+    let retried = store
+        .claim_runs("w1", 7, nonce, &[(child, false)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(retried[0], Claim::Claimed { attempt: 1, .. }),
+        "{retried:?}"
+    );
+    // Another claim (a duplicate delivery) is not mistaken for it.
+    let other = store
+        .claim_runs("w1", 7, Uuid::new_v4(), &[(child, false)])
+        .await
+        .unwrap();
+    assert_eq!(other[0], Claim::Running);
+}
+
+#[tokio::test]
+async fn orphans_are_fenced_by_claim_late_results_are_reported_and_crash_loops_end_dead() {
+    let cluster = Cluster::new("").await;
+    let store = Store::from_pool(cluster.pool.clone()).await.unwrap();
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO job_runs (id, job_name, job, trigger, status, attempt, claim_token, max_retries)
+         VALUES ($1, 'j', 'hello_world', 'manual', 'running', 2, 4242, 1)",
+    )
+    .bind(id)
+    .execute(&cluster.pool)
+    .await
+    .unwrap();
+    // A suspect is one claim: another attempt or another lease is not it.
+    assert!(store
+        .requeue_orphans(&[(id, 4242, 1)], 5)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .requeue_orphans(&[(id, 1, 2)], 5)
+        .await
+        .unwrap()
+        .is_empty());
+    let requeued = store.requeue_orphans(&[(id, 4242, 2)], 5).await.unwrap();
+    assert_eq!(requeued, [(id, 2, "queued".to_string())]);
+
+    // The vanished worker's result, arriving late, is not recorded, and says so.
+    let late = Finish {
+        id,
+        token: 4242,
+        attempt: 2,
+        end: RunEnd::Succeeded,
+        result: None,
+        error: None,
+    };
+    assert_eq!(store.finish_runs(&[late]).await.unwrap(), [id]);
+
+    // Vanishing counts as an attempt: at retries + limit the run is given up.
+    sqlx::query("UPDATE job_runs SET status = 'running', attempt = 6 WHERE id = $1")
+        .bind(id)
+        .execute(&cluster.pool)
+        .await
+        .unwrap();
+    let dead = store.requeue_orphans(&[(id, 4242, 6)], 5).await.unwrap();
+    assert_eq!(dead, [(id, 6, "dead".to_string())]);
+
+    // The scheduler's sleep reads these: a run running, none waiting.
+    let wakeup = store.next_wakeup().await.unwrap();
+    assert!(!wakeup.any_running && wakeup.next_run.is_none() && wakeup.oldest_unclaimed.is_none());
+}
+
+#[tokio::test]
+async fn schedulers_with_skewed_clocks_fire_each_slot_once_and_on_time() {
+    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    assert!(
+        std::path::Path::new(lib).exists(),
+        "this test needs libfaketime (apt-get install faketime)"
+    );
+    let cluster = Cluster::new(FAST).await;
+    cluster.import("jobs:\n- id: tick\n  job: hello_world\n  schedule: '* * * * * *'\n");
+    let skewed = |offset: &str| {
+        let process = cluster.spawn_with_env(
+            &format!("scheduler{offset}"),
+            &["scheduler", "--schedule"],
+            &[
+                ("LD_PRELOAD", lib),
+                ("FAKETIME", offset),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ],
+        );
+        cluster.wait_for_log(&process, "listening for registry changes");
+        process
+    };
+    let ahead = skewed("+600s");
+    let behind = skewed("-600s");
+    cluster
+        .wait_until(
+            "five ticks",
+            Duration::from_secs(30),
+            "SELECT count(*) >= 5 FROM job_runs WHERE job_name = 'tick'",
+        )
+        .await;
+    drop((ahead, behind));
+    let (runs, slots, span) = tick_slots(&cluster).await;
+    assert_eq!(runs, slots, "a slot ran twice");
+    assert_eq!(runs, span + 1, "slots were missed");
+    let (early, late): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE scheduled_for > created_at + interval '0.5 s'),
+                count(*) FILTER (WHERE created_at > scheduled_for + interval '5 s')
+         FROM job_runs",
+    )
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (early, late),
+        (0, 0),
+        "runs fired early or late:\n{}",
+        cluster.logs()
+    );
+}
+
+#[tokio::test]
+async fn runs_that_can_never_be_published_are_recorded_dead_and_the_rest_go_out() {
+    let cluster = Cluster::with_rabbitmq("  max_message_size: 4096\n", FAST).await;
+    // A queue that exists with other arguments than ours: declaring it is refused.
+    let other = format!("{}_other", cluster.queue);
+    {
+        use lapin::options::QueueDeclareOptions;
+        use lapin::types::{AMQPValue, FieldTable, ShortString};
+        let connection = lapin::Connection::connect(
+            &crate::util::cluster::amqp_url(),
+            lapin::ConnectionProperties::default(),
+        )
+        .await
+        .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut arguments = FieldTable::default();
+        arguments.insert(ShortString::from("x-max-length"), AMQPValue::LongInt(10));
+        channel
+            .queue_declare(
+                ShortString::from(other.as_str()),
+                QueueDeclareOptions::durable(),
+                arguments,
+            )
+            .await
+            .unwrap();
+        let big = "x".repeat(5000);
+        cluster.import(&format!(
+            "jobs:\n\
+             - id: good\n  job: hello_world\n  schedule: '0 0 1 1 *'\n\
+             - id: misrouted\n  job: hello_world\n  queue: {other}\n  schedule: '0 0 1 1 *'\n\
+             - id: huge\n  job: hello_world\n  schedule: '0 0 1 1 *'\n  arguments: {{blob: {big}}}\n"
+        ));
+        cluster.run_ok(&["scheduler", "--init"]);
+        sqlx::query("UPDATE schedule SET next_run = now() - interval '1 second'")
+            .execute(&cluster.pool)
+            .await
+            .unwrap();
+        cluster.run_ok(&["scheduler", "--no-daemon"]);
+        let runs: Vec<(String, String, Option<String>, bool)> = sqlx::query_as(
+            "SELECT job_name, status, error, published_at IS NOT NULL FROM job_runs ORDER BY job_name",
+        )
+        .fetch_all(&cluster.pool)
+        .await
+        .unwrap();
+        let _ = connection.close(200, ShortString::from("bye")).await;
+        assert_eq!(runs.len(), 3, "{runs:?}");
+        assert_eq!(
+            (runs[0].0.as_str(), runs[0].1.as_str(), runs[0].3),
+            ("good", "queued", true)
+        );
+        assert_eq!((runs[1].0.as_str(), runs[1].1.as_str()), ("huge", "dead"));
+        assert!(
+            runs[1]
+                .2
+                .as_deref()
+                .unwrap_or("")
+                .contains("max_message_size"),
+            "{runs:?}"
+        );
+        assert_eq!(
+            (runs[2].0.as_str(), runs[2].1.as_str()),
+            ("misrouted", "dead")
+        );
+        assert!(
+            runs[2].2.as_deref().unwrap_or("").contains(&other),
+            "{runs:?}"
+        );
+    }
+    assert_eq!(
+        cluster.queue_depth(&cluster.queue).await,
+        1,
+        "good was published"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_id_the_history_cannot_hold_is_refused_at_start() {
+    let cluster = Cluster::new("").await;
+    let id = "w".repeat(201);
+    let mut worker = cluster.spawn("worker", &["worker", "--id", &id]);
+    let status = worker
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("the worker started with an unusable id"));
+    assert_eq!(status.code(), Some(2));
+    assert!(worker.log_text().contains("--id"), "{}", worker.log_text());
+}
+
+#[tokio::test]
+async fn a_run_whose_message_was_lost_is_published_again() {
+    let cluster = Cluster::new(
+        "scheduler:\n  sweep_every: 0.2\n  republish_after: 1\nworker:\n  grace_period: 5\n",
+    )
+    .await;
+    cluster.import("jobs:\n- id: lost\n  job: hello_world\n");
+    cluster.run_ok(&["scheduler", "--run-now", "lost"]);
+    // The message goes missing (a broker that lost it, an operator who purged the queue).
+    assert_eq!(cluster.drain(&cluster.queue).await.len(), 1);
+    let _worker = cluster.worker("w1", 1);
+    let _scheduler = cluster.scheduler();
+    cluster
+        .wait_until(
+            "the run published again and run",
+            Duration::from_secs(30),
+            "SELECT status = 'succeeded' FROM job_runs",
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn a_result_that_cannot_be_recorded_is_not_acknowledged() {
+    let cluster = Cluster::new(FAST).await;
+    cluster.import("jobs:\n- id: unrecordable\n  job: hello_world\n");
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'refused for the test'; END $$;
+         CREATE TRIGGER refuse BEFORE UPDATE ON job_runs FOR EACH ROW
+         WHEN (NEW.status IN ('succeeded', 'failed')) EXECUTE FUNCTION refuse();",
+    )
+    .execute(&cluster.pool)
+    .await
+    .unwrap();
+    let worker = cluster.worker("w1", 1);
+    cluster.run_ok(&["scheduler", "--run-now", "unrecordable"]);
+    cluster.wait_for_log(&worker, "cannot be recorded at all");
+    // The broker's counts lag a little behind; the delivery stays unacknowledged throughout.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while cluster.unacknowledged(&cluster.queue) != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        cluster.unacknowledged(&cluster.queue),
+        1,
+        "{}",
+        cluster.logs()
+    );
+    assert_eq!(
+        cluster.queue_depth(&cluster.queue).await,
+        0,
+        "not returned to the queue"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_that_lost_its_lease_claims_nothing_until_it_holds_it_again() {
+    let cluster = Cluster::new(FAST).await;
+    cluster.import("jobs:\n- id: fenced\n  job: hello_world\n");
+    let worker = cluster.worker("w1", 1);
+    // 0x6a73776b: the class of worker leases (`pg_advisory_lock(class, token)`).
+    let (pid, token): (i32, i64) = sqlx::query_as(
+        "SELECT pid, objid::int8 FROM pg_locks
+         WHERE locktype = 'advisory' AND granted AND classid = 1785952107::oid AND objsubid = 2",
+    )
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap();
+    // The lease connection drops, and someone else holds the lock meanwhile.
+    let mut holder = sqlx::PgConnection::connect(&cluster.db.url).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&cluster.pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_lock(1785952107, $1::int4)")
+        .bind(token)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    cluster.wait_for_log(&worker, "claiming nothing until the lease is taken again");
+    cluster.run_ok(&["scheduler", "--run-now", "fenced"]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status: String = sqlx::query_scalar("SELECT status FROM job_runs")
+        .fetch_one(&cluster.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        "queued",
+        "claimed without the lease:\n{}",
+        cluster.logs()
+    );
+    holder.close().await.unwrap();
+    cluster
+        .wait_until(
+            "the run claimed once the lease is back",
+            Duration::from_secs(30),
+            "SELECT status = 'succeeded' FROM job_runs",
+        )
+        .await;
+}

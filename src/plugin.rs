@@ -20,7 +20,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use jobschleuder_plugin::abi;
 pub use jobschleuder_plugin::{Args, Job as PlannedJob, JobError, Kind, Outcome};
@@ -163,9 +164,30 @@ struct Inner {
     secrets: Arc<Secrets>,
     origin: String,
     libraries: Mutex<HashMap<PathBuf, Arc<Library>>>,
-    /// Per function: its on_startup values once they were obtained. The mutex per function
-    /// makes on_startup run once even when the first calls come in concurrently.
-    startup: Mutex<HashMap<String, Arc<Mutex<Option<Args>>>>>,
+    /// Per function: the state of its on_startup. One slot per function makes on_startup run
+    /// once even when the first calls come in concurrently, and a hung on_startup holds up
+    /// only the calls of its own function — for at most `startup_timeout`.
+    startup: Mutex<HashMap<String, Arc<StartupSlot>>>,
+    startup_timeout: Duration,
+}
+
+/// Where a function's on_startup stands.
+#[derive(Default)]
+enum Startup {
+    /// Not called yet, or its last call failed (the next call tries again).
+    #[default]
+    Idle,
+    /// Running on a thread of its own; callers wait for it.
+    Running,
+    Ready(Args),
+    /// The last call failed; the callers that waited for it get this error.
+    Failed(PluginError),
+}
+
+#[derive(Default)]
+struct StartupSlot {
+    state: Mutex<Startup>,
+    changed: Condvar,
 }
 
 impl PluginHost {
@@ -179,6 +201,7 @@ impl PluginHost {
                 origin: config.origin(),
                 libraries: Mutex::new(HashMap::new()),
                 startup: Mutex::new(HashMap::new()),
+                startup_timeout: config.worker.startup_timeout,
             }),
         }
     }
@@ -330,65 +353,150 @@ impl PluginHost {
     /// The call's arguments: on_startup values merged in (they win), `sot: true` replaced.
     fn prepare(
         &self,
-        library: &Library,
+        library: &Arc<Library>,
         function: &str,
         mut args: Args,
     ) -> Result<Args, PluginError> {
         let startup_name = format!("{function}:on_startup");
         if library.functions.get(&startup_name) == Some(&Kind::OnStartup) {
-            let slot = {
-                let mut startup = self.inner.startup.lock().unwrap_or_else(|p| p.into_inner());
-                startup.entry(startup_name.clone()).or_default().clone()
-            };
-            let mut values = slot.lock().unwrap_or_else(|p| p.into_inner());
-            if values.is_none() {
-                // Not redacted: these values go to the plugin, not to a reader.
-                let output = self
-                    .invoke_unredacted(
-                        library,
-                        &startup_name,
-                        Kind::OnStartup,
-                        &serde_json::json!({}),
-                    )
-                    .map_err(|e| match e {
-                        PluginError::Failed { error, .. } => PluginError::StartupFailed {
-                            plugin: library.plugin.clone(),
-                            function: function.to_string(),
-                            path: library.path.clone(),
-                            error,
-                        },
-                        other => other,
-                    })?;
-                match output {
-                    Value::Object(map) => {
-                        // Credentials it fetched are secrets from now on, like the `sot:` token.
-                        self.inner.secrets.add_all(secrets_in(&map));
-                        *values = Some(map)
-                    }
-                    other => {
-                        return Err(PluginError::BadOutput {
-                            plugin: library.plugin.clone(),
-                            function: startup_name,
-                            kind: Kind::OnStartup.as_str(),
-                            path: library.path.clone(),
-                            message: format!(
-                                "on_startup must return a JSON object, not {}",
-                                self.inner.secrets.redact(other)
-                            ),
-                        })
-                    }
-                }
-            }
-            if let Some(values) = values.as_ref() {
-                for (key, value) in values {
-                    args.insert(key.clone(), value.clone());
-                }
+            let values = self.startup_values(library, function, &startup_name)?;
+            for (key, value) in values {
+                args.insert(key, value);
             }
         }
         if args.get("sot") == Some(&Value::Bool(true)) && !self.inner.sot.is_empty() {
             args.insert("sot".into(), Value::Object(self.inner.sot.clone()));
         }
         Ok(args)
+    }
+
+    /// The on_startup values of `function`: called once on a thread of its own, then kept. A
+    /// caller waits for a running on_startup at most `startup_timeout`; a failed one is tried
+    /// again by the next call.
+    fn startup_values(
+        &self,
+        library: &Arc<Library>,
+        function: &str,
+        startup_name: &str,
+    ) -> Result<Args, PluginError> {
+        let slot = {
+            let mut startup = self.inner.startup.lock().unwrap_or_else(|p| p.into_inner());
+            startup.entry(startup_name.to_string()).or_default().clone()
+        };
+        let deadline = Instant::now() + self.inner.startup_timeout;
+        let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Whether this call started or waited for the current try: its failure is ours then;
+        // a failure found on arrival is an earlier call's, and this call tries again.
+        let mut involved = false;
+        loop {
+            match &*state {
+                Startup::Ready(values) => return Ok(values.clone()),
+                Startup::Failed(error) if involved => return Err(error.clone()),
+                Startup::Idle | Startup::Failed(_) => {
+                    *state = Startup::Running;
+                    involved = true;
+                    let host = self.clone();
+                    let lib = library.clone();
+                    let func = function.to_string();
+                    let name = startup_name.to_string();
+                    let shared = slot.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("on_startup {function}"))
+                        .spawn(move || {
+                            let outcome = host.run_startup(&lib, &func, &name);
+                            let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+                            *state = match outcome {
+                                Ok(values) => Startup::Ready(values),
+                                Err(error) => Startup::Failed(error),
+                            };
+                            shared.changed.notify_all();
+                        });
+                    if let Err(e) = spawned {
+                        *state = Startup::Idle;
+                        return Err(self.startup_error(
+                            library,
+                            function,
+                            format!("cannot start a thread for it: {e}"),
+                        ));
+                    }
+                }
+                Startup::Running => {
+                    involved = true;
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(self.startup_error(
+                            library,
+                            function,
+                            format!(
+                                "it did not return within {}s (worker.startup_timeout); calls of this function fail until it does",
+                                self.inner.startup_timeout.as_secs_f64()
+                            ),
+                        ));
+                    }
+                    state = slot
+                        .changed
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// Calls on_startup and checks what it returns.
+    fn run_startup(
+        &self,
+        library: &Library,
+        function: &str,
+        startup_name: &str,
+    ) -> Result<Args, PluginError> {
+        // Not redacted: these values go to the plugin, not to a reader.
+        let output = self
+            .invoke_unredacted(
+                library,
+                startup_name,
+                Kind::OnStartup,
+                &serde_json::json!({}),
+            )
+            .map_err(|e| match e {
+                PluginError::Failed { error, .. } => PluginError::StartupFailed {
+                    plugin: library.plugin.clone(),
+                    function: function.to_string(),
+                    path: library.path.clone(),
+                    error,
+                },
+                other => other,
+            })?;
+        match output {
+            Value::Object(map) => {
+                // Credentials it fetched are secrets from now on, like the `sot:` token.
+                self.inner.secrets.add_all(secrets_in(&map));
+                Ok(map)
+            }
+            other => Err(PluginError::BadOutput {
+                plugin: library.plugin.clone(),
+                function: startup_name.to_string(),
+                kind: Kind::OnStartup.as_str(),
+                path: library.path.clone(),
+                message: format!(
+                    "on_startup must return a JSON object, not {}",
+                    self.inner.secrets.redact(other)
+                ),
+            }),
+        }
+    }
+
+    fn startup_error(&self, library: &Library, function: &str, message: String) -> PluginError {
+        PluginError::StartupFailed {
+            plugin: library.plugin.clone(),
+            function: function.to_string(),
+            path: library.path.clone(),
+            error: Box::new(JobError {
+                message,
+                retryable: true,
+                details: None,
+            }),
+        }
     }
 
     /// Calls `function`; what it returns has every secret masked.

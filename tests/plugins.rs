@@ -40,6 +40,7 @@ pub fn plugin_config_text() -> String {
         ("test_abort", "testkit"),
         ("test_broken", "testkit"),
         ("test_startup_secret", "testkit"),
+        ("test_slow_start", "testkit"),
         ("test_missing_function", "testkit"),
         ("old_abi", "abi_mismatch"),
         ("not_a_plugin", "no_symbols"),
@@ -292,6 +293,38 @@ fn on_startup_failure_is_named_and_retried() {
             "{err}"
         );
     }
+}
+
+#[test]
+fn a_hung_on_startup_holds_up_only_its_own_function_and_only_for_its_timeout() {
+    let config = Config::from_str_with_env(
+        &PathBuf::from("plugins.yaml"),
+        &format!("{}worker:\n  startup_timeout: 0.5\n", plugin_config_text()),
+        &|_| None,
+    )
+    .unwrap();
+    let host = PluginHost::new(&config);
+    let started = std::time::Instant::now();
+    let waiting = {
+        let host = host.clone();
+        std::thread::spawn(move || host.call_job("test_slow_start", args(json!({}))))
+    };
+    // Other functions of the same library are not held up.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    host.call_job("test_echo", args(json!({}))).unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_millis(400));
+    // Its own calls give up after the timeout, naming it.
+    let err = waiting.join().unwrap().unwrap_err();
+    assert!(
+        matches!(err, PluginError::StartupFailed { .. }) && err.retryable(),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("startup_timeout"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    // Once it returns, calls get its values.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let result = host.call_job("test_slow_start", args(json!({}))).unwrap();
+    assert_eq!(result["started_with"], true);
 }
 
 #[test]

@@ -133,3 +133,17 @@ fn broken_startup() -> Result<Args, JobError> {
 fn abort(_args: Args) -> Result<Value, JobError> {
     std::process::abort()
 }
+
+#[jobschleuder("test_slow_start")]
+fn slow_start(args: Args) -> Result<Value, JobError> {
+    Ok(json!({ "started_with": args.get("ready") }))
+}
+
+/// An on_startup that takes three seconds, as one waiting on an unreachable server would.
+#[jobschleuder("test_slow_start:on_startup")]
+fn slow_start_startup() -> Result<Args, JobError> {
+    std::thread::sleep(Duration::from_secs(3));
+    let mut values = Args::new();
+    values.insert("ready".into(), json!(true));
+    Ok(values)
+}

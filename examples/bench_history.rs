@@ -117,7 +117,12 @@ async fn run(rows: i64, url: &url::Url, name: &str) -> Result<(), Box<dyn std::e
 
     let started = Instant::now();
     store.orphaned_runs().await?;
-    store.republish_stale(Duration::from_secs(900)).await?;
+    store
+        .stale_queues(Duration::from_secs(900), "jobschleuder")
+        .await?;
+    store
+        .republish_stale(Duration::from_secs(900), "jobschleuder", "jobschleuder")
+        .await?;
     figure("sweep", started.elapsed().as_secs_f64() * 1000.0, "ms");
 
     let started = Instant::now();

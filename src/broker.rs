@@ -53,6 +53,18 @@ pub enum BrokerError {
     Timeout(Duration),
 }
 
+impl BrokerError {
+    /// Whether the broker refused for good what was asked: a queue declared with other
+    /// settings than it has, or one this user may not access. Retrying cannot help.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            BrokerError::QueueMismatch { .. } => true,
+            BrokerError::Amqp { source, .. } => source.to_string().contains("ACCESS_REFUSED"),
+            _ => false,
+        }
+    }
+}
+
 fn amqp(context: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
     move |source| BrokerError::Amqp { context, source }
 }
@@ -306,9 +318,10 @@ impl Broker {
         {
             match self.declare(queue).await {
                 Ok(()) => {}
-                // The connection is fine, so the broker refused this queue: its runs cannot be
-                // published as they are, the others can.
-                Err(e) if self.connection.status().connected() => {
+                // The broker refused this queue for good (it exists with other settings, or
+                // this user may not use it): its runs cannot be published as they are, the
+                // others can. Anything else (a node down, a lost connection) may pass later.
+                Err(e) if e.is_refusal() => {
                     refused_queues.insert(queue, format!("queue {queue:?} cannot be used: {e}"));
                 }
                 Err(e) => return Err(e),
@@ -371,6 +384,37 @@ impl Broker {
             .into_iter()
             .map(|o| o.unwrap_or(Published::Nacked))
             .collect())
+    }
+
+    /// Messages ready in `queue` (0 if it does not exist), asked on a channel of its own: a
+    /// passive declaration of a missing queue closes its channel.
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, BrokerError> {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(amqp("opening a channel to inspect a queue"))?;
+        let declared = channel
+            .queue_declare(
+                ShortString::from(queue),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if channel.status().connected() {
+            let _ = channel.close(200, ShortString::from("inspected")).await;
+        }
+        match declared {
+            Ok(declared) => Ok(declared.message_count()),
+            Err(e) if e.to_string().contains("NOT_FOUND") => Ok(0),
+            Err(e) => Err(BrokerError::Amqp {
+                context: "inspecting a queue",
+                source: e,
+            }),
+        }
     }
 
     /// Starts consuming `queue` with at most `prefetch` unacknowledged deliveries.

@@ -359,7 +359,16 @@ impl PluginHost {
     ) -> Result<Args, PluginError> {
         let startup_name = format!("{function}:on_startup");
         if library.functions.get(&startup_name) == Some(&Kind::OnStartup) {
-            let values = self.startup_values(library, function, &startup_name)?;
+            // A call never waits longer than its own time limit: the worker would count it as
+            // hung otherwise.
+            let own_limit = args
+                .get("timeout")
+                .and_then(Value::as_f64)
+                .and_then(|t| Duration::try_from_secs_f64(t).ok());
+            let wait = own_limit.map_or(self.inner.startup_timeout, |own| {
+                own.min(self.inner.startup_timeout)
+            });
+            let values = self.startup_values(library, function, &startup_name, wait)?;
             for (key, value) in values {
                 args.insert(key, value);
             }
@@ -371,19 +380,20 @@ impl PluginHost {
     }
 
     /// The on_startup values of `function`: called once on a thread of its own, then kept. A
-    /// caller waits for a running on_startup at most `startup_timeout`; a failed one is tried
-    /// again by the next call.
+    /// caller waits for a running on_startup at most `wait`; a failed one is tried again by
+    /// the next call.
     fn startup_values(
         &self,
         library: &Arc<Library>,
         function: &str,
         startup_name: &str,
+        wait: Duration,
     ) -> Result<Args, PluginError> {
         let slot = {
             let mut startup = self.inner.startup.lock().unwrap_or_else(|p| p.into_inner());
             startup.entry(startup_name.to_string()).or_default().clone()
         };
-        let deadline = Instant::now() + self.inner.startup_timeout;
+        let deadline = Instant::now() + wait;
         let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
         // Whether this call started or waited for the current try: its failure is ours then;
         // a failure found on arrival is an earlier call's, and this call tries again.
@@ -428,8 +438,8 @@ impl PluginHost {
                             library,
                             function,
                             format!(
-                                "it did not return within {}s (worker.startup_timeout); calls of this function fail until it does",
-                                self.inner.startup_timeout.as_secs_f64()
+                                "it did not return within {}s (worker.startup_timeout, or the call's own timeout); calls of this function fail until it does",
+                                wait.as_secs_f64()
                             ),
                         ));
                     }

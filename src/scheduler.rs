@@ -156,6 +156,15 @@ impl Publisher {
         result
     }
 
+    /// Messages ready in `queue`.
+    pub async fn queue_depth(&mut self, queue: &str) -> Result<u32, BrokerError> {
+        let result = self.broker().await?.queue_depth(queue).await;
+        if result.is_err() {
+            self.failed();
+        }
+        result
+    }
+
     pub async fn close(&mut self) {
         if let Some(broker) = self.broker.take() {
             broker.close().await;
@@ -177,6 +186,9 @@ pub struct PassSummary {
     pub newly_scheduled: usize,
     pub runs_created: usize,
     pub runs_published: usize,
+    /// The "now" the pass worked with (the database's clock): entries due by then and still
+    /// due afterwards are held by another scheduler or an import.
+    pub now: Option<DateTime<Utc>>,
 }
 
 /// Builds the wire message of a queued run.
@@ -203,15 +215,17 @@ pub async fn create_due_runs(
 ) -> Result<PassSummary, StoreError> {
     let mut summary = PassSummary::default();
     let default_tz = config.timezone;
+    // One "now" for the whole pass: a pass catching up slot by slot ends with the slots due
+    // when it began, however long it takes.
+    let now = match at {
+        Some(at) => at,
+        None => store.now().await?,
+    };
+    summary.now = Some(now);
     if store.has_unscheduled_entries().await? {
         let (count, unschedulable) = store
-            .fill_missing_schedule(&|e: &EntrySchedule, now| {
-                next_run(
-                    &e.schedule,
-                    e.timezone.as_deref(),
-                    default_tz,
-                    at.unwrap_or(now),
-                )
+            .fill_missing_schedule(&|e: &EntrySchedule, _| {
+                next_run(&e.schedule, e.timezone.as_deref(), default_tz, now)
             })
             .await?;
         summary.newly_scheduled = count;
@@ -227,7 +241,7 @@ pub async fn create_due_runs(
         // Whether an entry is due again at once (a late pass catching up slot by slot).
         let again = std::cell::Cell::new(false);
         let (handled, created) = store
-            .schedule_due(at, config.scheduler.batch_size, &|entry, now| {
+            .schedule_due(Some(now), config.scheduler.batch_size, &|entry, now| {
                 let decision = decide(entry, now, default_tz, grace);
                 if decision.next_run.is_some_and(|next| next <= now) {
                     again.set(true);
@@ -328,19 +342,12 @@ impl Sweeper {
         }
     }
 
-    async fn sweep(&mut self, store: &Store) {
+    async fn sweep(&mut self, store: &Store, publisher: &mut Publisher, default_queue: &str) {
         if self.last.is_some_and(|at| at.elapsed() < self.every) {
             return;
         }
         self.last = Some(tokio::time::Instant::now());
-        match store.republish_stale(self.republish_after).await {
-            Ok(ids) => {
-                for id in ids {
-                    tracing::warn!(run = %id, "run published again: no worker claimed it within scheduler.republish_after");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "republishing unclaimed runs failed"),
-        }
+        self.republish(store, publisher, default_queue).await;
         let now: HashSet<ClaimKey> = match store.orphaned_runs().await {
             Ok(claims) => claims.into_iter().collect(),
             Err(e) => {
@@ -366,6 +373,48 @@ impl Sweeper {
                     .retain(|claim| !handled.iter().any(|(id, _, _)| *id == claim.0));
             }
             Err(e) => tracing::warn!(error = %e, "queueing orphaned runs again failed"),
+        }
+    }
+}
+
+impl Sweeper {
+    /// Runs published long ago and still unclaimed are published again — only once their
+    /// queue is empty: a run waiting behind a backlog is not lost, one whose queue drained
+    /// without it is.
+    async fn republish(&mut self, store: &Store, publisher: &mut Publisher, default_queue: &str) {
+        let queues = match store
+            .stale_queues(self.republish_after, default_queue)
+            .await
+        {
+            Ok(queues) => queues,
+            Err(e) => {
+                tracing::warn!(error = %e, "looking for unclaimed runs failed");
+                return;
+            }
+        };
+        for queue in queues {
+            match publisher.queue_depth(&queue).await {
+                Ok(0) => {}
+                Ok(depth) => {
+                    tracing::debug!(queue = %queue, depth, "unclaimed runs wait behind a backlog");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(queue = %queue, error = %e, "cannot inspect a queue");
+                    continue;
+                }
+            }
+            match store
+                .republish_stale(self.republish_after, &queue, default_queue)
+                .await
+            {
+                Ok(ids) => {
+                    for id in ids {
+                        tracing::warn!(run = %id, queue = %queue, "run published again: its queue is empty and no worker claimed it within scheduler.republish_after");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "republishing unclaimed runs failed"),
+            }
         }
     }
 }
@@ -433,10 +482,12 @@ pub async fn run(
         let pass = async {
             let mut db_failed = false;
             let mut published = 0;
+            let mut pass_now = None;
             match create_due_runs(store, config, None).await {
                 Ok(summary) => {
                     total.newly_scheduled += summary.newly_scheduled;
                     total.runs_created += summary.runs_created;
+                    pass_now = summary.now;
                 }
                 Err(e) => {
                     db_failed = true;
@@ -465,20 +516,22 @@ pub async fn run(
             }
             total.runs_published += published;
             if !db_failed {
-                sweeper.sweep(store).await;
+                sweeper
+                    .sweep(store, &mut publisher, &config.rabbitmq.queue)
+                    .await;
             }
-            Ok((db_failed, published))
+            Ok((db_failed, published, pass_now))
         };
-        // A pass stopped by a signal loses nothing: its open transaction rolls back.
-        let (db_failed, published) = tokio::select! {
-            result = pass => match result {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    publisher.close().await;
-                    return Err(e);
-                }
-            },
-            _ = shutdown.wait() => break,
+        // A stop signal lets the pass end (passes are short): a pass cut between the broker's
+        // confirms and the commit that marks its runs published would leave those runs to be
+        // published a second time. A second signal exits at once — also from a pass waiting on
+        // a server that does not answer — and then that can happen (workers skip duplicates).
+        let (db_failed, published, pass_now) = match pass.await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                publisher.close().await;
+                return Err(e);
+            }
         };
         if once || shutdown.requested() {
             break;
@@ -504,7 +557,15 @@ pub async fn run(
                         now + (at - next.now).to_std().unwrap_or(Duration::ZERO)
                     };
                     if let Some(at) = next.next_run {
-                        wake = wake.min(until(at));
+                        // Due before this pass and still there: another scheduler or an import
+                        // holds it. Look again in a moment, without spinning.
+                        let held = pass_now.is_some_and(|pass| at <= pass);
+                        let floor = if held {
+                            Duration::from_millis(250)
+                        } else {
+                            Duration::ZERO
+                        };
+                        wake = wake.min(until(at).max(now + floor));
                     }
                     if let Some(at) = next.next_publish {
                         let mut publish_at = until(at);

@@ -708,8 +708,10 @@ pub enum Claim {
     Running,
     /// No such run.
     Unknown,
-    /// The database could not answer for good: put the delivery back, try again later.
+    /// Not now: the worker does not hold its lease. Try again once it does.
     Unavailable,
+    /// The database refused the claim for good (the error): the run cannot be claimed.
+    Refused(String),
 }
 
 /// How a run ended, for recording.
@@ -814,6 +816,16 @@ impl Drop for WorkerLease {
 const SCHEDULE_LOCK: i64 = 0x6a6f_6273_6368_6564; // "jobsched"
 
 impl Store {
+    /// The database's clock.
+    pub async fn now(&self) -> Result<DateTime<Utc>, StoreError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .context("reading the database's clock")?;
+        db_now(&mut conn).await
+    }
+
     /// Listens for notifications (what schedulers wake up on).
     pub async fn notifications(&self) -> Result<Notifications, StoreError> {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool)
@@ -1016,15 +1028,38 @@ impl Store {
     /// Inserts runs (manual, webhook, fan-out children, bare messages); returns their ids in
     /// order. Schedulers are notified so that they publish them.
     pub async fn insert_runs(&self, runs: &[NewRun]) -> Result<Vec<Uuid>, StoreError> {
+        Ok(self
+            .insert_runs_reporting(runs)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// [`Store::insert_runs`], saying per run whether this call created it (`false`: a run
+    /// with its id existed already).
+    pub async fn insert_runs_reporting(
+        &self,
+        runs: &[NewRun],
+    ) -> Result<Vec<(Uuid, bool)>, StoreError> {
         let mut columns = RunColumns::default();
         for run in runs {
             columns.push(run, None);
         }
         let mut tx = self.pool.begin().await.context("starting to insert runs")?;
-        columns.insert(&mut tx).await?;
+        let created: HashSet<Uuid> = columns
+            .insert(&mut tx)
+            .await?
+            .into_iter()
+            .map(|run| run.id)
+            .collect();
         notify_on(&mut tx, "run").await?;
         tx.commit().await.context("committing new runs")?;
-        Ok(columns.ids)
+        Ok(columns
+            .ids
+            .into_iter()
+            .map(|id| (id, created.contains(&id)))
+            .collect())
     }
 
     /// Locks up to `limit` queued, unpublished runs whose time has come (only those in `only`
@@ -1124,7 +1159,10 @@ impl Store {
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                if sqlx::query("SELECT 1").execute(&mut conn).await.is_ok() {
+                // Bounded: after a network partition the probe could otherwise wait minutes for
+                // TCP, while the server has ended the session (and the lease) long ago.
+                let probe = sqlx::query("SELECT 1").execute(&mut conn);
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), probe).await {
                     continue;
                 }
                 let _ = set_held.send(false);
@@ -1169,6 +1207,11 @@ impl Store {
         let redelivered: Vec<bool> = claims.iter().map(|c| c.1).collect();
         let rows: Vec<ClaimRow> = sqlx::query_as(
             &format!("WITH input AS (SELECT * FROM UNNEST($2::uuid[], $3::bool[]) AS u(id, redelivered)),
+             lease AS (SELECT EXISTS (
+                SELECT 1 FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.granted
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  AND l.classid = $1::oid AND l.objid = $5::oid AND l.objsubid = 2) AS held),
              claimed AS (
                 UPDATE job_runs r
                 SET status = 'running', attempt = r.attempt + 1, worker = $4, claim_token = $5,
@@ -1176,13 +1219,15 @@ impl Store {
                     published_at = COALESCE(r.published_at, now())
                 FROM (SELECT id, bool_or(redelivered) AS redelivered FROM input GROUP BY id) i
                 WHERE r.id = i.id
-                  AND (r.status = 'queued'
+                  AND (SELECT held FROM lease)
+                  AND ((r.status = 'queued' AND (r.not_before IS NULL OR r.not_before <= now()))
                        OR (r.status = 'running' AND i.redelivered AND {LEASE_GONE}))
                 RETURNING r.id, r.attempt, r.trigger)
              SELECT i.id,
                     COALESCE(c.attempt, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.attempt END),
                     r.status,
-                    COALESCE(c.trigger, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.trigger END)
+                    COALESCE(c.trigger, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.trigger END),
+                    (SELECT held FROM lease)
              FROM input i LEFT JOIN claimed c ON c.id = i.id LEFT JOIN job_runs r ON r.id = i.id"),
         )
         .bind(LEASE_CLASS)
@@ -1194,8 +1239,14 @@ impl Store {
         .fetch_all(&self.pool)
         .await
         .context("claiming runs")?;
+        // Fenced in the statement itself: without the lease held by this worker's session,
+        // nothing is claimed, and the deliveries go back to be claimed later.
+        if rows.iter().any(|row| !row.4) {
+            tracing::warn!("this worker does not hold its lease: claiming nothing");
+            return Ok(vec![Claim::Unavailable; claims.len()]);
+        }
         let mut by_id: HashMap<Uuid, ClaimState> = HashMap::new();
-        for (id, attempt, status, trigger) in rows {
+        for (id, attempt, status, trigger, _) in rows {
             by_id.insert(id, (attempt, status, trigger));
         }
         // The same run twice in one batch: the first claims it, the second is a duplicate.
@@ -1348,10 +1399,35 @@ impl Store {
         Ok(handled)
     }
 
-    /// Puts runs back in the outbox that were published `after` ago or longer and are still
-    /// queued: no worker claimed them (their message was lost or dead-lettered by the
-    /// broker). Publishing one twice is harmless: only one delivery can claim it.
-    pub async fn republish_stale(&self, after: Duration) -> Result<Vec<Uuid>, StoreError> {
+    /// The queues (`default_queue` for runs without one) that hold runs published `after` ago
+    /// or longer and still queued.
+    pub async fn stale_queues(
+        &self,
+        after: Duration,
+        default_queue: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT COALESCE(queue, $2) FROM job_runs
+             WHERE status = 'queued' AND published_at IS NOT NULL
+               AND published_at < now() - $1 * interval '1 second'",
+        )
+        .bind(after.as_secs_f64())
+        .bind(default_queue)
+        .fetch_all(&self.pool)
+        .await
+        .context("looking for unclaimed runs")
+    }
+
+    /// Puts runs of `queue` back in the outbox that were published `after` ago or longer and
+    /// are still queued: no worker claimed them, and (the caller checked) their queue is
+    /// empty, so their message was lost or dead-lettered by the broker. Publishing one twice
+    /// is harmless: only one delivery can claim it.
+    pub async fn republish_stale(
+        &self,
+        after: Duration,
+        queue: &str,
+        default_queue: &str,
+    ) -> Result<Vec<Uuid>, StoreError> {
         let mut tx = self
             .pool
             .begin()
@@ -1361,9 +1437,12 @@ impl Store {
             "UPDATE job_runs SET published_at = NULL
              WHERE status = 'queued' AND published_at IS NOT NULL
                AND published_at < now() - $1 * interval '1 second'
+               AND COALESCE(queue, $3) = $2
              RETURNING id",
         )
         .bind(after.as_secs_f64())
+        .bind(queue)
+        .bind(default_queue)
         .fetch_all(&mut *tx)
         .await
         .context("republishing unclaimed runs")?;
@@ -1492,8 +1571,9 @@ pub struct Wakeup {
 /// One claim of a run: (run, claim token, attempt).
 pub type ClaimKey = (Uuid, i32, i32);
 
-/// A claim's answer row: run id, attempt if claimed, status before, trigger if claimed.
-type ClaimRow = (Uuid, Option<i32>, Option<String>, Option<String>);
+/// A claim's answer row: run id, attempt if claimed, status before, trigger if claimed, and
+/// whether the worker's lease is held.
+type ClaimRow = (Uuid, Option<i32>, Option<String>, Option<String>, bool);
 /// Attempt if claimed, status before, trigger if claimed.
 type ClaimState = (Option<i32>, Option<String>, Option<String>);
 

@@ -195,9 +195,38 @@ struct Context {
     publisher: Mutex<Publisher>,
     /// Runs this process has claimed and not yet recorded, with what is needed to record them
     /// interrupted when the worker stops: their attempt and their delivery's acker.
-    in_flight: std::sync::Mutex<HashMap<Uuid, (i32, broker::Acker)>>,
+    in_flight: std::sync::Mutex<HashMap<Uuid, InFlight>>,
+    /// Results handed to the recorder and not yet committed; a stopping worker waits for them
+    /// before it records what it interrupts.
+    recording: Arc<AtomicUsize>,
     /// Slots held by plugin calls that outlived their timeout and do not return.
     hung: AtomicUsize,
+}
+
+/// A run this process claimed and has not handed to the recorder yet.
+struct InFlight {
+    attempt: i32,
+    acker: broker::Acker,
+    max_retries: i32,
+    /// Its plugin call outlived the job's timeout and has not returned.
+    hung_after: Option<Duration>,
+}
+
+/// Counts a result on its way to the database; dropped (also when its task is aborted) once
+/// the recorder has answered.
+struct Recording(Arc<AtomicUsize>);
+
+impl Recording {
+    fn new(counter: &Arc<AtomicUsize>) -> Recording {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Recording(counter.clone())
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// How the worker stopped, when it did not fail.
@@ -273,9 +302,8 @@ pub async fn run(
                 {
                     Ok(claims) => claims,
                     Err(e) => {
-                        // The deliveries go back to the queue, to be tried again.
                         tracing::error!(error = %e, "claiming runs failed");
-                        vec![Claim::Unavailable; batch.len()]
+                        vec![Claim::Refused(e.to_string()); batch.len()]
                     }
                 }
             }
@@ -302,6 +330,7 @@ pub async fn run(
             &format!("worker {} fan-out", options.id),
         )),
         in_flight: std::sync::Mutex::new(HashMap::new()),
+        recording: Arc::new(AtomicUsize::new(0)),
         hung: AtomicUsize::new(0),
     });
     let slots = options.slots.max(1);
@@ -311,9 +340,9 @@ pub async fn run(
     let mut backoff = Duration::from_millis(200);
     let mut broker: Option<Broker> = None;
 
-    let stopped = 'session: loop {
+    let stopped: Result<Stopped, BrokerError> = 'session: loop {
         if shutdown.requested() {
-            break Stopped::Gracefully;
+            break Ok(drain(&mut tasks, config.worker.grace_period, &mut shutdown).await);
         }
         let role = format!("worker {}", options.id);
         let session = async {
@@ -327,17 +356,31 @@ pub async fn run(
                 .await?;
             Ok::<_, BrokerError>((broker, consumer))
         };
-        let mut consumer = match session.await {
+        // Jobs may be running meanwhile (the connection was lost under them): a stop signal
+        // while connecting gives them their grace period too.
+        let connected = tokio::select! {
+            connected = session => connected,
+            _ = shutdown.wait() => {
+                break 'session Ok(drain(&mut tasks, config.worker.grace_period, &mut shutdown).await);
+            }
+        };
+        let mut consumer = match connected {
             Ok((connected, consumer)) => {
                 broker = Some(connected);
                 consumer
             }
-            Err(e @ BrokerError::QueueMismatch { .. }) => return Err(e),
+            Err(e @ BrokerError::QueueMismatch { .. }) => {
+                // It cannot consume as configured; what runs finishes first.
+                drain(&mut tasks, config.worker.grace_period, &mut shutdown).await;
+                break 'session Err(e);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot consume; retrying in {backoff:?}");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.wait() => break 'session Stopped::Gracefully,
+                    _ = shutdown.wait() => {
+                        break 'session Ok(drain(&mut tasks, config.worker.grace_period, &mut shutdown).await);
+                    }
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
                 continue;
@@ -357,7 +400,7 @@ pub async fn run(
                             tracing::debug!(error = %e, "cancelling the consumer failed");
                         }
                     }
-                    break 'session drain(&mut tasks, config.worker.grace_period, &mut shutdown).await;
+                    break 'session Ok(drain(&mut tasks, config.worker.grace_period, &mut shutdown).await);
                 }
                 acquired = semaphore.clone().acquire_owned(), if permit.is_none() => {
                     permit = Some(acquired.expect("the semaphore is never closed"));
@@ -393,7 +436,7 @@ pub async fn run(
                     let hung = context.hung.load(Ordering::SeqCst);
                     if hung >= slots {
                         tracing::error!(slots, "every slot is held by a plugin call that ignores its timeout: stopping so that the service manager restarts the worker (its runs are queued for their next attempt)");
-                        break 'session Stopped::Stuck;
+                        break 'session Ok(Stopped::Stuck);
                     }
                 }
             }
@@ -412,7 +455,7 @@ pub async fn run(
     }
     context.publisher.lock().await.close().await;
     tracing::info!(worker = %options.id, "worker stopped");
-    Ok(stopped)
+    stopped
 }
 
 /// Waits for running jobs up to `grace`, or until a second stop signal.
@@ -436,9 +479,13 @@ async fn drain(tasks: &mut JoinSet<()>, grace: Duration, shutdown: &mut Shutdown
 }
 
 /// Stops what still runs: the handlers end, every process the worker started is killed (with
-/// its process group), and the unfinished runs are recorded queued for their next attempt and
-/// their deliveries acknowledged (the outbox publishes them again). If the database cannot be
-/// reached in time, the deliveries stay unacknowledged and return to the queue instead.
+/// its process group), results already on their way to the database are let through, and the
+/// unfinished runs are recorded and their deliveries acknowledged (the outbox publishes them
+/// again). An interrupted run is queued for its next attempt; one whose plugin call had
+/// outlived its timeout fails as timed out (retried if its retries allow). Either way its
+/// attempt counts, and a run that reached its retries plus `rabbitmq.delivery_limit` attempts
+/// is recorded dead: a job that keeps taking its worker down does not loop. If the database
+/// cannot be reached in time, the deliveries stay unacknowledged and return to the queue.
 async fn interrupt(context: &Context, tasks: &mut JoinSet<()>) {
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
@@ -449,7 +496,11 @@ async fn interrupt(context: &Context, tasks: &mut JoinSet<()>) {
             "killed the processes of interrupted jobs"
         );
     }
-    let in_flight: Vec<(Uuid, (i32, broker::Acker))> = context
+    let deadline = tokio::time::Instant::now() + INTERRUPT_RECORD_LIMIT;
+    while context.recording.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let in_flight: Vec<(Uuid, InFlight)> = context
         .in_flight
         .lock()
         .map(|mut runs| runs.drain().collect())
@@ -457,23 +508,50 @@ async fn interrupt(context: &Context, tasks: &mut JoinSet<()>) {
     if in_flight.is_empty() {
         return;
     }
-    let error = format!(
-        "interrupted: worker {} stopped while it ran; queued for its next attempt",
-        context.worker_id
-    );
+    let crash_limit = i32::try_from(context.config.rabbitmq.delivery_limit).unwrap_or(i32::MAX);
     let finishes: Vec<Finish> = in_flight
         .iter()
-        .map(|(id, (attempt, _))| Finish {
-            id: *id,
-            token: context.token,
-            attempt: *attempt,
-            end: RunEnd::Retry(Duration::ZERO),
-            result: None,
-            error: Some(error.clone()),
+        .map(|(id, run)| {
+            let (end, error) = match run.hung_after {
+                Some(limit) => (
+                    if run.attempt <= run.max_retries {
+                        RunEnd::Retry(retry_delay(&context.config.worker, run.attempt))
+                    } else {
+                        RunEnd::Failed
+                    },
+                    format!(
+                        "timed out after {}s; the plugin did not stop, and worker {} stopped",
+                        limit.as_secs_f64(),
+                        context.worker_id
+                    ),
+                ),
+                None if run.attempt >= run.max_retries.saturating_add(crash_limit) => (
+                    RunEnd::Dead,
+                    format!(
+                        "interrupted: worker {} stopped while it ran, at attempt {}: given up",
+                        context.worker_id, run.attempt
+                    ),
+                ),
+                None => (
+                    RunEnd::Retry(Duration::ZERO),
+                    format!(
+                        "interrupted: worker {} stopped while it ran; queued for its next attempt",
+                        context.worker_id
+                    ),
+                ),
+            };
+            Finish {
+                id: *id,
+                token: context.token,
+                attempt: run.attempt,
+                end,
+                result: None,
+                error: Some(error),
+            }
         })
         .collect();
-    let recorded = tokio::time::timeout(
-        INTERRUPT_RECORD_LIMIT,
+    let recorded = tokio::time::timeout_at(
+        deadline,
         until_ok("recording interrupted runs", || {
             context.store.finish_runs(&finishes)
         }),
@@ -481,9 +559,9 @@ async fn interrupt(context: &Context, tasks: &mut JoinSet<()>) {
     .await;
     match recorded {
         Ok(Ok(_)) => {
-            for (id, (attempt, acker)) in &in_flight {
-                tracing::info!(run = %id, attempt, "run interrupted; queued for its next attempt");
-                let _ = broker::acknowledge(acker).await;
+            for ((id, run), finish) in in_flight.iter().zip(&finishes) {
+                tracing::info!(run = %id, attempt = run.attempt, "run interrupted: {}", finish.error.as_deref().unwrap_or_default());
+                let _ = broker::acknowledge(&run.acker).await;
             }
         }
         Ok(Err(e)) => {
@@ -550,6 +628,7 @@ impl Failure {
 /// running) until it returns or the worker stops.
 async fn blocking<T: Send + 'static>(
     context: &Context,
+    run_id: Uuid,
     limit: Option<Duration>,
     call: impl FnOnce() -> Result<T, PluginError> + Send + 'static,
 ) -> Result<T, Failure> {
@@ -560,7 +639,12 @@ async fn blocking<T: Send + 'static>(
             Err(_) => {
                 if tokio::time::timeout(HUNG_AFTER, &mut handle).await.is_err() {
                     context.hung.fetch_add(1, Ordering::SeqCst);
-                    tracing::warn!(limit = ?limit, "a plugin call ignores its timeout: its slot stays taken until it returns");
+                    if let Ok(mut in_flight) = context.in_flight.lock() {
+                        if let Some(run) = in_flight.get_mut(&run_id) {
+                            run.hung_after = Some(limit);
+                        }
+                    }
+                    tracing::warn!(run = %run_id, limit = ?limit, "a plugin call ignores its timeout: its slot stays taken until it returns");
                     let _ = (&mut handle).await;
                     context.hung.fetch_sub(1, Ordering::SeqCst);
                 }
@@ -631,7 +715,14 @@ async fn handle(context: &Context, delivery: Delivery) {
             .saturating_sub(1)
             .max(1),
     );
-    let (attempt, trigger) = match context.claims.call((run_id, delivery.redelivered)).await {
+    // Without its lease the worker keeps the delivery and tries again (returning it would
+    // count a delivery against the message each time, and an outage would use them up).
+    let mut claim = context.claims.call((run_id, delivery.redelivered)).await;
+    while claim == Some(Claim::Unavailable) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        claim = context.claims.call((run_id, delivery.redelivered)).await;
+    }
+    let (attempt, trigger) = match claim {
         Some(Claim::Claimed { attempt, trigger }) => (attempt, trigger),
         Some(Claim::Finished(status)) => {
             tracing::debug!(run = %run_id, status = %status, "delivery of a finished run: skipped");
@@ -643,20 +734,21 @@ async fn handle(context: &Context, delivery: Delivery) {
             let _ = broker::ack(&delivery).await;
             return;
         }
-        Some(Claim::Unavailable) if previous >= limit => {
-            // Handed out too often without a claim: record why, so the run does not sit
-            // queued forever once the broker dead-letters the message.
-            let reason = format!("no worker could claim it in {previous} deliveries (the database refused the claim; see the worker's log)");
-            if let Ok(true) = context.store.mark_dead(run_id, &reason).await {
-                tracing::error!(run = %run_id, "run dead: {reason}");
+        Some(Claim::Refused(error)) => {
+            // It can never be claimed: recorded with the reason, so that it does not sit
+            // queued forever.
+            let reason = format!("no worker can claim it: {error}");
+            match context.store.mark_dead(run_id, &reason).await {
+                Ok(true) => tracing::error!(run = %run_id, "run dead: {reason}"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(run = %run_id, error = %e, "recording an unclaimable run failed")
+                }
             }
             let _ = broker::dead_letter(&delivery).await;
             return;
         }
-        Some(Claim::Unavailable) => {
-            let _ = broker::requeue(&delivery).await;
-            return;
-        }
+        Some(Claim::Unavailable) => return, // not reached: waited for above
         Some(Claim::Unknown) => {
             tracing::error!(run = %run_id, job = %message.cmd, "message for a run that does not exist: dead-lettered");
             let _ = broker::dead_letter(&delivery).await;
@@ -665,14 +757,33 @@ async fn handle(context: &Context, delivery: Delivery) {
         None => return, // shutting down
     };
     if let Ok(mut in_flight) = context.in_flight.lock() {
-        in_flight.insert(run_id, (attempt, delivery.acker.clone()));
+        in_flight.insert(
+            run_id,
+            InFlight {
+                attempt,
+                acker: delivery.acker.clone(),
+                max_retries: i32::try_from(message.retries.unwrap_or(0)).unwrap_or(i32::MAX),
+                hung_after: None,
+            },
+        );
     }
     run_claimed(
         context, &delivery, &message, run_id, attempt, &trigger, previous, limit,
     )
     .await;
+    settled(context, run_id, attempt);
+}
+
+/// The run's attempt is no longer this worker's to interrupt: its result is with the recorder.
+fn settled(context: &Context, run_id: Uuid, attempt: i32) {
     if let Ok(mut in_flight) = context.in_flight.lock() {
-        in_flight.remove(&run_id);
+        // Only this attempt: a later attempt of the same run may be in flight here too.
+        if in_flight
+            .get(&run_id)
+            .is_some_and(|run| run.attempt == attempt)
+        {
+            in_flight.remove(&run_id);
+        }
     }
 }
 
@@ -683,10 +794,14 @@ async fn handle(context: &Context, delivery: Delivery) {
 /// re-delivery creates nothing new; without one, a worker that dies between recording the run
 /// and acknowledging the delivery leaves a second run to be created from the re-delivery.
 async fn adopt_bare_message(context: &Context, delivery: &Delivery, message: &JobMessage) {
-    let id = broker::message_id(delivery)
-        .map(|m| derived_run_id(format!("{}:{m}", context.queue).as_bytes()));
+    let message_id = broker::message_id(delivery);
+    // Fixed before the first try: an insert retried after a lost reply creates nothing new.
+    let id = match &message_id {
+        Some(m) => derived_run_id(format!("{}:{m}", context.queue).as_bytes()),
+        None => Uuid::new_v4(),
+    };
     let new = NewRun {
-        id,
+        id: Some(id),
         job_name: message
             .job_name
             .clone()
@@ -706,20 +821,31 @@ async fn adopt_bare_message(context: &Context, delivery: &Delivery, message: &Jo
         parent_id: None,
         published: false,
     };
-    let ids = match until_ok("recording a bare message as a run", || {
-        context.store.insert_runs(std::slice::from_ref(&new))
+    let inserted = match until_ok("recording a bare message as a run", || {
+        context
+            .store
+            .insert_runs_reporting(std::slice::from_ref(&new))
     })
     .await
     {
-        Ok(ids) => ids,
+        Ok(inserted) => inserted,
         Err(e) => {
             tracing::error!(error = %e, job = %message.cmd, "a message cannot be recorded as a run: dead-lettered");
             let _ = broker::dead_letter(delivery).await;
             return;
         }
     };
-    tracing::info!(run = %ids[0], job = %new.job_name, "run queued from a bare message");
-    publish_runs(context, ids[0], &ids).await;
+    match (inserted.first(), &message_id) {
+        (Some((_, true)), _) => {
+            tracing::info!(run = %id, job = %new.job_name, "run queued from a bare message");
+            publish_runs(context, id, &[id]).await;
+        }
+        (_, Some(message_id)) => {
+            // A re-delivery, or a sender that reuses its message ids: said once, not run again.
+            tracing::warn!(run = %id, message_id = %message_id, job = %new.job_name, "a bare message with this message_id was recorded before (as this run): not run again");
+        }
+        (_, None) => {}
+    }
     let _ = broker::ack(delivery).await;
 }
 
@@ -781,7 +907,7 @@ async fn run_claimed(
         Err(failure) => {
             let error = failure.message();
             if failure.retryable() && attempt <= max_retries {
-                let delay = backoff(context, attempt);
+                let delay = retry_delay(&context.config.worker, attempt);
                 tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, retry_in = ?delay, "run failed; retry scheduled: {error}");
                 finish(RunEnd::Retry(delay), failure.details(), Some(error))
             } else {
@@ -808,8 +934,11 @@ async fn run_claimed(
     }
 }
 
-/// Records a run's end; whether its delivery may be settled.
+/// Records a run's end; whether its delivery may be settled. From here on the recorder owns
+/// the result: a stopping worker waits for it instead of recording the run as interrupted.
 async fn record(context: &Context, finish: Finish) -> bool {
+    let _recording = Recording::new(&context.recording);
+    settled(context, finish.id, finish.attempt);
     match context.finishes.call(finish).await {
         Some(recorded) => recorded,
         None => {
@@ -821,12 +950,14 @@ async fn record(context: &Context, finish: Finish) -> bool {
     }
 }
 
-/// The retry delay after `attempt` failed: doubling from `worker.retry_backoff`, capped.
-fn backoff(context: &Context, attempt: i32) -> Duration {
-    let base = context.config.worker.retry_backoff;
+/// The retry delay after `attempt` failed: `worker.retry_backoff × 2^(attempt - 1)`, at most
+/// `worker.retry_backoff_max`.
+pub fn retry_delay(config: &crate::config::WorkerConfig, attempt: i32) -> Duration {
     let factor = 2u32.saturating_pow(u32::try_from(attempt.max(1) - 1).unwrap_or(0).min(20));
-    base.saturating_mul(factor)
-        .min(context.config.worker.retry_backoff_max)
+    config
+        .retry_backoff
+        .saturating_mul(factor)
+        .min(config.retry_backoff_max)
 }
 
 /// Preprocessing (fan-out), the job, postprocessing.
@@ -862,7 +993,7 @@ async fn execute(
         }
         let cmd = message.cmd.clone();
         let args = message.args.clone();
-        let planned = blocking(context, limit, move || {
+        let planned = blocking(context, run_id, limit, move || {
             host.call_preprocessing(&pre, &cmd, args)
         })
         .await?;
@@ -879,7 +1010,10 @@ async fn execute(
     }
     let cmd = message.cmd.clone();
     let job_args = args.clone();
-    let result = blocking(context, limit, move || host.call_job(&cmd, job_args)).await;
+    let result = blocking(context, run_id, limit, move || {
+        host.call_job(&cmd, job_args)
+    })
+    .await;
     let Some(post) = message.postprocessing.clone() else {
         return result;
     };
@@ -895,7 +1029,7 @@ async fn execute(
     };
     let host = context.host.clone();
     let post_name = post.clone();
-    match blocking(context, limit, move || {
+    match blocking(context, run_id, limit, move || {
         host.call_postprocessing(&post_name, args, &outcome)
     })
     .await
@@ -982,5 +1116,29 @@ async fn publish_runs(context: &Context, run_id: Uuid, ids: &[Uuid]) {
     if let Err(e) = publish_queued(&context.store, &mut publisher, &context.queue, Some(ids)).await
     {
         tracing::warn!(run = %run_id, error = %e, "publishing runs failed; the scheduler publishes them");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_from_the_backoff_up_to_the_cap() {
+        let config = crate::config::WorkerConfig {
+            grace_period: Duration::from_secs(60),
+            retry_backoff: Duration::from_secs(10),
+            retry_backoff_max: Duration::from_secs(60),
+            startup_timeout: Duration::from_secs(60),
+        };
+        let delays: Vec<u64> = (1..=6).map(|n| retry_delay(&config, n).as_secs()).collect();
+        assert_eq!(delays, [10, 20, 40, 60, 60, 60]);
+        assert_eq!(retry_delay(&config, 1000).as_secs(), 60, "no overflow");
+    }
+
+    #[test]
+    fn derived_run_ids_are_stable_and_distinct() {
+        assert_eq!(derived_run_id(b"a"), derived_run_id(b"a"));
+        assert_ne!(derived_run_id(b"a"), derived_run_id(b"b"));
     }
 }

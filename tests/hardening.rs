@@ -381,15 +381,29 @@ async fn claims_and_inserts_retried_after_a_lost_reply_change_nothing() {
     assert_eq!(first, again);
     assert_eq!(cluster.count("SELECT count(*) FROM job_runs").await, 1);
 
+    // Without the lease held, nothing is claimed (the deliveries go back).
+    let lease = store.worker_lease().await.unwrap();
+    let token = lease.token;
+    let unheld = store
+        .claim_runs(
+            "w1",
+            token.wrapping_add(1).max(1),
+            Uuid::new_v4(),
+            &[(child, false)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(unheld, [Claim::Unavailable]);
+
     // A claim retried after its reply was lost finds its own first try.
     let nonce = Uuid::new_v4();
     let claimed = store
-        .claim_runs("w1", 7, nonce, &[(child, false)])
+        .claim_runs("w1", token, nonce, &[(child, false)])
         .await
         .unwrap();
     assert!(matches!(claimed[0], Claim::Claimed { attempt: 1, .. }));
     let retried = store
-        .claim_runs("w1", 7, nonce, &[(child, false)])
+        .claim_runs("w1", token, nonce, &[(child, false)])
         .await
         .unwrap();
     assert!(
@@ -398,10 +412,38 @@ async fn claims_and_inserts_retried_after_a_lost_reply_change_nothing() {
     );
     // Another claim (a duplicate delivery) is not mistaken for it.
     let other = store
-        .claim_runs("w1", 7, Uuid::new_v4(), &[(child, false)])
+        .claim_runs("w1", token, Uuid::new_v4(), &[(child, false)])
         .await
         .unwrap();
     assert_eq!(other[0], Claim::Running);
+
+    // A retry's not-before time is counted on the database's clock.
+    store
+        .finish_runs(&[Finish {
+            id: child,
+            token,
+            attempt: 1,
+            end: RunEnd::Retry(std::time::Duration::from_secs(30)),
+            result: None,
+            error: Some("try again".into()),
+        }])
+        .await
+        .unwrap();
+    let wait: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM not_before - now())::float8 FROM job_runs WHERE id = $1",
+    )
+    .bind(child)
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap();
+    assert!((29.0..=30.0).contains(&wait), "{wait}");
+    // A copy of its message arriving before that time claims nothing: the outbox publishes
+    // it when its time comes.
+    let early = store
+        .claim_runs("w1", token, Uuid::new_v4(), &[(child, true)])
+        .await
+        .unwrap();
+    assert_eq!(early, [Claim::Running]);
 }
 
 #[tokio::test]
@@ -592,6 +634,31 @@ async fn a_worker_id_the_history_cannot_hold_is_refused_at_start() {
         .unwrap_or_else(|| panic!("the worker started with an unusable id"));
     assert_eq!(status.code(), Some(2));
     assert!(worker.log_text().contains("--id"), "{}", worker.log_text());
+}
+
+#[tokio::test]
+async fn a_run_no_worker_can_claim_ends_dead_with_the_reason() {
+    let cluster = Cluster::new(FAST).await;
+    cluster.import("jobs:\n- id: unclaimable\n  job: hello_world\n");
+    // The database refuses every claim, for good.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'claims refused for the test'; END $$;
+         CREATE TRIGGER refuse_claim BEFORE UPDATE ON job_runs FOR EACH ROW
+         WHEN (NEW.status = 'running') EXECUTE FUNCTION refuse_claim();",
+    )
+    .execute(&cluster.pool)
+    .await
+    .unwrap();
+    let _worker = cluster.worker("w1", 1);
+    cluster.run_ok(&["scheduler", "--run-now", "unclaimable"]);
+    cluster
+        .wait_until(
+            "the run recorded dead",
+            Duration::from_secs(30),
+            "SELECT status = 'dead' AND error LIKE '%no worker can claim it%claims refused%' FROM job_runs",
+        )
+        .await;
 }
 
 #[tokio::test]

@@ -5,6 +5,23 @@ use sqlx::Row;
 
 use crate::util::*;
 
+/// Every row of the original's three tables, as text, in a stable order: what an import that
+/// changes nothing must leave exactly as it was.
+async fn registry_tables(db: &TestDb) -> Vec<String> {
+    let pool = db.pool().await;
+    let rows = sqlx::query_scalar(
+        "SELECT 'jobs ' || row_to_json(j)::text FROM jobs j
+         UNION ALL SELECT 'registry ' || row_to_json(r)::text FROM registry r
+         UNION ALL SELECT 'schedule ' || row_to_json(s)::text FROM schedule s
+         ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    rows
+}
+
 fn show_jobs_json(ws: &Workspace, db: &TestDb) -> Value {
     let out = success(run(ws.jobschleuder(db).args([
         "registry",
@@ -77,7 +94,10 @@ async fn every_kind_of_bad_file_changes_nothing() {
         .arg("registry")
         .arg("-i")
         .arg(&good)));
-    let before = show_jobs_json(&ws, &db);
+    // A schedule, so that the schedule table has rows to keep too.
+    success(run(ws.jobschleuder(&db).args(["scheduler", "--init"])));
+    let before = registry_tables(&db).await;
+    assert!(before.iter().any(|r| r.starts_with("schedule ")));
 
     let cases: &[(&str, &str, &[&str])] = &[
         ("syntax", "jobs:\n- id: a\n  job: [unclosed\n", &["line 4 column 1"]),
@@ -114,11 +134,38 @@ async fn every_kind_of_bad_file_changes_nothing() {
             );
         }
         assert_eq!(
-            show_jobs_json(&ws, &db),
+            registry_tables(&db).await,
             before,
             "{what}: the registry changed"
         );
     }
+
+    // A file that passes validation but fails inside the import's transaction (here: the
+    // database refuses its last job) changes nothing either: the transaction is atomic.
+    let pool = db.pool().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_job() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'refused by the test'; END $$;
+         CREATE TRIGGER refuse_job BEFORE INSERT OR UPDATE ON jobs FOR EACH ROW
+         WHEN (NEW.name = 'refused') EXECUTE FUNCTION refuse_job();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let valid = ws.write(
+        "valid.yaml",
+        "jobs:\n- id: new one\n  job: x\n  schedule: '* * * * *'\n- id: hello world\n  job: changed\n- id: refused\n  job: x\n",
+    );
+    let err = failure(
+        run(ws.jobschleuder(&db).args(["registry", "-i"]).arg(&valid)),
+        1,
+    );
+    assert!(err.contains("refused by the test"), "{err}");
+    assert_eq!(
+        registry_tables(&db).await,
+        before,
+        "a failed import transaction changed the registry"
+    );
     let missing = failure(
         run(ws
             .jobschleuder(&db)
@@ -185,11 +232,27 @@ async fn reimport_replaces_jobs_keeps_names_and_run_history() {
             ("report".to_string(), None)
         ]
     );
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM job_runs")
+    let runs: Vec<(String, String, Option<i32>, String, String)> =
+        sqlx::query_as("SELECT job_name, job, job_id, trigger, status FROM job_runs")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        runs,
+        [(
+            "hello world".to_string(),
+            "hello_world".to_string(),
+            Some(old_id),
+            "manual".to_string(),
+            "succeeded".to_string()
+        )],
+        "run history survives a re-import as it was"
+    );
+    let kept_id: i32 = sqlx::query_scalar("SELECT id FROM jobs WHERE name = 'hello world'")
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(runs, 1, "run history survives a re-import");
+    assert_eq!(kept_id, old_id, "a job that stays keeps its row id");
 }
 
 #[tokio::test]
@@ -234,6 +297,46 @@ async fn adopts_a_database_made_by_the_original() {
         .arg("-i")
         .arg(&file)));
     assert!(out.contains("3 new, 0 replaced, 1 removed"), "{out}");
+}
+
+#[tokio::test]
+async fn history_that_holds_a_slot_twice_is_migrated_without_losing_a_row() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    // The schema before run identity by job name, with a slot that ran twice (under two
+    // registry ids, as re-imports made possible).
+    sqlx::raw_sql(include_str!("../migrations/20261127000001_registry.sql"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO job_runs (id, job_name, job, registry_id, trigger, status, scheduled_for, created_at) VALUES
+           (gen_random_uuid(), 'nightly', 'x', 1, 'schedule', 'succeeded', '2026-01-01 03:00+00', '2026-01-01 03:00:01+00'),
+           (gen_random_uuid(), 'nightly', 'x', 2, 'schedule', 'succeeded', '2026-01-01 03:00+00', '2026-01-01 03:00:02+00'),
+           (gen_random_uuid(), 'nightly', 'x', 2, 'schedule', 'succeeded', '2026-01-02 03:00+00', '2026-01-02 03:00:01+00')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    jobschleuder::store::Store::from_pool(pool.clone())
+        .await
+        .expect("the migration copes with a slot held twice");
+    let rows: Vec<(
+        Option<chrono::DateTime<chrono::Utc>>,
+        chrono::DateTime<chrono::Utc>,
+    )> = sqlx::query_as("SELECT scheduled_for, created_at FROM job_runs ORDER BY created_at")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let slots: Vec<Option<String>> = rows
+        .iter()
+        .map(|(slot, _)| slot.map(|s| s.format("%m-%d").to_string()))
+        .collect();
+    assert_eq!(
+        slots,
+        [Some("01-01".to_string()), None, Some("01-02".to_string())],
+        "the earliest run keeps the slot; every row stays"
+    );
 }
 
 #[tokio::test]

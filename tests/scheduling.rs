@@ -74,48 +74,64 @@ async fn import_init_schedule_and_workers_record_runs() {
 
 #[tokio::test]
 async fn two_schedulers_run_every_slot_exactly_once() {
-    let cluster = Cluster::new(FAST).await;
-    cluster.import("jobs:\n- id: tick\n  job: hello_world\n  schedule: '*/1 * * * * *'\n");
+    // One entry per transaction, so that both schedulers get work.
+    let cluster = Cluster::new(
+        "worker:\n  retry_backoff: 0.1\nscheduler:\n  max_sleep: 60\n  batch_size: 1\n",
+    )
+    .await;
+    let jobs: String = (0..5)
+        .map(|i| format!("- id: tick{i}\n  job: hello_world\n  schedule: '*/1 * * * * *'\n"))
+        .collect();
+    cluster.import(&format!("jobs:\n{jobs}"));
     cluster.run_ok(&["scheduler", "--init"]);
     let first = cluster.scheduler();
     let second = cluster.scheduler();
     cluster
         .wait_until(
-            "six scheduled slots",
+            "six scheduled slots of each job",
             Duration::from_secs(30),
-            "SELECT count(*) >= 6 FROM job_runs",
+            "SELECT count(*) >= 30 FROM job_runs",
         )
         .await;
+    let mut logs = Vec::new();
     for mut scheduler in [first, second] {
         scheduler.signal("TERM");
         assert!(scheduler
             .wait_exit(Duration::from_secs(30))
             .is_some_and(|s| s.success()));
+        logs.push(scheduler.log_text());
     }
-    let slots: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT extract(epoch FROM scheduled_for)::bigint, count(*) FROM job_runs GROUP BY 1 ORDER BY 1",
+    assert!(
+        logs.iter().all(|log| log.contains("run queued")),
+        "one scheduler did all the work (SKIP LOCKED shares it):\n{}",
+        cluster.logs()
+    );
+    let slots: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT job_name, extract(epoch FROM scheduled_for)::bigint, count(*) FROM job_runs
+         GROUP BY 1, 2 ORDER BY 1, 2",
     )
     .fetch_all(&cluster.pool)
     .await
     .unwrap();
     assert!(
-        slots.iter().all(|(_, n)| *n == 1),
+        slots.iter().all(|(_, _, n)| *n == 1),
         "a slot ran twice: {slots:?}"
     );
     assert!(
-        slots.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        slots
+            .windows(2)
+            .all(|w| w[1].0 != w[0].0 || w[1].1 == w[0].1 + 1),
         "a slot was lost: {slots:?}"
     );
     // Nothing was published twice: each run is in the queue at most once, and every run marked
-    // published is there. (A scheduler stopped between the broker's confirm and its commit
-    // leaves a queued message whose run is not marked yet: the next pass publishes that run
-    // again, and workers skip the duplicate. That is by design, and allowed here.)
+    // published is there. (A stopping scheduler finishes its pass, so no run is confirmed by
+    // the broker without being marked published.)
     let published: Vec<uuid::Uuid> =
         sqlx::query_scalar("SELECT id FROM job_runs WHERE published_at IS NOT NULL")
             .fetch_all(&cluster.pool)
             .await
             .unwrap();
-    assert!(published.len() >= 5, "{published:?}");
+    assert!(published.len() >= 25, "{published:?}");
     let mut queued: Vec<uuid::Uuid> = cluster
         .drain(&cluster.queue)
         .await
@@ -169,25 +185,27 @@ async fn a_run_whose_worker_is_killed_completes_on_another_worker() {
 async fn broker_and_database_outages_during_a_burst_lose_and_double_nothing() {
     let cluster = Cluster::new(FAST).await;
     let out = cluster.ws.path().join("executions.txt");
-    cluster.import(&format!(
-        "jobs:\n- id: burst\n  job: command\n  arguments: {{command: 'sleep 0.05; echo {{n}} >> {}', shell: true}}\n",
-        out.display()
-    ));
+    cluster.import("jobs:\n- id: burst\n  job: command\n");
     let _scheduler = cluster.scheduler();
-    let _w1 = cluster.worker("w1", 4);
-    let _w2 = cluster.worker("w2", 4);
+    let w1 = cluster.worker("w1", 4);
+    let w2 = cluster.worker("w2", 4);
     const RUNS: i64 = 300;
-    sqlx::raw_sql(&format!(
-        "INSERT INTO job_runs (id, job_name, job, trigger, arguments)
-         SELECT gen_random_uuid(), 'burst', 'command', 'manual',
-                jsonb_build_object('command', 'sleep 0.05; echo ' || n || ' >> {}', 'shell', true)
-         FROM generate_series(1, {RUNS}) n;
-         SELECT pg_notify('jobschleuder', 'run');",
-        out.display()
-    ))
-    .execute(&cluster.pool)
-    .await
-    .unwrap();
+    const DURING_OUTAGE: i64 = 100;
+    // Runs `from..=to`: each appends its number to the executions file.
+    let insert = |from: i64, to: i64| {
+        format!(
+            "INSERT INTO job_runs (id, job_name, job, trigger, arguments)
+             SELECT gen_random_uuid(), 'burst', 'command', 'manual',
+                    jsonb_build_object('command', 'sleep 0.2; echo ' || n || ' >> {}', 'shell', true)
+             FROM generate_series({from}, {to}) n;
+             SELECT pg_notify('jobschleuder', 'run');",
+            out.display()
+        )
+    };
+    sqlx::raw_sql(&insert(1, RUNS))
+        .execute(&cluster.pool)
+        .await
+        .unwrap();
     cluster
         .wait_until(
             "the burst to start",
@@ -195,8 +213,29 @@ async fn broker_and_database_outages_during_a_burst_lose_and_double_nothing() {
             "SELECT count(*) >= 20 FROM job_runs WHERE status = 'succeeded'",
         )
         .await;
+    let unfinished = |cluster: &Cluster| {
+        let pool = cluster.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM job_runs WHERE status IN ('queued', 'running')",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let in_flight = unfinished(&cluster).await;
     let closed = cluster.close_broker_connections();
     assert!(closed >= 3, "closed {closed} broker connections");
+    assert!(
+        in_flight >= 100,
+        "the broker cut must land mid-burst: only {in_flight} runs were unfinished"
+    );
+    // More runs while everyone reconnects: they are published once the broker is back.
+    sqlx::raw_sql(&insert(RUNS + 1, RUNS + DURING_OUTAGE))
+        .execute(&cluster.pool)
+        .await
+        .unwrap();
     let done_after_broker = cluster
         .count("SELECT count(*) FROM job_runs WHERE status = 'succeeded'")
         .await;
@@ -204,22 +243,35 @@ async fn broker_and_database_outages_during_a_burst_lose_and_double_nothing() {
         .wait_until(
             "runs to succeed again after the broker cut",
             Duration::from_secs(60),
-            &format!("SELECT count(*) >= least({RUNS}, {} + 20) FROM job_runs WHERE status = 'succeeded'", done_after_broker),
+            &format!(
+                "SELECT count(*) >= {} + 20 FROM job_runs WHERE status = 'succeeded'",
+                done_after_broker
+            ),
         )
         .await;
+    let in_flight = unfinished(&cluster).await;
     let terminated = cluster.terminate_database_sessions().await;
     assert!(terminated >= 3, "terminated {terminated} database sessions");
+    assert!(
+        in_flight >= 50,
+        "the database cut must land mid-burst: only {in_flight} runs were unfinished"
+    );
+    // The workers' own sessions were among those cut (their leases), not only the scheduler's.
+    for worker in [&w1, &w2] {
+        cluster.wait_for_log(worker, "lost the worker lease connection");
+    }
+    let total = RUNS + DURING_OUTAGE;
     cluster
         .wait_until(
             "every run to succeed",
-            Duration::from_secs(120),
-            &format!("SELECT count(*) = {RUNS} FROM job_runs WHERE status = 'succeeded'"),
+            Duration::from_secs(180),
+            &format!("SELECT count(*) = {total} FROM job_runs WHERE status = 'succeeded'"),
         )
         .await;
     let text = std::fs::read_to_string(&out).unwrap();
     let mut seen: Vec<i64> = text.lines().map(|l| l.trim().parse().unwrap()).collect();
     seen.sort();
-    let expected: Vec<i64> = (1..=RUNS).collect();
+    let expected: Vec<i64> = (1..=total).collect();
     assert_eq!(seen, expected, "every run executed exactly once");
 }
 
@@ -351,7 +403,7 @@ async fn timeouts_fail_runs_and_retries_back_off_then_stop() {
          - id: hopeless\n  job: test_fail\n  retries: 2\n  arguments: {retryable: false}\n",
     );
     let _scheduler = cluster.scheduler();
-    let _worker = cluster.worker("w1", 3);
+    let worker = cluster.worker("w1", 3);
     let slow = cluster.run_ok(&["scheduler", "-rn", "slow"]);
     let flaky = cluster.run_ok(&["scheduler", "-rn", "flaky"]);
     let hopeless = cluster.run_ok(&["scheduler", "-rn", "hopeless"]);
@@ -388,6 +440,12 @@ async fn timeouts_fail_runs_and_retries_back_off_then_stop() {
     assert!(error.contains("asked to fail"), "{error}");
     let (attempt, _) = row(hopeless).await;
     assert_eq!(attempt, 1, "a non-retryable failure is not retried");
+    // The retries of `flaky` waited retry_backoff (0.1 s), then twice that.
+    let log = worker.log_text();
+    assert!(
+        log.contains("retry_in=100ms") && log.contains("retry_in=200ms"),
+        "{log}"
+    );
 }
 
 #[tokio::test]

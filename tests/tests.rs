@@ -3,6 +3,7 @@
 
 mod util;
 
+mod calendar;
 mod cli;
 mod hardening;
 mod plugins;

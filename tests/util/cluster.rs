@@ -5,7 +5,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -86,7 +87,7 @@ impl Cluster {
     pub async fn with_rabbitmq(rabbitmq: &str, extra: &str) -> Cluster {
         let db = TestDb::new().await;
         let ws = Workspace::new();
-        let queue = format!("js_test_{}", uuid::Uuid::new_v4().simple());
+        let queue = super::scratch_name();
         let text = format!(
             "timezone: UTC\nrabbitmq:\n  url: {}\n  queue: {queue}\n  delivery_limit: 3\n{rabbitmq}{}{extra}",
             amqp_url(),
@@ -190,8 +191,11 @@ impl Cluster {
         let deadline = Instant::now() + limit;
         loop {
             let done: Result<bool, _> = sqlx::query_scalar(query).fetch_one(&self.pool).await;
-            if let Ok(true) = done {
-                return;
+            match done {
+                Ok(true) => return,
+                Ok(false) => {}
+                // A query that cannot work fails the test at once, saying why.
+                Err(e) => panic!("waiting for {what}: the query failed: {e}\n{query}"),
             }
             if Instant::now() > deadline {
                 let runs: Vec<String> = sqlx::query_scalar(
@@ -257,7 +261,9 @@ impl Cluster {
             )
             .await;
         let _ = connection.close(200, ShortString::from("bye")).await;
-        declared.map(|q| q.message_count()).unwrap_or(0)
+        declared
+            .map(|q| q.message_count())
+            .unwrap_or_else(|e| panic!("cannot read the depth of queue {queue}: {e}"))
     }
 
     /// Takes every message out of `queue` and returns their bodies.
@@ -367,7 +373,11 @@ impl Drop for Cluster {
             self.queue.clone(),
             format!("{}.dead", self.queue),
             format!("{other}.dead"),
-            other,
+            other.clone(),
+        ];
+        let exchanges = [
+            format!("{}.dead-letter", self.queue),
+            format!("{other}.dead-letter"),
         ];
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -384,6 +394,14 @@ impl Drop for Cluster {
                         .queue_delete(
                             ShortString::from(queue.as_str()),
                             QueueDeleteOptions::default(),
+                        )
+                        .await;
+                }
+                for exchange in exchanges {
+                    let _ = channel
+                        .exchange_delete(
+                            ShortString::from(exchange.as_str()),
+                            ExchangeDeleteOptions::default(),
                         )
                         .await;
                 }

@@ -15,6 +15,17 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
 }
 
+/// A name for a test's database or queue: `js_test_<pid>_<random>`. The pid of the test
+/// process lets a later run remove what a killed run left behind, without touching what a
+/// running one uses (`.ci/run` does).
+pub fn scratch_name() -> String {
+    format!(
+        "js_test_{}_{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
 /// A database of its own for one test, dropped when the test ends (pass or fail).
 pub struct TestDb {
     pub name: String,
@@ -24,7 +35,7 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> TestDb {
         let admin = admin_url();
-        let name = format!("js_test_{}", uuid::Uuid::new_v4().simple());
+        let name = scratch_name();
         let mut conn = PgConnection::connect(&admin)
             .await
             .unwrap_or_else(|e| panic!("tests need Postgres at {admin}: {e}"));

@@ -493,14 +493,21 @@ mod tests {
         let pidfile = dir.join("pid");
         let started = Instant::now();
         let err = call(json!({
-            "command": format!("sleep 60 & echo $! > {}; sleep 60", pidfile.display()),
+            // The background child does not share the output pipes, and the foreground program
+            // replaces the shell: only the timeout's kill of the process group can end the
+            // background child (the cleanup of leftovers that keep the output open would not
+            // see it).
+            "command": format!(
+                "sleep 60 > /dev/null 2>&1 < /dev/null & echo $! > {}; exec sleep 60",
+                pidfile.display()
+            ),
             "shell": true,
             "timeout": 0.5,
             "kill_grace": 0.5,
         }))
         .unwrap_err();
         assert!(
-            started.elapsed() < Duration::from_secs(30),
+            started.elapsed() < Duration::from_secs(10),
             "the timeout did not stop the run"
         );
         assert!(

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use crate::util::cluster::Cluster;
 
-const FAST: &str =
-    "worker:\n  retry_backoff: 0.1\n  grace_period: 20\nscheduler:\n  max_sleep: 60\n";
+/// Short waits: retries, and the orphan sweep (two sweeps make an orphan).
+const FAST: &str = "worker:\n  retry_backoff: 0.1\n  grace_period: 20\nscheduler:\n  max_sleep: 60\n  sweep_every: 0.5\n";
 
 #[tokio::test]
 async fn import_init_schedule_and_workers_record_runs() {
@@ -541,10 +541,11 @@ async fn a_run_left_running_by_a_vanished_worker_is_queued_again() {
     .unwrap();
     let _scheduler = cluster.scheduler();
     let _worker = cluster.worker("w1", 1);
+    // Two sweeps 0.5 s apart, not 2 × 10 s.
     cluster
         .wait_until(
             "the orphaned run to run again and succeed",
-            Duration::from_secs(60),
+            Duration::from_secs(15),
             "SELECT status = 'succeeded' AND attempt = 2 AND worker = 'w1'
              FROM job_runs WHERE id = '00000000-0000-4000-8000-000000000001'",
         )

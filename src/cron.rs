@@ -1,7 +1,7 @@
 //! Cron schedules and time: parsing (5 fields, 6 with seconds, `@hourly` ...) and the next run in a
 //! time zone, with Vixie cron's daylight-saving rules.
 //!
-//! The rules (DESIGN.md, rule 7):
+//! The rules (ARCHITECTURE.md, invariant 9 "One clock"):
 //! - A *fixed-time* job (no `*` leading its second, minute or hour field, e.g. `30 2 * * *`) runs
 //!   once on a DST-change day: in the skipped spring hour at the first valid instant after it, in
 //!   the repeated autumn hour only on the first pass.

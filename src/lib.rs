@@ -5,6 +5,8 @@
 //! through plugins; a listener turns webhooks into runs.
 //!
 //! # Layout
+//! ARCHITECTURE.md (at the repository's top) has the same list as its code map, with what each
+//! module may call and must never do, and the invariants that keep runs exactly once.
 //! - [`cli`]: the command line (clap), including the original's two-letter short options.
 //! - [`config`]: the YAML configuration, environment overrides, secrets.
 //! - [`logging`]: level filter, log handlers, the `--uuid` tag.

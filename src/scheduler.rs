@@ -1,6 +1,6 @@
 //! The scheduler's work: turning due schedule rows into runs, and publishing queued runs.
 //!
-//! One pass (ARCHITECTURE.md, invariants 1, 2, 7 and 8):
+//! One pass (ARCHITECTURE.md, invariants 1, 2, 9, 10 and 11):
 //! 1. Registry entries without a schedule row (new after an import) get their next run.
 //! 2. In one transaction per batch: lock due schedule rows (`FOR UPDATE SKIP LOCKED`), insert
 //!    their runs (unique per registry entry and scheduled time), advance `next_run`.

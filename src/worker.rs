@@ -1,6 +1,6 @@
 //! The worker: deliveries become plugin calls; results are recorded, then acknowledged.
 //!
-//! Per delivery (ARCHITECTURE.md, invariants 2–6 and 9):
+//! Per delivery (ARCHITECTURE.md, invariants 2 to 7):
 //! 1. Parse. An unparsable body is dead-lettered and logged once. A bare `{cmd, args}` message
 //!    of the original becomes a run row in the outbox and is acknowledged; the run then travels
 //!    like any other.

@@ -5,6 +5,7 @@ mod util;
 
 mod calendar;
 mod cli;
+mod docs;
 mod hardening;
 mod plugins;
 mod registry;

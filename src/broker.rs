@@ -54,12 +54,23 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    /// Whether the broker refused for good what was asked: a queue declared with other
-    /// settings than it has, or one this user may not access. Retrying cannot help.
+    /// Whether the broker refused for good what was asked (in any declaration step): a queue
+    /// or exchange that exists with other settings, one this user may not access, one another
+    /// connection holds exclusively. Retrying cannot help.
     pub fn is_refusal(&self) -> bool {
         match self {
             BrokerError::QueueMismatch { .. } => true,
-            BrokerError::Amqp { source, .. } => source.to_string().contains("ACCESS_REFUSED"),
+            BrokerError::Amqp { source, .. } => {
+                let text = source.to_string();
+                [
+                    "ACCESS_REFUSED",
+                    "PRECONDITION_FAILED",
+                    "RESOURCE_LOCKED",
+                    "NOT_ALLOWED",
+                ]
+                .iter()
+                .any(|code| text.contains(code))
+            }
             _ => false,
         }
     }
@@ -310,7 +321,8 @@ impl Broker {
     /// the connection failed and nothing of the batch is known to be published.
     pub async fn publish(&self, batch: &[Outgoing]) -> Result<Vec<Published>, BrokerError> {
         let _one_publisher = self.publishing.lock().await;
-        let mut refused_queues: HashMap<&str, String> = HashMap::new();
+        // Per queue that cannot be used now: `Some(reason)` for good, `None` for this time.
+        let mut refused_queues: HashMap<&str, Option<String>> = HashMap::new();
         for queue in batch
             .iter()
             .map(|o| o.queue.as_str())
@@ -322,7 +334,14 @@ impl Broker {
                 // this user may not use it): its runs cannot be published as they are, the
                 // others can. Anything else (a node down, a lost connection) may pass later.
                 Err(e) if e.is_refusal() => {
-                    refused_queues.insert(queue, format!("queue {queue:?} cannot be used: {e}"));
+                    refused_queues
+                        .insert(queue, Some(format!("queue {queue:?} cannot be used: {e}")));
+                }
+                // A queue that fails for now (its node is down) on a connection that works:
+                // its runs wait for the next pass, the others go out.
+                Err(e) if self.is_connected() => {
+                    tracing::warn!(queue = %queue, error = %e, "cannot declare a queue now; its runs are published later");
+                    refused_queues.insert(queue, None);
                 }
                 Err(e) => return Err(e),
             }
@@ -330,8 +349,11 @@ impl Broker {
         let mut outcomes: Vec<Option<Published>> = vec![None; batch.len()];
         let mut confirms = Vec::with_capacity(batch.len());
         for (index, outgoing) in batch.iter().enumerate() {
-            if let Some(reason) = refused_queues.get(outgoing.queue.as_str()) {
-                outcomes[index] = Some(Published::Refused(reason.clone()));
+            if let Some(refusal) = refused_queues.get(outgoing.queue.as_str()) {
+                outcomes[index] = Some(match refusal {
+                    Some(reason) => Published::Refused(reason.clone()),
+                    None => Published::Nacked,
+                });
                 continue;
             }
             let payload = outgoing.message.to_bytes();

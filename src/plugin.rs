@@ -16,6 +16,7 @@
 //!   the async runtime. A panic in plugin code is caught (by the SDK, inside the library, where
 //!   unwinding can be stopped) and becomes a failed call; the host guards its side as well.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -169,6 +170,26 @@ struct Inner {
     /// only the calls of its own function — for at most `startup_timeout`.
     startup: Mutex<HashMap<String, Arc<StartupSlot>>>,
     startup_timeout: Duration,
+}
+
+thread_local! {
+    /// When the plugin call running on this thread must be over (see [`within`]).
+    static CALL_DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Runs `call` — plugin calls on this thread — within `limit`: waiting for an `on_startup` never
+/// takes longer, and the `timeout` argument handed to the function is what is left of it.
+pub fn within<T>(limit: Option<Duration>, call: impl FnOnce() -> T) -> T {
+    /// Clears the deadline however the call ends.
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CALL_DEADLINE.with(|d| d.set(None));
+        }
+    }
+    CALL_DEADLINE.with(|d| d.set(limit.map(|limit| Instant::now() + limit)));
+    let _reset = Reset;
+    call()
 }
 
 /// Where a function's on_startup stands.
@@ -359,18 +380,36 @@ impl PluginHost {
     ) -> Result<Args, PluginError> {
         let startup_name = format!("{function}:on_startup");
         if library.functions.get(&startup_name) == Some(&Kind::OnStartup) {
-            // A call never waits longer than its own time limit: the worker would count it as
-            // hung otherwise.
+            // A call never waits longer than its own time limit (the worker would count it as
+            // hung otherwise), and what the wait took comes off the `timeout` it hands on.
+            let deadline = CALL_DEADLINE.with(Cell::get);
             let own_limit = args
                 .get("timeout")
                 .and_then(Value::as_f64)
                 .and_then(|t| Duration::try_from_secs_f64(t).ok());
-            let wait = own_limit.map_or(self.inner.startup_timeout, |own| {
-                own.min(self.inner.startup_timeout)
-            });
+            let wait = [
+                Some(self.inner.startup_timeout),
+                own_limit,
+                deadline.map(|d| d.saturating_duration_since(Instant::now())),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(self.inner.startup_timeout);
             let values = self.startup_values(library, function, &startup_name, wait)?;
             for (key, value) in values {
                 args.insert(key, value);
+            }
+            if let (Some(deadline), Some(own)) =
+                (deadline, args.get("timeout").and_then(Value::as_f64))
+            {
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_secs_f64()
+                    .max(0.001);
+                if left < own {
+                    args.insert("timeout".into(), serde_json::json!(left));
+                }
             }
         }
         if args.get("sot") == Some(&Value::Bool(true)) && !self.inner.sot.is_empty() {

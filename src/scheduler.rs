@@ -156,10 +156,16 @@ impl Publisher {
         result
     }
 
-    /// Messages ready in `queue`.
+    /// Messages ready in `queue`, asked within a few seconds. Only a broken connection counts
+    /// against publishing (a queue that cannot be inspected does not).
     pub async fn queue_depth(&mut self, queue: &str) -> Result<u32, BrokerError> {
-        let result = self.broker().await?.queue_depth(queue).await;
-        if result.is_err() {
+        const LIMIT: Duration = Duration::from_secs(5);
+        let broker = self.broker().await?;
+        let result = match tokio::time::timeout(LIMIT, broker.queue_depth(queue)).await {
+            Ok(result) => result,
+            Err(_) => Err(BrokerError::Timeout(LIMIT)),
+        };
+        if result.is_err() && !broker.is_connected() {
             self.failed();
         }
         result
@@ -382,6 +388,13 @@ impl Sweeper {
     /// queue is empty: a run waiting behind a backlog is not lost, one whose queue drained
     /// without it is.
     async fn republish(&mut self, store: &Store, publisher: &mut Publisher, default_queue: &str) {
+        // While the broker is away nothing can be told about its queues.
+        if publisher
+            .retry_at()
+            .is_some_and(|at| at > tokio::time::Instant::now())
+        {
+            return;
+        }
         let queues = match store
             .stale_queues(self.republish_after, default_queue)
             .await
@@ -400,8 +413,8 @@ impl Sweeper {
                     continue;
                 }
                 Err(e) => {
-                    tracing::debug!(queue = %queue, error = %e, "cannot inspect a queue");
-                    continue;
+                    tracing::debug!(queue = %queue, error = %e, "cannot inspect a queue; trying again at the next sweep");
+                    break;
                 }
             }
             match store

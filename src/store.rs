@@ -470,10 +470,12 @@ async fn notify_on(conn: &mut PgConnection, what: &str) -> Result<(), StoreError
     Ok(())
 }
 
+/// A connection holding the lease `token`, or `None` while another session still holds it
+/// (this worker's own previous session, until the server has ended it).
 async fn lease_connection(
     options: &sqlx::postgres::PgConnectOptions,
     token: i32,
-) -> Result<PgConnection, StoreError> {
+) -> Result<Option<PgConnection>, StoreError> {
     let mut conn = PgConnection::connect_with(options)
         .await
         .context("opening the worker lease connection")?;
@@ -489,13 +491,28 @@ async fn lease_connection(
             .await
             .context("setting keepalives on the worker lease connection")?;
     }
-    sqlx::query("SELECT pg_advisory_lock($1, $2)")
+    // Never waits for the lock: a lease keeper blocked here could never notice anything else.
+    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
         .bind(LEASE_CLASS)
         .bind(token)
-        .execute(&mut conn)
+        .fetch_one(&mut conn)
         .await
         .context("taking the worker lease")?;
-    Ok(conn)
+    Ok(taken.then_some(conn))
+}
+
+/// Whether the session of `conn` holds the lease `token`.
+async fn holds_lease(conn: &mut PgConnection, token: i32) -> Result<bool, StoreError> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks
+                        WHERE pid = pg_backend_pid() AND locktype = 'advisory' AND granted
+                          AND classid = $1::oid AND objid = $2::oid AND objsubid = 2)",
+    )
+    .bind(LEASE_CLASS)
+    .bind(token)
+    .fetch_one(conn)
+    .await
+    .context("checking the worker lease")
 }
 
 fn is_missing_database(error: &sqlx::Error) -> bool {
@@ -1154,32 +1171,57 @@ impl Store {
             .unwrap_or(1)
             .max(1);
         let options = self.pool.connect_options().as_ref().clone();
-        let mut conn = lease_connection(&options, token).await?;
+        let first = lease_connection(&options, token).await?;
+        let Some(first) = first else {
+            return Err(StoreError::Query {
+                context: "taking the worker lease",
+                source: sqlx::Error::Protocol(format!("lease token {token} is in use; try again")),
+            });
+        };
         let (set_held, held) = tokio::sync::watch::channel(true);
         let task = tokio::spawn(async move {
+            let mut conn = Some(first);
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 // Bounded: after a network partition the probe could otherwise wait minutes for
-                // TCP, while the server has ended the session (and the lease) long ago.
-                let probe = sqlx::query("SELECT 1").execute(&mut conn);
-                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), probe).await {
+                // TCP, while the server has ended the session (and the lease) long ago. It asks
+                // for the lock itself, not only whether the session answers.
+                let held_now = match conn.as_mut() {
+                    Some(c) => matches!(
+                        tokio::time::timeout(Duration::from_secs(5), holds_lease(c, token)).await,
+                        Ok(Ok(true))
+                    ),
+                    None => false,
+                };
+                if held_now {
                     continue;
                 }
+                // The old session goes first: while it lives, it may hold the very lock the
+                // new one asks for.
+                drop(conn.take());
                 let _ = set_held.send(false);
                 tracing::warn!("lost the worker lease connection; claiming nothing until the lease is taken again");
+                let mut attempts = 0u32;
                 loop {
-                    match lease_connection(&options, token).await {
-                        Ok(new) => {
-                            conn = new;
+                    attempts += 1;
+                    let taken = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        lease_connection(&options, token),
+                    )
+                    .await;
+                    match taken {
+                        Ok(Ok(Some(new))) => {
+                            conn = Some(new);
                             let _ = set_held.send(true);
                             tracing::info!("worker lease taken again");
                             break;
                         }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot take the worker lease yet");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
+                        Ok(Ok(None)) if attempts == 1 => tracing::warn!("the worker lease is still held by its old session; waiting for the server to end it"),
+                        Ok(Ok(None)) => tracing::debug!("the worker lease is still held elsewhere"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "cannot take the worker lease yet"),
+                        Err(_) => tracing::warn!("taking the worker lease timed out"),
                     }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         });

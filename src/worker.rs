@@ -100,9 +100,15 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     }
 
     async fn call(&self, request: Req) -> Option<Resp> {
+        self.enqueue(request).await?.await.ok()
+    }
+
+    /// Hands `request` over; once this returns, the request is the batcher's (it is served
+    /// even if the caller goes away), and the receiver gets its answer.
+    async fn enqueue(&self, request: Req) -> Option<oneshot::Receiver<Resp>> {
         let (reply, answer) = oneshot::channel();
         self.sender.send((request, reply)).await.ok()?;
-        answer.await.ok()
+        Some(answer)
     }
 }
 
@@ -190,7 +196,7 @@ struct Context {
     token: i32,
     queue: String,
     claims: Batcher<(Uuid, bool), Claim>,
-    finishes: Batcher<Finish, bool>,
+    finishes: Batcher<(Finish, Recording), bool>,
     /// Publishes fan-out children; one publisher (and channel) for the whole worker.
     publisher: Mutex<Publisher>,
     /// Runs this process has claimed and not yet recorded, with what is needed to record them
@@ -212,8 +218,8 @@ struct InFlight {
     hung_after: Option<Duration>,
 }
 
-/// Counts a result on its way to the database; dropped (also when its task is aborted) once
-/// the recorder has answered.
+/// Counts a result on its way to the database. It travels with the result into the recorder
+/// and is dropped once the batch holding it was written.
 struct Recording(Arc<AtomicUsize>);
 
 impl Recording {
@@ -301,9 +307,26 @@ pub async fn run(
                 .await
                 {
                     Ok(claims) => claims,
+                    Err(e) if batch.len() == 1 => {
+                        tracing::error!(error = %e, "claiming a run failed");
+                        vec![Claim::Refused(e.to_string())]
+                    }
                     Err(e) => {
-                        tracing::error!(error = %e, "claiming runs failed");
-                        vec![Claim::Refused(e.to_string()); batch.len()]
+                        // One run's problem must not refuse the others: each on its own.
+                        tracing::error!(error = %e, runs = batch.len(), "claiming a batch failed; claiming its runs one by one");
+                        let mut answers = Vec::with_capacity(batch.len());
+                        for one in batch.chunks(1) {
+                            let nonce = Uuid::new_v4();
+                            let claimed = until_ok("claiming a run", || {
+                                store.claim_runs(&worker, token, nonce, one)
+                            })
+                            .await;
+                            answers.push(match claimed {
+                                Ok(mut claims) => claims.pop().unwrap_or(Claim::Unavailable),
+                                Err(e) => Claim::Refused(e.to_string()),
+                            });
+                        }
+                        answers
                     }
                 }
             }
@@ -311,9 +334,16 @@ pub async fn run(
     };
     let finishes = {
         let store = store.clone();
-        Batcher::spawn(move |batch: Vec<Finish>| {
+        Batcher::spawn(move |batch: Vec<(Finish, Recording)>| {
             let store = store.clone();
-            async move { record_batch(&store, &batch).await }
+            async move {
+                // The guards go when the batch is committed, not before.
+                let (finishes, recording): (Vec<Finish>, Vec<Recording>) =
+                    batch.into_iter().unzip();
+                let answers = record_batch(&store, &finishes).await;
+                drop(recording);
+                answers
+            }
         })
     };
     let context = Arc::new(Context {
@@ -371,8 +401,10 @@ pub async fn run(
             }
             Err(e @ BrokerError::QueueMismatch { .. }) => {
                 // It cannot consume as configured; what runs finishes first.
-                drain(&mut tasks, config.worker.grace_period, &mut shutdown).await;
-                break 'session Err(e);
+                match drain(&mut tasks, config.worker.grace_period, &mut shutdown).await {
+                    Stopped::Forced => break 'session Ok(Stopped::Forced),
+                    _ => break 'session Err(e),
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot consume; retrying in {backoff:?}");
@@ -628,11 +660,11 @@ impl Failure {
 /// running) until it returns or the worker stops.
 async fn blocking<T: Send + 'static>(
     context: &Context,
-    run_id: Uuid,
+    (run_id, attempt): (Uuid, i32),
     limit: Option<Duration>,
     call: impl FnOnce() -> Result<T, PluginError> + Send + 'static,
 ) -> Result<T, Failure> {
-    let mut handle = tokio::task::spawn_blocking(call);
+    let mut handle = tokio::task::spawn_blocking(move || crate::plugin::within(limit, call));
     let joined = match limit {
         Some(limit) => match tokio::time::timeout(limit, &mut handle).await {
             Ok(joined) => joined,
@@ -641,7 +673,9 @@ async fn blocking<T: Send + 'static>(
                     context.hung.fetch_add(1, Ordering::SeqCst);
                     if let Ok(mut in_flight) = context.in_flight.lock() {
                         if let Some(run) = in_flight.get_mut(&run_id) {
-                            run.hung_after = Some(limit);
+                            if run.attempt == attempt {
+                                run.hung_after = Some(limit);
+                            }
                         }
                     }
                     tracing::warn!(run = %run_id, limit = ?limit, "a plugin call ignores its timeout: its slot stays taken until it returns");
@@ -937,10 +971,16 @@ async fn run_claimed(
 /// Records a run's end; whether its delivery may be settled. From here on the recorder owns
 /// the result: a stopping worker waits for it instead of recording the run as interrupted.
 async fn record(context: &Context, finish: Finish) -> bool {
-    let _recording = Recording::new(&context.recording);
-    settled(context, finish.id, finish.attempt);
-    match context.finishes.call(finish).await {
-        Some(recorded) => recorded,
+    let (id, attempt) = (finish.id, finish.attempt);
+    let recording = Recording::new(&context.recording);
+    let answer = context.finishes.enqueue((finish, recording)).await;
+    if answer.is_some() {
+        // The recorder has it (and commits it even if this task is aborted): no longer this
+        // worker's to interrupt.
+        settled(context, id, attempt);
+    }
+    match answer {
+        Some(answer) => answer.await.unwrap_or(false),
         None => {
             tracing::warn!(
                 "the recorder stopped before a run was recorded; its delivery returns to the queue"
@@ -993,7 +1033,7 @@ async fn execute(
         }
         let cmd = message.cmd.clone();
         let args = message.args.clone();
-        let planned = blocking(context, run_id, limit, move || {
+        let planned = blocking(context, (run_id, attempt), limit, move || {
             host.call_preprocessing(&pre, &cmd, args)
         })
         .await?;
@@ -1010,7 +1050,7 @@ async fn execute(
     }
     let cmd = message.cmd.clone();
     let job_args = args.clone();
-    let result = blocking(context, run_id, limit, move || {
+    let result = blocking(context, (run_id, attempt), limit, move || {
         host.call_job(&cmd, job_args)
     })
     .await;
@@ -1029,7 +1069,7 @@ async fn execute(
     };
     let host = context.host.clone();
     let post_name = post.clone();
-    match blocking(context, run_id, limit, move || {
+    match blocking(context, (run_id, attempt), limit, move || {
         host.call_postprocessing(&post_name, args, &outcome)
     })
     .await

@@ -639,24 +639,31 @@ async fn a_worker_id_the_history_cannot_hold_is_refused_at_start() {
 #[tokio::test]
 async fn a_run_no_worker_can_claim_ends_dead_with_the_reason() {
     let cluster = Cluster::new(FAST).await;
-    cluster.import("jobs:\n- id: unclaimable\n  job: hello_world\n");
-    // The database refuses every claim, for good.
+    cluster
+        .import("jobs:\n- id: unclaimable\n  job: hello_world\n- id: fine\n  job: hello_world\n");
+    // The database refuses every claim of one job, for good.
     sqlx::raw_sql(
         "CREATE FUNCTION refuse_claim() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN RAISE EXCEPTION 'claims refused for the test'; END $$;
          CREATE TRIGGER refuse_claim BEFORE UPDATE ON job_runs FOR EACH ROW
-         WHEN (NEW.status = 'running') EXECUTE FUNCTION refuse_claim();",
+         WHEN (NEW.status = 'running' AND NEW.job_name = 'unclaimable') EXECUTE FUNCTION refuse_claim();",
     )
     .execute(&cluster.pool)
     .await
     .unwrap();
-    let _worker = cluster.worker("w1", 1);
+    // Both waiting before the worker starts: their claims go to the database together, and
+    // the refusal of one must not refuse the other.
     cluster.run_ok(&["scheduler", "--run-now", "unclaimable"]);
+    cluster.run_ok(&["scheduler", "--run-now", "fine"]);
+    let _worker = cluster.worker("w1", 2);
     cluster
         .wait_until(
-            "the run recorded dead",
+            "the unclaimable run recorded dead, the other one run",
             Duration::from_secs(30),
-            "SELECT status = 'dead' AND error LIKE '%no worker can claim it%claims refused%' FROM job_runs",
+            "SELECT bool_and(CASE job_name
+                    WHEN 'unclaimable' THEN status = 'dead' AND error LIKE '%no worker can claim it%claims refused%'
+                    ELSE status = 'succeeded' END)
+             FROM job_runs",
         )
         .await;
 }

@@ -321,6 +321,13 @@ fn a_hung_on_startup_holds_up_only_its_own_function_and_only_for_its_timeout() {
     );
     assert!(err.to_string().contains("startup_timeout"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    // A call with a time limit of its own (the worker's job timeout) waits no longer than that.
+    let started = std::time::Instant::now();
+    let limited = jobschleuder::plugin::within(Some(std::time::Duration::from_millis(200)), || {
+        host.call_job("test_slow_start", args(json!({})))
+    });
+    assert!(limited.is_err());
+    assert!(started.elapsed() < std::time::Duration::from_millis(450));
     // Once it returns, calls get its values.
     std::thread::sleep(std::time::Duration::from_secs(3));
     let result = host.call_job("test_slow_start", args(json!({}))).unwrap();

@@ -197,11 +197,36 @@ pub struct RunsConfig {
 pub struct PluginLocation {
     /// Absolute, or relative to the config file's folder once loaded.
     pub plugin_dir: PathBuf,
-    /// The library's stem: `hello_world` → `libhello_world.so`.
+    /// The library's stem: `hello_world` → `libhello_world.so` (or `hello_world.py`).
     pub plugin: String,
+    /// What runs it; `None`: a library if there is one, else a `.py` file if there is one.
+    pub runtime: Option<Runtime>,
+    /// The interpreter of a Python plugin (a path or a name on PATH); default `python3`.
+    pub python: Option<String>,
+}
+
+/// How a plugin runs: a library in the worker's process, or a module of the original's in a
+/// Python process of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    Native,
+    Python,
 }
 
 impl PluginLocation {
+    /// The Python module of the original's kind: `plugin_dir/<plugin>.py`.
+    pub fn python_path(&self) -> PathBuf {
+        self.plugin_dir.join(format!("{}.py", self.plugin))
+    }
+
+    /// Whether this is a Python plugin: said so, or (when not said) no library but a `.py`.
+    pub fn is_python(&self) -> bool {
+        match self.runtime {
+            Some(runtime) => runtime == Runtime::Python,
+            None => !self.library_path().exists() && self.python_path().exists(),
+        }
+    }
+
     pub fn library_path(&self) -> PathBuf {
         self.plugin_dir.join(format!(
             "{}{}{}",
@@ -518,6 +543,8 @@ struct RawRabbitmq {
 struct RawPlugin {
     plugin_dir: Option<PathBuf>,
     plugin: String,
+    runtime: Option<String>,
+    python: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -794,7 +821,9 @@ fn build(
         });
     }
 
-    let resolve = |map: Option<BTreeMap<String, RawPlugin>>| -> BTreeMap<String, PluginLocation> {
+    let resolve = |section: &str,
+                   map: Option<BTreeMap<String, RawPlugin>>|
+     -> Result<BTreeMap<String, PluginLocation>, ConfigError> {
         map.unwrap_or_default()
             .into_iter()
             .map(|(name, p)| {
@@ -804,18 +833,34 @@ fn build(
                 } else {
                     base_dir.join(dir)
                 };
-                (
+                let runtime = match p.runtime.as_deref() {
+                    None => None,
+                    Some("python") => Some(Runtime::Python),
+                    Some("native") => Some(Runtime::Native),
+                    Some(other) => {
+                        return Err(ConfigError::Invalid {
+                            origin: origin.clone(),
+                            key: format!("{section}.{name}.runtime"),
+                            message: format!(
+                                "{other:?}: use python (a .py module of the original's kind) or native (a library)"
+                            ),
+                        })
+                    }
+                };
+                Ok((
                     name,
                     PluginLocation {
                         plugin_dir: dir,
                         plugin: p.plugin,
+                        runtime,
+                        python: p.python,
                     },
-                )
+                ))
             })
             .collect()
     };
-    let plugins = resolve(raw.plugins);
-    let preprocessing = resolve(raw.preprocessing);
+    let plugins = resolve("plugins", raw.plugins)?;
+    let preprocessing = resolve("preprocessing", raw.preprocessing)?;
 
     let mut sot = SotConfig {
         values: raw.sot.unwrap_or_default(),

@@ -571,6 +571,8 @@ mod tests {
             crate::config::PluginLocation {
                 plugin_dir: "plugins".into(),
                 plugin: "hello_world".into(),
+                runtime: None,
+                python: None,
             },
         );
         let empty = BTreeMap::new();

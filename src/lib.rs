@@ -14,6 +14,7 @@
 //! - [`cron`]: cron expressions and next-run times in a zone, with Vixie cron's DST rules.
 //! - [`store`]: the database: migrations and every query.
 //! - [`plugin`]: the plugin host: loading cdylib plugins and calling them across the C ABI.
+//! - [`python`]: the original's Python plugins, run unchanged in Python processes of their own.
 //! - [`broker`]: RabbitMQ: queues, publishing with confirms, consuming, the message format.
 //! - [`scheduler`]: due schedule rows become runs; queued runs are published (the outbox).
 //! - [`worker`]: deliveries become plugin calls; results are recorded, then acknowledged.
@@ -34,6 +35,7 @@ pub mod logging;
 pub mod output;
 pub mod plugin;
 pub mod process;
+pub mod python;
 pub mod scheduler;
 pub mod shutdown;
 pub mod store;

@@ -29,6 +29,7 @@ pub use jobschleuder_plugin::{Args, Job as PlannedJob, JobError, Kind, Outcome};
 use serde_json::Value;
 
 use crate::config::{secrets_in, Config, PluginLocation};
+use crate::python::PythonPlugin;
 
 /// Why a plugin call did not produce a result. Every variant names the function, the plugin
 /// and the library path tried.
@@ -170,6 +171,10 @@ struct Inner {
     /// only the calls of its own function — for at most `startup_timeout`.
     startup: Mutex<HashMap<String, Arc<StartupSlot>>>,
     startup_timeout: Duration,
+    /// Python plugins (`.py` modules of the original's kind), by file.
+    python: Mutex<HashMap<PathBuf, Arc<PythonPlugin>>>,
+    /// What the original's worker exported to its plugins (`.env` or `salt.yaml`).
+    python_environment: Vec<(String, String)>,
 }
 
 thread_local! {
@@ -213,22 +218,37 @@ struct StartupSlot {
 
 impl PluginHost {
     pub fn new(config: &Config) -> PluginHost {
+        let python_environment = config
+            .path
+            .as_ref()
+            .and_then(|p| std::path::absolute(p).ok())
+            .and_then(|p| p.parent().map(std::path::Path::to_path_buf))
+            .map(|dir| crate::python::plugin_environment(&dir))
+            .unwrap_or_default();
+        let secrets = Secrets::new(config.secret_values());
+        // The key and salt that decrypt device passwords are secrets too.
+        secrets.add_all(python_environment.iter().map(|(_, v)| v.clone()).collect());
         PluginHost {
             inner: Arc::new(Inner {
                 jobs: config.plugins.clone(),
                 preprocessing: config.preprocessing.clone(),
                 sot: config.sot.values.clone(),
-                secrets: Arc::new(Secrets::new(config.secret_values())),
+                secrets: Arc::new(secrets),
                 origin: config.origin(),
                 libraries: Mutex::new(HashMap::new()),
                 startup: Mutex::new(HashMap::new()),
                 startup_timeout: config.worker.startup_timeout,
+                python: Mutex::new(HashMap::new()),
+                python_environment,
             }),
         }
     }
 
     /// Runs job `job` with `args`. Blocking.
     pub fn call_job(&self, job: &str, args: Args) -> Result<Value, PluginError> {
+        if let Some(python) = self.python_for(job, Kind::Job)? {
+            return self.call_python(&python, job, Kind::Job, &args, None);
+        }
         let library = self.library_for(job, Kind::Job)?;
         let args = self.prepare(&library, job, args)?;
         self.invoke(
@@ -247,21 +267,31 @@ impl PluginHost {
         job: &str,
         args: Args,
     ) -> Result<Vec<PlannedJob>, PluginError> {
-        let library = self.library_for(function, Kind::Preprocessing)?;
         let asked_for_sot = args.get("sot") == Some(&Value::Bool(true));
-        let args = self.prepare(&library, function, args)?;
-        let output = self.invoke(
-            &library,
-            function,
-            Kind::Preprocessing,
-            &serde_json::json!({ "args": args }),
-        )?;
+        let (output, plugin, path) = match self.python_for(function, Kind::Preprocessing)? {
+            Some(python) => {
+                let output =
+                    self.call_python(&python, function, Kind::Preprocessing, &args, None)?;
+                (output, python.name().to_string(), python.path().clone())
+            }
+            None => {
+                let library = self.library_for(function, Kind::Preprocessing)?;
+                let args = self.prepare(&library, function, args)?;
+                let output = self.invoke(
+                    &library,
+                    function,
+                    Kind::Preprocessing,
+                    &serde_json::json!({ "args": args }),
+                )?;
+                (output, library.plugin.clone(), library.path.clone())
+            }
+        };
         let mut jobs: Vec<PlannedJob> =
             serde_json::from_value(output).map_err(|e| PluginError::BadOutput {
-                plugin: library.plugin.clone(),
+                plugin,
                 function: function.to_string(),
                 kind: Kind::Preprocessing.as_str(),
-                path: library.path.clone(),
+                path,
                 message: format!("expected a list of {{cmd, args}} jobs: {e}"),
             })?;
         for planned in &mut jobs {
@@ -284,6 +314,16 @@ impl PluginHost {
         args: Args,
         outcome: &Outcome,
     ) -> Result<Value, PluginError> {
+        if let Some(python) = self.python_for(function, Kind::Postprocessing)? {
+            let outcome = serde_json::to_value(outcome).unwrap_or(Value::Null);
+            return self.call_python(
+                &python,
+                function,
+                Kind::Postprocessing,
+                &args,
+                Some(outcome),
+            );
+        }
         let library = self.library_for(function, Kind::Postprocessing)?;
         let args = self.prepare(&library, function, args)?;
         self.invoke(
@@ -298,21 +338,36 @@ impl PluginHost {
     /// worker can report all plugin problems when it starts.
     pub fn check_all(&self) -> Vec<PluginError> {
         let mut problems = Vec::new();
-        for name in self.inner.jobs.keys() {
-            if let Err(e) = self.library_for(name, Kind::Job) {
-                problems.push(e);
-            }
-        }
-        for name in self.inner.preprocessing.keys() {
-            if let Err(e) = self.library_for(name, Kind::Preprocessing) {
-                problems.push(e);
+        for (kind, names) in [
+            (Kind::Job, &self.inner.jobs),
+            (Kind::Preprocessing, &self.inner.preprocessing),
+        ] {
+            for (name, location) in names {
+                // A Python plugin's process starts on first use; its file must be there.
+                let checked = if location.is_python() {
+                    match location.python_path().exists() {
+                        true => Ok(()),
+                        false => Err(PluginError::Load {
+                            plugin: location.plugin.clone(),
+                            function: name.clone(),
+                            path: location.python_path(),
+                            message: "no such file (is plugin_dir right?)".into(),
+                        }),
+                    }
+                } else {
+                    self.library_for(name, kind).map(|_| ())
+                };
+                if let Err(e) = checked {
+                    problems.push(e);
+                }
             }
         }
         problems
     }
 
-    fn library_for(&self, function: &str, kind: Kind) -> Result<Arc<Library>, PluginError> {
-        let location = match kind {
+    /// The configured location of `function`.
+    fn location_for(&self, function: &str, kind: Kind) -> Result<&PluginLocation, PluginError> {
+        match kind {
             Kind::Job => self.inner.jobs.get(function),
             _ => self
                 .inner
@@ -329,7 +384,48 @@ impl PluginHost {
                 "preprocessing"
             },
             origin: self.inner.origin.clone(),
-        })?;
+        })
+    }
+
+    /// The Python plugin of `function`, if a Python plugin provides it.
+    fn python_for(
+        &self,
+        function: &str,
+        kind: Kind,
+    ) -> Result<Option<Arc<PythonPlugin>>, PluginError> {
+        let location = self.location_for(function, kind)?;
+        if !location.is_python() {
+            return Ok(None);
+        }
+        let path = location.python_path();
+        let mut plugins = self.inner.python.lock().unwrap_or_else(|p| p.into_inner());
+        let plugin = plugins.entry(path.clone()).or_insert_with(|| {
+            Arc::new(PythonPlugin::new(
+                &location.plugin,
+                path,
+                location.python.as_deref(),
+                self.inner.python_environment.clone(),
+                self.inner.secrets.clone(),
+            ))
+        });
+        Ok(Some(plugin.clone()))
+    }
+
+    /// A call of a Python plugin, within this thread's deadline (see [`within`]).
+    fn call_python(
+        &self,
+        python: &PythonPlugin,
+        function: &str,
+        kind: Kind,
+        args: &Args,
+        outcome: Option<Value>,
+    ) -> Result<Value, PluginError> {
+        let deadline = CALL_DEADLINE.with(Cell::get);
+        python.call(function, kind, args, &self.inner.sot, outcome, deadline)
+    }
+
+    fn library_for(&self, function: &str, kind: Kind) -> Result<Arc<Library>, PluginError> {
+        let location = self.location_for(function, kind)?;
         let library = self.load(location, function)?;
         match library.functions.get(function) {
             Some(found) if *found == kind => Ok(library),
@@ -657,13 +753,13 @@ const MIN_SECRET_LEN: usize = 4;
 
 /// The values to mask in whatever comes back from plugins. It grows when an on_startup
 /// function hands out credentials.
-struct Secrets {
+pub(crate) struct Secrets {
     /// Longest first, so that a secret containing another is masked whole.
     values: RwLock<Vec<String>>,
 }
 
 impl Secrets {
-    fn new(values: Vec<String>) -> Secrets {
+    pub(crate) fn new(values: Vec<String>) -> Secrets {
         let secrets = Secrets {
             values: RwLock::new(Vec::new()),
         };
@@ -671,7 +767,7 @@ impl Secrets {
         secrets
     }
 
-    fn add_all(&self, values: Vec<String>) {
+    pub(crate) fn add_all(&self, values: Vec<String>) {
         let mut known = self.values.write().unwrap_or_else(|p| p.into_inner());
         for value in values {
             if value.chars().count() >= MIN_SECRET_LEN
@@ -684,7 +780,7 @@ impl Secrets {
         known.sort_by_key(|v| std::cmp::Reverse(v.len()));
     }
 
-    fn redact_text(&self, text: &str) -> String {
+    pub(crate) fn redact_text(&self, text: &str) -> String {
         let mut text = text.to_string();
         for secret in self.values.read().unwrap_or_else(|p| p.into_inner()).iter() {
             if text.contains(secret.as_str()) {
@@ -695,7 +791,7 @@ impl Secrets {
     }
 
     /// `value` with every secret replaced by `********`, in keys as well as values.
-    fn redact(&self, value: Value) -> Value {
+    pub(crate) fn redact(&self, value: Value) -> Value {
         match value {
             Value::String(s) => Value::String(self.redact_text(&s)),
             Value::Array(items) => {

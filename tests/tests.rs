@@ -8,5 +8,6 @@ mod cli;
 mod docs;
 mod hardening;
 mod plugins;
+mod python;
 mod registry;
 mod scheduling;

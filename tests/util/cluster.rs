@@ -85,13 +85,18 @@ impl Cluster {
     /// Like [`Cluster::new`], with `rabbitmq` added to the `rabbitmq:` section (indented
     /// lines).
     pub async fn with_rabbitmq(rabbitmq: &str, extra: &str) -> Cluster {
+        Self::with_config(rabbitmq, &crate::plugins::plugin_config_text(), extra).await
+    }
+
+    /// With `plugins` (the `plugins:`/`preprocessing:`/`sot:` sections) instead of the test
+    /// plugins.
+    pub async fn with_config(rabbitmq: &str, plugins: &str, extra: &str) -> Cluster {
         let db = TestDb::new().await;
         let ws = Workspace::new();
         let queue = super::scratch_name();
         let text = format!(
-            "timezone: UTC\nrabbitmq:\n  url: {}\n  queue: {queue}\n  delivery_limit: 3\n{rabbitmq}{}{extra}",
+            "timezone: UTC\nrabbitmq:\n  url: {}\n  queue: {queue}\n  delivery_limit: 3\n{rabbitmq}{plugins}{extra}",
             amqp_url(),
-            crate::plugins::plugin_config_text()
         );
         let config = ws.write("config.yaml", &text);
         let pool = db.pool().await;

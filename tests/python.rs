@@ -1,0 +1,207 @@
+//! The original's Python plugins, run unchanged through a real worker with a real `python3`.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::util::cluster::Cluster;
+
+/// The Python test plugins (`plugins/testing/python`): the original's hello world, and a
+/// plugin in its style with on_startup, preprocessing and every kind of failure.
+fn python_plugins() -> String {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/plugins/testing/python");
+    let entry = |name: &str, module: &str| {
+        format!("  {name}:\n    plugin_dir: {dir}\n    plugin: {module}\n")
+    };
+    let mut text = String::from("plugins:\n");
+    text.push_str(&entry("hello_world", "hello_world"));
+    for job in ["config_backup", "broken", "hang", "crash", "inventory"] {
+        text.push_str(&entry(job, "backup"));
+    }
+    text.push_str("preprocessing:\n");
+    text.push_str(&entry("get_devices", "backup"));
+    text.push_str(&entry("summarize", "backup"));
+    text.push_str("sot:\n  nautobot: https://nautobot.lab\n  token: sot-token-for-the-test-77\n");
+    text
+}
+
+async fn run(cluster: &Cluster, job: &str) -> String {
+    cluster
+        .run_ok(&["scheduler", "--run-now", job])
+        .trim()
+        .to_string()
+}
+
+async fn ended(cluster: &Cluster, id: &str) -> (String, Option<String>, Option<Value>) {
+    cluster
+        .wait_until(
+            &format!("run {id} to end"),
+            Duration::from_secs(60),
+            &format!(
+                "SELECT status IN ('succeeded', 'failed', 'dead') FROM job_runs WHERE id = '{id}'"
+            ),
+        )
+        .await;
+    sqlx::query_as(&format!(
+        "SELECT status, error, result FROM job_runs WHERE id = '{id}'"
+    ))
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_originals_python_plugins_run_through_a_real_worker() {
+    let cluster =
+        Cluster::with_config("", &python_plugins(), "worker:\n  retry_backoff: 0.1\n").await;
+    // What the original's worker exported to veritas plugins: a .env beside the config.
+    cluster
+        .ws
+        .write(".env", "ENCRYPTIONKEY=k3y-for-the-test-0042\n");
+    cluster.import(
+        "jobs:\n\
+         - id: hello\n  job: hello_world\n  arguments: {hello: world}\n\
+         - id: backup\n  job: config_backup\n  preprocessing: get_devices\n\
+         - id: broken\n  job: broken\n\
+         - id: hang\n  job: hang\n  timeout: 2\n\
+         - id: crash\n  job: crash\n\
+         - id: inventory\n  job: inventory\n  arguments: {sot: true, where: 'name=lab.local'}\n",
+    );
+    let _scheduler = cluster.scheduler();
+    let worker = cluster.worker("w1", 2);
+
+    let (status, _, result) = ended(&cluster, &run(&cluster, "hello").await).await;
+    assert_eq!((status.as_str(), result), ("succeeded", Some(Value::Null)));
+
+    // A crash of the interpreter fails only that run; the next call gets a new process.
+    let (status, error, _) = ended(&cluster, &run(&cluster, "crash").await).await;
+    let error = error.unwrap_or_default();
+    assert_eq!(status, "failed", "{error}");
+    assert!(
+        error.contains("ended during the call") && error.contains("exit status: 3"),
+        "{error}"
+    );
+
+    // A hang past the job's timeout: the process is stopped, the run fails as timed out.
+    let (status, error, _) = ended(&cluster, &run(&cluster, "hang").await).await;
+    assert_eq!(status, "failed");
+    assert!(error.unwrap_or_default().contains("timed out"));
+
+    // An exception: its type, message and the last frames of the traceback.
+    let (status, error, details) = ended(&cluster, &run(&cluster, "broken").await).await;
+    assert_eq!(status, "failed");
+    assert_eq!(
+        error.as_deref(),
+        Some("job \"broken\" failed: ValueError: the device said no")
+    );
+    let details = details.unwrap_or_default();
+    assert_eq!(details["type"], "ValueError");
+    assert!(
+        details["traceback"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("raise ValueError"),
+        "{details}"
+    );
+
+    // `sot: true` needs the real veritas library (not installed here): a clear failure.
+    let (status, error, _) = ended(&cluster, &run(&cluster, "inventory").await).await;
+    assert_eq!(status, "failed");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("needs the `veritas` library"), "{error}");
+    assert!(!error.contains("sot-token-for-the-test-77"));
+
+    // Preprocessing fans out to three devices; each job gets the on_startup values.
+    let parent = run(&cluster, "backup").await;
+    let (status, _, result) = ended(&cluster, &parent).await;
+    assert_eq!(status, "succeeded");
+    assert_eq!(result.unwrap_or_default()["fanned_out"], 3);
+    cluster
+        .wait_until(
+            "the three backups",
+            Duration::from_secs(60),
+            &format!(
+                "SELECT count(*) = 3 FROM job_runs WHERE parent_id = '{parent}' AND status = 'succeeded'"
+            ),
+        )
+        .await;
+    let results: Vec<Value> = sqlx::query_scalar(&format!(
+        "SELECT result FROM job_runs WHERE parent_id = '{parent}' ORDER BY result->>'device'"
+    ))
+    .fetch_all(&cluster.pool)
+    .await
+    .unwrap();
+    let devices: Vec<&str> = results
+        .iter()
+        .map(|r| r["device"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(devices, ["sw1", "sw2", "sw3"]);
+    for result in &results {
+        assert_eq!(
+            result["profile"], "netops",
+            "on_startup values are merged in"
+        );
+        assert_eq!(
+            result["key"], "********",
+            "the environment's key reaches the plugin, not the history"
+        );
+        assert_eq!(
+            result["when"],
+            serde_json::json!({"__str__": "2026-01-01 03:00:00", "__type__": "datetime"})
+        );
+        assert_eq!(result["__converted__"], serde_json::json!(["when"]));
+    }
+
+    // print() and logging reach the worker's log, at their levels.
+    let log = worker.log_text();
+    assert!(log.contains("backing up sw1"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("backup: using profile netops")),
+        "{log}"
+    );
+    assert!(
+        !log.contains("k3y-for-the-test-0042"),
+        "a secret reached the log"
+    );
+}
+
+#[tokio::test]
+async fn worker_exec_runs_a_python_plugin_by_hand() {
+    let cluster = Cluster::with_config("", &python_plugins(), "").await;
+    let out = cluster.run_ok(&[
+        "worker",
+        "--exec",
+        "config_backup",
+        "--preprocessing",
+        "get_devices",
+        "--postprocessing",
+        "summarize",
+    ]);
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 7, "{out}");
+    assert_eq!(lines[0]["step"], "preprocessing");
+    let jobs: Vec<&Value> = lines.iter().filter(|l| l["step"] == "job").collect();
+    assert!(jobs
+        .iter()
+        .all(|l| l["status"] == "succeeded" && l["result"]["profile"] == "netops"));
+    // Postprocessing gets the job's outcome as the keyword argument `outcome`.
+    let post: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["step"] == "postprocessing")
+        .collect();
+    assert_eq!(post.len(), 3);
+    assert!(post
+        .iter()
+        .all(|l| l["status"] == "succeeded" && l["result"]["saw"] == l["result"]["device"]));
+
+    let missing = cluster
+        .command()
+        .args(["worker", "--exec", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+}

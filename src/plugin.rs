@@ -171,8 +171,8 @@ struct Inner {
     /// only the calls of its own function — for at most `startup_timeout`.
     startup: Mutex<HashMap<String, Arc<StartupSlot>>>,
     startup_timeout: Duration,
-    /// Python plugins (`.py` modules of the original's kind), by file.
-    python: Mutex<HashMap<PathBuf, Arc<PythonPlugin>>>,
+    /// Python plugins (`.py` modules of the original's kind), by file and interpreter.
+    python: Mutex<HashMap<(PathBuf, Option<String>), Arc<PythonPlugin>>>,
     /// What the original's worker exported to its plugins (`.env` or `salt.yaml`).
     python_environment: Vec<(String, String)>,
 }
@@ -226,8 +226,17 @@ impl PluginHost {
             .map(|dir| crate::python::plugin_environment(&dir))
             .unwrap_or_default();
         let secrets = Secrets::new(config.secret_values());
-        // The key and salt that decrypt device passwords are secrets too.
-        secrets.add_all(python_environment.iter().map(|(_, v)| v.clone()).collect());
+        // The key and salt that decrypt device passwords are secrets too (and whatever else
+        // the file holds under a secret-looking name).
+        secrets.add_all(
+            python_environment
+                .iter()
+                .filter(|(k, _)| {
+                    k == "ENCRYPTIONKEY" || k == "SALT" || crate::config::is_secret_key(k)
+                })
+                .map(|(_, v)| v.clone())
+                .collect(),
+        );
         PluginHost {
             inner: Arc::new(Inner {
                 jobs: config.plugins.clone(),
@@ -399,13 +408,15 @@ impl PluginHost {
         }
         let path = location.python_path();
         let mut plugins = self.inner.python.lock().unwrap_or_else(|p| p.into_inner());
-        let plugin = plugins.entry(path.clone()).or_insert_with(|| {
+        let key = (path.clone(), location.python.clone());
+        let plugin = plugins.entry(key).or_insert_with(|| {
             Arc::new(PythonPlugin::new(
                 &location.plugin,
                 path,
                 location.python.as_deref(),
                 self.inner.python_environment.clone(),
                 self.inner.secrets.clone(),
+                self.inner.startup_timeout,
             ))
         });
         Ok(Some(plugin.clone()))

@@ -166,6 +166,69 @@ async fn the_originals_python_plugins_run_through_a_real_worker() {
     );
 }
 
+/// Runs one function of `edge.py` with `worker --exec`; its JSON line and the log.
+fn exec_edge(cluster: &Cluster, function: &str) -> (Value, String) {
+    let output = cluster
+        .command()
+        .args(["worker", "--exec", function])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = serde_json::from_str(stdout.lines().next().unwrap_or("null")).unwrap_or(Value::Null);
+    (line, String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn python_plugins_that_misbehave_by_accident_are_handled() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/plugins/testing/python");
+    let mut plugins = String::from("plugins:\n");
+    for function in [
+        "secretive",
+        "unready",
+        "not_a_number",
+        "mixed_output",
+        "reads_stdin",
+    ] {
+        plugins.push_str(&format!(
+            "  {function}:\n    plugin_dir: {dir}\n    plugin: edge\n"
+        ));
+    }
+    let cluster = Cluster::with_config("", &plugins, "").await;
+
+    // Credentials from on_startup are masked like the sot token.
+    let (line, log) = exec_edge(&cluster, "secretive");
+    assert_eq!(line["status"], "succeeded", "{line} {log}");
+    assert_eq!(line["result"]["token_was"], "********");
+    assert_eq!(line["result"]["said"], "the token is ********");
+    assert!(!log.contains("startup-token-5150"));
+
+    // A failing on_startup is named as such.
+    let (line, _) = exec_edge(&cluster, "unready");
+    let message = line["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("unready:on_startup") && message.contains("unreachable"),
+        "{line}"
+    );
+
+    // NaN is not JSON: converted and marked, not an unreadable answer.
+    let (line, _) = exec_edge(&cluster, "not_a_number");
+    assert_eq!(line["status"], "succeeded", "{line}");
+    assert_eq!(line["result"]["ratio"]["__type__"], "float");
+
+    // Bytes that are not UTF-8 neither break the answers nor stop the log.
+    let (line, log) = exec_edge(&cluster, "mixed_output");
+    assert_eq!(line["result"], "ok", "{line} {log}");
+    assert!(log.contains("still logging after that"), "{log}");
+    assert!(
+        log.contains("on stdout") && log.contains("on stderr"),
+        "{log}"
+    );
+
+    // stdin is not the request pipe.
+    let (line, _) = exec_edge(&cluster, "reads_stdin");
+    assert_eq!(line["result"]["stdin"], "", "{line}");
+}
+
 #[tokio::test]
 async fn worker_exec_runs_a_python_plugin_by_hand() {
     let cluster = Cluster::with_config("", &python_plugins(), "").await;

@@ -25,6 +25,8 @@ const SHIM: &str = include_str!("shim.py");
 
 /// How long a new process may take to import its module when the call has no limit of its own.
 const IMPORT_LIMIT: Duration = Duration::from_secs(60);
+/// Longest plugin log line kept (characters).
+const MAX_LOG_LINE: usize = 16 * 1024;
 
 /// One plugin module and its processes.
 pub struct PythonPlugin {
@@ -34,6 +36,7 @@ pub struct PythonPlugin {
     python: String,
     environment: Vec<(String, String)>,
     secrets: Arc<Secrets>,
+    startup_timeout: Duration,
     idle: Mutex<Vec<Interpreter>>,
 }
 
@@ -43,23 +46,33 @@ struct Interpreter {
     stdin: ChildStdin,
     answers: Receiver<String>,
     functions: Vec<String>,
+    /// Killed and reaped: its pid (and group id) may belong to another process by now.
+    reaped: bool,
+}
+
+impl Interpreter {
+    /// Stops the process and everything it started (its process group), then reaps it.
+    fn kill(&mut self) {
+        if self.reaped {
+            return;
+        }
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) on the process group the child leads (started as its leader);
+            // not reaped yet, so the group id is still ours.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reaped = true;
+    }
 }
 
 impl Drop for Interpreter {
     fn drop(&mut self) {
-        kill_group(&mut self.child);
+        self.kill();
     }
-}
-
-fn kill_group(child: &mut Child) {
-    if let Ok(pid) = i32::try_from(child.id()) {
-        // SAFETY: kill(2) on the process group the child leads (it was started as its leader).
-        unsafe {
-            libc::kill(-pid, libc::SIGKILL);
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 impl PythonPlugin {
@@ -69,6 +82,7 @@ impl PythonPlugin {
         python: Option<&str>,
         environment: Vec<(String, String)>,
         secrets: Arc<Secrets>,
+        startup_timeout: Duration,
     ) -> PythonPlugin {
         PythonPlugin {
             plugin: plugin.to_string(),
@@ -76,6 +90,7 @@ impl PythonPlugin {
             python: python.unwrap_or("python3").to_string(),
             environment,
             secrets,
+            startup_timeout,
             idle: Mutex::new(Vec::new()),
         }
     }
@@ -119,31 +134,51 @@ impl PythonPlugin {
         {
             return Err(self.ended(&mut interpreter, function, kind, &format!("{e}")));
         }
-        let answer = match wait(&interpreter.answers, deadline) {
-            Ok(answer) => answer,
-            Err(RecvTimeoutError::Timeout) => {
-                // The call is over; so is its process (whatever it started goes with it).
-                kill_group(&mut interpreter.child);
-                return Err(self.failed(
+        // While the function's on_startup runs, it has `startup_timeout` (within the call's
+        // own limit); then the call's limit again.
+        let mut until = deadline;
+        let answer: Value = loop {
+            let line = match wait(&interpreter.answers, until) {
+                Ok(line) => line,
+                Err(RecvTimeoutError::Timeout) => {
+                    // The call is over; so is its process (whatever it started goes with it).
+                    interpreter.kill();
+                    let message = if until == deadline {
+                        "timed out; its Python process was stopped (the next call starts a new one)"
+                            .to_string()
+                    } else {
+                        format!(
+                            "{function}:on_startup did not return within {}s (worker.startup_timeout); its Python process was stopped",
+                            self.startup_timeout.as_secs_f64()
+                        )
+                    };
+                    return Err(self.failed(function, kind, message, None));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(self.ended(&mut interpreter, function, kind, "no answer"));
+                }
+            };
+            let value: Value = serde_json::from_str(&line).map_err(|e| {
+                self.failed(
                     function,
                     kind,
-                    "timed out; its Python process was stopped (the next call starts a new one)"
-                        .into(),
+                    format!("the Python process answered something unreadable: {e}"),
                     None,
-                ));
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(self.ended(&mut interpreter, function, kind, "no answer"));
+                )
+            })?;
+            if value.get("starting").is_some() {
+                let limit = Instant::now() + self.startup_timeout;
+                until = Some(deadline.map_or(limit, |d| d.min(limit)));
+            } else if value.get("started").is_some() {
+                until = deadline;
+            } else {
+                break value;
             }
         };
-        let answer: Value = serde_json::from_str(&answer).map_err(|e| {
-            self.failed(
-                function,
-                kind,
-                format!("the Python process answered something unreadable: {e}"),
-                None,
-            )
-        })?;
+        // Credentials its on_startup handed out are secrets from now on, as for Rust plugins.
+        if let Some(Value::Object(values)) = answer.get("startup") {
+            self.secrets.add_all(crate::config::secrets_in(values));
+        }
         let functions = interpreter.functions.clone();
         if let Ok(mut idle) = self.idle.lock() {
             idle.push(interpreter);
@@ -178,12 +213,24 @@ impl PythonPlugin {
             "type": type_name,
             "traceback": error.get("traceback").cloned().unwrap_or(Value::Null),
         });
-        Err(self.failed(
+        let failed = self.failed(
             function,
             kind,
             format!("{type_name}: {message}"),
             Some(self.secrets.redact(details)),
-        ))
+        );
+        match (answer.get("startup"), failed) {
+            // Its on_startup failed: said as for Rust plugins, and tried again next call.
+            (Some(Value::Null), PluginError::Failed { error, .. }) => {
+                Err(PluginError::StartupFailed {
+                    plugin: self.plugin.clone(),
+                    function: function.to_string(),
+                    path: self.path.clone(),
+                    error,
+                })
+            }
+            (_, failed) => Err(failed),
+        }
     }
 
     /// Starts a process and waits for its module to be imported.
@@ -201,6 +248,9 @@ impl PythonPlugin {
             .arg(SHIM)
             .arg(&self.path)
             .envs(self.environment.iter().cloned())
+            // Whatever the host's locale: requests and answers are UTF-8, and output that is
+            // not cannot stop the log.
+            .env("PYTHONIOENCODING", "utf-8:backslashreplace")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -216,7 +266,9 @@ impl PythonPlugin {
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
-            kill_group(&mut child);
+            // Not a group leader with children yet: the process alone goes.
+            let _ = child.kill();
+            let _ = child.wait();
             return Err(load_error("cannot talk to the Python process".into()));
         };
         let (sender, answers) = mpsc::channel();
@@ -235,8 +287,21 @@ impl PythonPlugin {
         let plugin = self.plugin.clone();
         let secrets = self.secrets.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log_line(&plugin, &secrets.redact_text(&line));
+            // Read to the end whatever arrives (bytes that are not UTF-8 too): a reader that
+            // stopped would make the plugin's next print fail.
+            let mut reader = BufReader::new(stderr);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&line);
+                        let text = text.trim_end_matches(['\n', '\r']);
+                        let text: String = text.chars().take(MAX_LOG_LINE).collect();
+                        log_line(&plugin, &secrets.redact_text(&text));
+                    }
+                }
             }
         });
         let mut interpreter = Interpreter {
@@ -244,6 +309,7 @@ impl PythonPlugin {
             stdin,
             answers,
             functions: Vec::new(),
+            reaped: false,
         };
         let deadline = deadline.unwrap_or_else(|| Instant::now() + IMPORT_LIMIT);
         let ready = match wait(&interpreter.answers, Some(deadline)) {
@@ -257,7 +323,18 @@ impl PythonPlugin {
             }
         };
         if let Some(fatal) = ready.get("fatal").and_then(Value::as_str) {
-            return Err(load_error(self.secrets.redact_text(fatal)));
+            let hint = if fatal.contains("ModuleNotFoundError") {
+                format!(
+                    " (the interpreter {:?} lacks a package the plugin imports: install it there, or set the plugin's `python:` to one that has it, e.g. a virtualenv's bin/python)",
+                    self.python
+                )
+            } else {
+                String::new()
+            };
+            return Err(load_error(format!(
+                "{}{hint}",
+                self.secrets.redact_text(fatal)
+            )));
         }
         interpreter.functions = ready
             .get("ready")
@@ -282,8 +359,16 @@ impl PythonPlugin {
         kind: Kind,
         what: &str,
     ) -> PluginError {
-        let status = interpreter.child.wait().ok();
-        let status = status.map_or_else(|| "unknown".to_string(), |s| s.to_string());
+        // It closed its answers: it is ending or gone. Its group goes too, then its status.
+        let status = match interpreter.child.try_wait() {
+            Ok(Some(status)) => Some(status),
+            _ => {
+                std::thread::sleep(Duration::from_millis(50));
+                interpreter.child.try_wait().ok().flatten()
+            }
+        };
+        interpreter.kill();
+        let status = status.map_or_else(|| "killed".to_string(), |s| s.to_string());
         self.failed(
             function,
             kind,

@@ -4,8 +4,10 @@
 # argv: the plugin's .py file. Protocol on the original stdout (fd 1, kept for answers only):
 #   first line   {"ready": [names]}  or  {"fatal": "why"}
 #   per request  {"name", "kind", "kwargs", "sot", "outcome"}
-#   per answer   {"ok": value, "converted": bool}  or  {"error": {"type", "message", "traceback"}}
-#                or {"missing": [names]} when no function has that name
+#   while a function's on_startup runs (first call only): {"starting": name}, then {"started": name}
+#   per answer   {"ok": value, "converted": [paths]}  or  {"error": {"type", "message", "traceback"}}
+#                or {"missing": [names]} when no function has that name; an answer after an
+#                on_startup also carries {"startup": values} (the worker masks its secrets)
 # Everything the plugin prints goes to stderr; logging records go there as "\x1fLEVEL\x1fmessage".
 import importlib.util
 import json
@@ -16,7 +18,13 @@ import traceback
 import types
 
 PROTOCOL = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+REQUESTS = os.fdopen(os.dup(0), "r", encoding="utf-8")
+# The plugin and whatever it starts see stderr as stdout and nothing as stdin: neither can
+# write into the answers or read the next request.
 os.dup2(2, 1)
+_null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(_null, 0)
+os.close(_null)
 sys.stdout = sys.stderr
 
 REGISTRY = {}
@@ -84,14 +92,20 @@ def answer(value):
 
 def plain(value, path, converted):
     """`value` as JSON can hold it; anything else becomes its str() and is marked."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float) and value == value and value not in (float("inf"), float("-inf")):
         return value
     if isinstance(value, dict):
         return {str(k): plain(v, path + [str(k)], converted) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [plain(v, path + [str(i)], converted) for i, v in enumerate(value)]
     converted.append(".".join(path) or "(the value)")
-    return {"__str__": str(value), "__type__": type(value).__name__}
+    try:
+        text = str(value)
+    except Exception as error:
+        text = "<str() failed: %s>" % type(error).__name__
+    return {"__str__": text, "__type__": type(value).__name__}
 
 
 def source_of_truth(section):
@@ -115,35 +129,59 @@ def source_of_truth(section):
 STARTED = {}
 
 
+def failure(error, **extra):
+    frames = traceback.format_exception(type(error), error, error.__traceback__)
+    return dict(
+        {"error": {"type": type(error).__name__, "message": str(error), "traceback": "".join(frames[-6:])}},
+        **extra
+    )
+
+
 def call(request):
     name = request["name"]
     func = REGISTRY.get(name)
     if func is None:
         return {"missing": sorted(n for n in REGISTRY if not n.endswith(":on_startup"))}
     kwargs = dict(request.get("kwargs") or {})
-    try:
-        startup = REGISTRY.get(name + ":on_startup")
-        if startup is not None and name not in STARTED:
+    extra = {}
+    startup = REGISTRY.get(name + ":on_startup")
+    if startup is not None and name not in STARTED:
+        answer({"starting": name})
+        try:
             values = startup()
-            STARTED[name] = values if isinstance(values, dict) else {}
-        kwargs.update(STARTED.get(name, {}))
+        except Exception as error:
+            return failure(error, startup=None)
+        finally:
+            answer({"started": name})
+        if not isinstance(values, dict):
+            return {
+                "error": {
+                    "type": "TypeError",
+                    "message": "%s:on_startup must return a dict, not %s" % (name, type(values).__name__),
+                    "traceback": "",
+                },
+                "startup": None,
+            }
+        STARTED[name] = values
+        extra["startup"] = plain(values, [], [])
+    kwargs.update(STARTED.get(name, {}))
+    try:
         if kwargs.get("sot") is True:
             kwargs["sot"] = source_of_truth(request.get("sot"))
         if request.get("kind") == "postprocessing":
+            if "outcome" in kwargs:
+                raise TypeError(
+                    "the job's arguments have a key `outcome`, which postprocessing functions "
+                    "get as the job's outcome: rename that argument"
+                )
             kwargs["outcome"] = request.get("outcome")
         result = func(**kwargs)
+        converted = []
+        value = plain(result, [], converted)
+        json.dumps(value, allow_nan=False)
     except Exception as error:
-        frames = traceback.format_exception(type(error), error, error.__traceback__)
-        return {
-            "error": {
-                "type": type(error).__name__,
-                "message": str(error),
-                "traceback": "".join(frames[-6:]),
-            }
-        }
-    converted = []
-    value = plain(result, [], converted)
-    return {"ok": value, "converted": converted}
+        return failure(error, **extra)
+    return dict({"ok": value, "converted": converted}, **extra)
 
 
 def main():
@@ -163,7 +201,7 @@ def main():
         answer({"fatal": "importing %s failed: %s: %s" % (path, type(error).__name__, error)})
         return
     answer({"ready": sorted(REGISTRY)})
-    for line in sys.stdin:
+    for line in REQUESTS:
         if line.strip():
             answer(call(json.loads(line)))
 

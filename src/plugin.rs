@@ -172,7 +172,7 @@ struct Inner {
     startup: Mutex<HashMap<String, Arc<StartupSlot>>>,
     startup_timeout: Duration,
     /// Python plugins (`.py` modules of the original's kind), by file and interpreter.
-    python: Mutex<HashMap<(PathBuf, Option<String>), Arc<PythonPlugin>>>,
+    python: Mutex<HashMap<PythonKey, Arc<PythonPlugin>>>,
     /// What the original's worker exported to its plugins (`.env` or `salt.yaml`).
     python_environment: Vec<(String, String)>,
 }
@@ -196,6 +196,9 @@ pub fn within<T>(limit: Option<Duration>, call: impl FnOnce() -> T) -> T {
     let _reset = Reset;
     call()
 }
+
+/// A Python plugin's module file and its interpreter (`python:`), which together make a pool.
+type PythonKey = (PathBuf, Option<String>);
 
 /// Where a function's on_startup stands.
 #[derive(Default)]

@@ -1,0 +1,164 @@
+//! Writing claims and results of many concurrent runs in batches (one statement for many runs),
+//! retrying while the database is away, and counting results on their way to it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use uuid::Uuid;
+
+use crate::store::{Finish, RunEnd, Store, StoreError};
+
+/// Most requests written in one statement.
+const BATCH_MAX: usize = 512;
+/// Batches of one kind written at the same time (each on its own pooled connection).
+const BATCHES_IN_FLIGHT: usize = 3;
+
+/// Collects requests from many tasks and serves them in batches; each caller gets its own
+/// answer. The batch function retries until the database answers: state changes are never
+/// dropped.
+pub(super) struct Batcher<Req, Resp> {
+    sender: mpsc::Sender<(Req, oneshot::Sender<Resp>)>,
+}
+
+impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
+    pub(super) fn spawn<F, Fut>(serve: F) -> Self
+    where
+        F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Vec<Resp>> + Send + 'static,
+    {
+        let (sender, mut receiver) = mpsc::channel::<(Req, oneshot::Sender<Resp>)>(BATCH_MAX * 4);
+        let serve = Arc::new(serve);
+        // A few batches in flight at once: while one waits for its commit, the next fills.
+        let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+        tokio::spawn(async move {
+            while let Some(first) = receiver.recv().await {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let mut requests = vec![first];
+                while requests.len() < BATCH_MAX {
+                    match receiver.try_recv() {
+                        Ok(next) => requests.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let (inputs, replies): (Vec<Req>, Vec<oneshot::Sender<Resp>>) =
+                    requests.into_iter().unzip();
+                let serve = serve.clone();
+                tokio::spawn(async move {
+                    let answers = serve(inputs).await;
+                    for (reply, answer) in replies.into_iter().zip(answers) {
+                        let _ = reply.send(answer);
+                    }
+                    drop(permit);
+                });
+            }
+        });
+        Batcher { sender }
+    }
+
+    pub(super) async fn call(&self, request: Req) -> Option<Resp> {
+        self.enqueue(request).await?.await.ok()
+    }
+
+    /// Hands `request` over; once this returns, the request is the batcher's (it is served
+    /// even if the caller goes away), and the receiver gets its answer.
+    pub(super) async fn enqueue(&self, request: Req) -> Option<oneshot::Receiver<Resp>> {
+        let (reply, answer) = oneshot::channel();
+        self.sender.send((request, reply)).await.ok()?;
+        Some(answer)
+    }
+}
+
+/// Retries a database write with backoff while the failure is transient (connection lost,
+/// server restarting); a permanent failure (bad data) is returned.
+pub(super) async fn until_ok<T, F, Fut>(what: &'static str, mut attempt: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "{what} failed; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Records finished runs; returns, per run, whether its delivery may be acknowledged. A batch
+/// that fails for good is recorded run by run, and a run whose result cannot be stored is
+/// recorded failed with the reason, so a worker never stalls on one. A run that cannot be
+/// recorded at all is not acknowledged: its delivery returns to the queue. A result that
+/// arrives for a run taken over meanwhile is logged.
+pub(super) async fn record_batch(store: &Store, batch: &[Finish]) -> Vec<bool> {
+    match until_ok("recording runs", || store.finish_runs(batch)).await {
+        Ok(not_recorded) => {
+            log_not_recorded(batch, &not_recorded);
+            return vec![true; batch.len()];
+        }
+        Err(e) => {
+            tracing::error!(error = %e, runs = batch.len(), "recording a batch failed; recording its runs one by one")
+        }
+    }
+    let mut settled = Vec::with_capacity(batch.len());
+    for finish in batch {
+        let one = std::slice::from_ref(finish);
+        let e = match until_ok("recording a run", || store.finish_runs(one)).await {
+            Ok(not_recorded) => {
+                log_not_recorded(one, &not_recorded);
+                settled.push(true);
+                continue;
+            }
+            Err(e) => e,
+        };
+        let fallback = Finish {
+            error: Some(format!("the run's result could not be recorded: {e}")),
+            result: None,
+            end: RunEnd::Failed,
+            ..finish.clone()
+        };
+        match until_ok("recording a run", || {
+            store.finish_runs(std::slice::from_ref(&fallback))
+        })
+        .await
+        {
+            Ok(_) => settled.push(true),
+            Err(e) => {
+                tracing::error!(run = %finish.id, error = %e, "the run cannot be recorded at all; its delivery is not acknowledged");
+                settled.push(false);
+            }
+        }
+    }
+    settled
+}
+
+fn log_not_recorded(batch: &[Finish], not_recorded: &[Uuid]) {
+    for finish in batch.iter().filter(|f| not_recorded.contains(&f.id)) {
+        tracing::warn!(run = %finish.id, attempt = finish.attempt, "a late result was not recorded: the run was taken over by another worker (or interrupted) meanwhile");
+    }
+}
+
+/// Counts a result on its way to the database. It travels with the result into the recorder
+/// and is dropped once the batch holding it was written.
+pub(super) struct Recording(Arc<AtomicUsize>);
+
+impl Recording {
+    pub(super) fn new(counter: &Arc<AtomicUsize>) -> Recording {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Recording(counter.clone())
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,328 @@
+//! The worker: deliveries become plugin calls; results are recorded, then acknowledged.
+//!
+//! Per delivery (ARCHITECTURE.md, invariants 2 to 7):
+//! 1. Parse. An unparsable body is dead-lettered and logged once. A bare `{cmd, args}` message
+//!    of the original becomes a run row in the outbox and is acknowledged; the run then travels
+//!    like any other.
+//! 2. Claim the run (running, attempt + 1, this worker). A run that already finished, or that
+//!    another worker runs, is acknowledged and skipped: re-deliveries never run a job twice.
+//! 3. A message the broker handed out too often (workers died on it) is recorded dead and
+//!    dead-lettered instead of run again.
+//! 4. Preprocessing (fan-out: child runs are inserted and published like any run), the job,
+//!    postprocessing — on blocking threads, with the job's timeout.
+//! 5. Record succeeded, failed, dead, or queued again for a retry with a not-before time; only
+//!    then acknowledge. A worker killed before that leaves the delivery unacknowledged, and the
+//!    broker hands it to another worker.
+//!
+//! Claims and results of many concurrent runs are written in batches (one statement for many
+//! runs), which is what makes thousands of runs per second possible.
+//!
+//! Stopping: on SIGTERM the worker takes no more deliveries and lets running jobs finish
+//! within `worker.grace_period`. Whatever still runs then (or at a second signal) is
+//! interrupted: the processes the worker started are killed, the runs are recorded queued
+//! for their next attempt and their deliveries acknowledged — all before the lease is
+//! released, so no other worker starts a run while this one still runs it.
+
+mod batch;
+mod delivery;
+mod stop;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{Mutex, Semaphore};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::broker::{self, Broker, BrokerError};
+use crate::config::Config;
+use crate::plugin::PluginHost;
+use crate::scheduler::Publisher;
+use crate::shutdown::Shutdown;
+use crate::store::{Claim, Finish, Store};
+
+use batch::{record_batch, until_ok, Batcher, Recording};
+use delivery::handle;
+pub use delivery::retry_delay;
+use stop::{drain, interrupt, InFlight};
+
+/// What every delivery handler shares.
+struct Context {
+    store: Store,
+    host: PluginHost,
+    config: Config,
+    worker_id: String,
+    /// This process's lease token (see `Store::worker_lease`).
+    token: i32,
+    queue: String,
+    claims: Batcher<(Uuid, bool), Claim>,
+    finishes: Batcher<(Finish, Recording), bool>,
+    /// Publishes fan-out children; one publisher (and channel) for the whole worker.
+    publisher: Mutex<Publisher>,
+    /// Runs this process has claimed and not yet recorded, with what is needed to record them
+    /// interrupted when the worker stops: their attempt and their delivery's acker.
+    in_flight: std::sync::Mutex<HashMap<Uuid, InFlight>>,
+    /// Results handed to the recorder and not yet committed; a stopping worker waits for them
+    /// before it records what it interrupts.
+    recording: Arc<AtomicUsize>,
+    /// Slots held by plugin calls that outlived their timeout and do not return.
+    hung: AtomicUsize,
+}
+
+/// How the worker stopped, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// A stop signal; running jobs finished (or were interrupted after the grace period).
+    Gracefully,
+    /// A second stop signal: running jobs were interrupted at once.
+    Forced,
+    /// Every slot was held by a plugin call that ignores its timeout: the worker could take no
+    /// more work, so it stopped (its runs recorded for their next attempt) to be restarted.
+    Stuck,
+}
+
+/// Worker settings from the command line.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub id: String,
+    pub slots: usize,
+    pub queue: String,
+}
+
+/// Consumes the queue until `shutdown`; reconnects to the broker (and the database) by itself.
+pub async fn run(
+    store: Store,
+    config: &Config,
+    options: WorkerOptions,
+    mut shutdown: Shutdown,
+) -> Result<Stopped, BrokerError> {
+    let host = PluginHost::new(config);
+    {
+        let host = host.clone();
+        let problems = tokio::task::spawn_blocking(move || host.check_all())
+            .await
+            .unwrap_or_default();
+        for problem in problems {
+            tracing::warn!("plugin problem: {problem}");
+        }
+    }
+    let lease = loop {
+        match store.worker_lease().await {
+            Ok(lease) => break lease,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take the worker lease; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.wait() => return Ok(Stopped::Gracefully),
+                }
+            }
+        }
+    };
+    let claims = {
+        let store = store.clone();
+        let worker = options.id.clone();
+        let token = lease.token;
+        let held = lease.held.clone();
+        Batcher::spawn(move |batch: Vec<(Uuid, bool)>| {
+            let store = store.clone();
+            let worker = worker.clone();
+            let mut held = held.clone();
+            async move {
+                // Fenced: while the lease is lost, a sweeper may hand this worker's runs to
+                // others, so nothing new is claimed until it is held again.
+                if held.wait_for(|held| *held).await.is_err() {
+                    return vec![Claim::Unavailable; batch.len()];
+                }
+                // One nonce per statement: a retry after a lost reply recognizes its own claims.
+                let nonce = Uuid::new_v4();
+                match until_ok("claiming runs", || {
+                    store.claim_runs(&worker, token, nonce, &batch)
+                })
+                .await
+                {
+                    Ok(claims) => claims,
+                    Err(e) if batch.len() == 1 => {
+                        tracing::error!(error = %e, "claiming a run failed");
+                        vec![Claim::Refused(e.to_string())]
+                    }
+                    Err(e) => {
+                        // One run's problem must not refuse the others: each on its own.
+                        tracing::error!(error = %e, runs = batch.len(), "claiming a batch failed; claiming its runs one by one");
+                        let mut answers = Vec::with_capacity(batch.len());
+                        for one in batch.chunks(1) {
+                            let nonce = Uuid::new_v4();
+                            let claimed = until_ok("claiming a run", || {
+                                store.claim_runs(&worker, token, nonce, one)
+                            })
+                            .await;
+                            answers.push(match claimed {
+                                Ok(mut claims) => claims.pop().unwrap_or(Claim::Unavailable),
+                                Err(e) => Claim::Refused(e.to_string()),
+                            });
+                        }
+                        answers
+                    }
+                }
+            }
+        })
+    };
+    let finishes = {
+        let store = store.clone();
+        Batcher::spawn(move |batch: Vec<(Finish, Recording)>| {
+            let store = store.clone();
+            async move {
+                // The guards go when the batch is committed, not before.
+                let (finishes, recording): (Vec<Finish>, Vec<Recording>) =
+                    batch.into_iter().unzip();
+                let answers = record_batch(&store, &finishes).await;
+                drop(recording);
+                answers
+            }
+        })
+    };
+    let context = Arc::new(Context {
+        store,
+        host,
+        config: config.clone(),
+        worker_id: options.id.clone(),
+        token: lease.token,
+        queue: options.queue.clone(),
+        claims,
+        finishes,
+        publisher: Mutex::new(Publisher::new(
+            config,
+            &format!("worker {} fan-out", options.id),
+        )),
+        in_flight: std::sync::Mutex::new(HashMap::new()),
+        recording: Arc::new(AtomicUsize::new(0)),
+        hung: AtomicUsize::new(0),
+    });
+    let slots = options.slots.max(1);
+    let semaphore = Arc::new(Semaphore::new(slots));
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let tag = format!("jobschleuder-{}-{}", options.id, std::process::id());
+    let mut backoff = Duration::from_millis(200);
+    let mut broker: Option<Broker> = None;
+
+    let stopped: Result<Stopped, BrokerError> = 'session: loop {
+        if shutdown.requested() {
+            break Ok(drain(&mut tasks, config.worker.grace_period, &mut shutdown).await);
+        }
+        let role = format!("worker {}", options.id);
+        let session = async {
+            let broker = Broker::connect(&config.rabbitmq, &role).await?;
+            let consumer = broker
+                .consume(
+                    &options.queue,
+                    u16::try_from(slots).unwrap_or(u16::MAX),
+                    &tag,
+                )
+                .await?;
+            Ok::<_, BrokerError>((broker, consumer))
+        };
+        // Jobs may be running meanwhile (the connection was lost under them): a stop signal
+        // while connecting gives them their grace period too.
+        let connected = tokio::select! {
+            connected = session => connected,
+            _ = shutdown.wait() => {
+                break 'session Ok(drain(&mut tasks, config.worker.grace_period, &mut shutdown).await);
+            }
+        };
+        let mut consumer = match connected {
+            Ok((connected, consumer)) => {
+                broker = Some(connected);
+                consumer
+            }
+            Err(e @ BrokerError::QueueMismatch { .. }) => {
+                // It cannot consume as configured; what runs finishes first.
+                match drain(&mut tasks, config.worker.grace_period, &mut shutdown).await {
+                    Stopped::Forced => break 'session Ok(Stopped::Forced),
+                    _ => break 'session Err(e),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot consume; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait() => {
+                        break 'session Ok(drain(&mut tasks, config.worker.grace_period, &mut shutdown).await);
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        tracing::info!(worker = %options.id, queue = %options.queue, slots, "worker consuming");
+        // A slot is taken before the next delivery is read, inside the select: a signal is
+        // seen even while every slot is busy.
+        let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let mut hung_check = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => {
+                    if let Some(broker) = &broker {
+                        if let Err(e) = broker.cancel(&tag).await {
+                            tracing::debug!(error = %e, "cancelling the consumer failed");
+                        }
+                    }
+                    break 'session Ok(drain(&mut tasks, config.worker.grace_period, &mut shutdown).await);
+                }
+                acquired = semaphore.clone().acquire_owned(), if permit.is_none() => {
+                    permit = Some(acquired.expect("the semaphore is never closed"));
+                }
+                next = consumer.next(), if permit.is_some() => match next {
+                    Some(Ok(delivery)) => {
+                        let permit = permit.take();
+                        let context = context.clone();
+                        tasks.spawn(async move {
+                            handle(&context, delivery).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        let text = e.to_string();
+                        if broker::is_consumer_timeout(&e) {
+                            // RabbitMQ closes a channel whose delivery stays unacknowledged longer
+                            // than its consumer_timeout (30 min by default). The running job goes
+                            // on and records its result; its re-delivered message is skipped.
+                            tracing::error!(error = %text, "a job ran longer than RabbitMQ's consumer_timeout, which closed the channel: raise consumer_timeout in rabbitmq.conf above the longest job (see README, Operations); reconnecting");
+                        } else {
+                            tracing::warn!(error = %text, "lost the broker connection; reconnecting (unacknowledged deliveries return to the queue)");
+                        }
+                        break;
+                    }
+                    None => {
+                        tracing::warn!("the broker ended the consumer; reconnecting");
+                        break;
+                    }
+                },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = hung_check.tick() => {
+                    let hung = context.hung.load(Ordering::SeqCst);
+                    if hung >= slots {
+                        tracing::error!(slots, "every slot is held by a plugin call that ignores its timeout: stopping so that the service manager restarts the worker (its runs are queued for their next attempt)");
+                        break 'session Ok(Stopped::Stuck);
+                    }
+                }
+            }
+        }
+    };
+    if !tasks.is_empty() {
+        interrupt(&context, &mut tasks).await;
+    }
+    // Let the last acknowledgements reach the broker before the channel closes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Everything this process ran is recorded: the lease may go. Deliveries that return to
+    // the queue with the channel are then taken over by the next worker at once.
+    drop(lease);
+    if let Some(broker) = broker {
+        broker.close().await;
+    }
+    context.publisher.lock().await.close().await;
+    tracing::info!(worker = %options.id, "worker stopped");
+    stopped
+}

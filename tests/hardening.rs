@@ -500,11 +500,15 @@ async fn orphans_are_fenced_by_claim_late_results_are_reported_and_crash_loops_e
 
 #[tokio::test]
 async fn schedulers_with_skewed_clocks_fire_each_slot_once_and_on_time() {
-    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
-    assert!(
-        std::path::Path::new(lib).exists(),
-        "this test needs libfaketime (apt-get install faketime)"
-    );
+    // Debian puts it under the machine's multiarch folder.
+    let lib = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("faketime/libfaketime.so.1"))
+        .find(|path| path.exists())
+        .expect("this test needs libfaketime (apt-get install faketime)");
+    let lib = lib.to_str().expect("a UTF-8 path");
     let cluster = Cluster::new(FAST).await;
     cluster.import("jobs:\n- id: tick\n  job: hello_world\n  schedule: '* * * * * *'\n");
     let skewed = |offset: &str| {

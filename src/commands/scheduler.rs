@@ -88,7 +88,13 @@ pub async fn run(config: &Config, args: &SchedulerArgs) -> Result<()> {
         if !wanted {
             continue;
         }
-        let rows = store.scheduled(due_only.then(Utc::now)).await?;
+        // "Due" by the database's clock, as the scheduler decides it.
+        let now = if due_only {
+            Some(store.now().await?)
+        } else {
+            None
+        };
+        let rows = store.scheduled(now).await?;
         if args.json {
             writeln!(stdout, "{}", output::json(&rows))?;
             continue;

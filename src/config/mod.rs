@@ -12,6 +12,10 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use serde::Deserialize;
 
+pub mod listener;
+
+pub use listener::ListenerConfig;
+
 /// Environment variables that override the file.
 pub const ENV_DATABASE_URL: &str = "JOBSCHLEUDER_DATABASE_URL";
 pub const ENV_DATABASE_PASSWORD: &str = "JOBSCHLEUDER_DATABASE_PASSWORD";
@@ -103,6 +107,8 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub worker: WorkerConfig,
     pub runs: RunsConfig,
+    /// The `listener:` section: its address, API token and hooks.
+    pub listener: ListenerConfig,
     /// Things worth one warning once logging is up (ignored sections of an original config).
     pub warnings: Vec<String>,
 }
@@ -261,6 +267,7 @@ impl Config {
             secrets.extend(url_secrets(url.expose()));
         }
         secrets.extend(secrets_in(&self.sot.values));
+        secrets.extend(self.listener.secret_values());
         secrets.sort();
         secrets.dedup();
         secrets
@@ -481,6 +488,7 @@ struct RawConfig {
     scheduler: Option<RawScheduler>,
     worker: Option<RawWorker>,
     runs: Option<RawRuns>,
+    listener: Option<listener::RawListener>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -956,6 +964,8 @@ fn build(
         },
     };
 
+    let listener = listener::build(raw.listener, &origin, &base_dir, env)?;
+
     Ok(Config {
         path,
         database,
@@ -968,6 +978,7 @@ fn build(
         scheduler,
         worker,
         runs,
+        listener,
         warnings,
     })
 }

@@ -1596,6 +1596,302 @@ impl Store {
     }
 }
 
+// ---- webhooks ----
+
+/// A key that makes a webhook's repeats or bursts one run: the hook's rendered key and how
+/// long it holds.
+#[derive(Debug, Clone)]
+pub struct WebhookKey {
+    pub key: String,
+    pub hold: Duration,
+}
+
+/// One run a webhook asks for; with a debounce key, a burst of such requests within the
+/// window shares one run, which starts when the window ends.
+#[derive(Debug, Clone)]
+pub struct WebhookRun {
+    pub run: NewRun,
+    pub debounce: Option<WebhookKey>,
+}
+
+/// What a webhook's runs came to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WebhookOutcome {
+    /// One id per run asked for (a debounced run's id is shared by its burst), or the ids
+    /// the first request with the same dedupe key got.
+    pub run_ids: Vec<Uuid>,
+    /// The dedupe key was seen before: nothing was created.
+    pub duplicate: bool,
+    /// Runs this request created, and the time they may be published (`None`: now).
+    pub created: Vec<(Uuid, Option<DateTime<Utc>>)>,
+}
+
+/// Database keys can be long templates' output (a whole payload): long ones are stored as
+/// their SHA-256.
+fn stored_key(key: &str) -> String {
+    use sha2::Digest;
+    if key.len() <= 200 {
+        key.to_string()
+    } else {
+        format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(key.as_bytes()))
+        )
+    }
+}
+
+/// Takes `key` of `hook` for `hold` if it is free or expired (returns `None`), else answers
+/// the run ids stored under it. Either way the key's row stays locked until the transaction
+/// ends, so that concurrent requests with one key are answered one after the other.
+async fn take_key(
+    tx: &mut PgConnection,
+    hook: &str,
+    kind: &str,
+    key: &WebhookKey,
+    run_ids: &[Uuid],
+) -> Result<Option<Vec<Uuid>>, StoreError> {
+    let key_text = stored_key(&key.key);
+    let taken: Option<Vec<Uuid>> = sqlx::query_scalar(
+        "INSERT INTO webhook_keys (hook, kind, key, run_ids, expires_at)
+         VALUES ($1, $2, $3, $4, now() + $5 * interval '1 second')
+         ON CONFLICT (hook, kind, key) DO UPDATE
+             SET run_ids = EXCLUDED.run_ids, created_at = now(), expires_at = EXCLUDED.expires_at
+             WHERE webhook_keys.expires_at <= now()
+         RETURNING run_ids",
+    )
+    .bind(hook)
+    .bind(kind)
+    .bind(&key_text)
+    .bind(run_ids)
+    .bind(key.hold.as_secs_f64())
+    .fetch_optional(&mut *tx)
+    .await
+    .context("taking a webhook key")?;
+    if taken.is_some() {
+        return Ok(None);
+    }
+    // A live key: ON CONFLICT locked its row, so this reads the final run ids.
+    let held: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT run_ids FROM webhook_keys WHERE hook = $1 AND kind = $2 AND key = $3",
+    )
+    .bind(hook)
+    .bind(kind)
+    .bind(&key_text)
+    .fetch_one(&mut *tx)
+    .await
+    .context("reading a webhook key")?;
+    Ok(Some(held))
+}
+
+impl Store {
+    /// Creates a webhook's runs in one transaction (rows first: publishing follows). With a
+    /// dedupe key seen within its hold, creates nothing and answers the first request's runs;
+    /// a debounced run whose key is live is shared (and takes this request's arguments while
+    /// it waits), else it is created to start when its window ends.
+    pub async fn create_webhook_runs(
+        &self,
+        hook: &str,
+        dedupe: Option<&WebhookKey>,
+        runs: &[WebhookRun],
+    ) -> Result<WebhookOutcome, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("starting a webhook's runs")?;
+        if let Some(key) = dedupe {
+            if let Some(run_ids) = take_key(&mut tx, hook, "dedupe", key, &[]).await? {
+                tx.commit().await.context("committing a webhook's runs")?;
+                return Ok(WebhookOutcome {
+                    run_ids,
+                    duplicate: true,
+                    created: Vec::new(),
+                });
+            }
+        }
+        let mut outcome = WebhookOutcome::default();
+        let mut columns = RunColumns::default();
+        let mut delayed: Vec<(Uuid, f64)> = Vec::new();
+        for wanted in runs {
+            let id = wanted.run.id.unwrap_or_else(Uuid::new_v4);
+            if let Some(key) = &wanted.debounce {
+                if let Some(held) = take_key(&mut tx, hook, "debounce", key, &[id]).await? {
+                    let shared = held.first().copied().unwrap_or(id);
+                    sqlx::query(
+                        "UPDATE job_runs SET arguments = $2::jsonb
+                         WHERE id = $1 AND status = 'queued' AND published_at IS NULL",
+                    )
+                    .bind(shared)
+                    .bind(jsonb_text(&wanted.run.arguments))
+                    .execute(&mut *tx)
+                    .await
+                    .context("updating a debounced run")?;
+                    outcome.run_ids.push(shared);
+                    continue;
+                }
+                delayed.push((id, key.hold.as_secs_f64()));
+            }
+            let mut run = wanted.run.clone();
+            run.id = Some(id);
+            columns.push(&run, None);
+            outcome.run_ids.push(id);
+        }
+        if !columns.ids.is_empty() {
+            let created: HashSet<Uuid> = columns
+                .insert(&mut tx)
+                .await?
+                .into_iter()
+                .map(|run| run.id)
+                .collect();
+            let (ids, delays): (Vec<Uuid>, Vec<f64>) = delayed.iter().copied().unzip();
+            let due: HashMap<Uuid, DateTime<Utc>> = sqlx::query_as(
+                "UPDATE job_runs r SET not_before = now() + u.delay * interval '1 second'
+                 FROM UNNEST($1::uuid[], $2::float8[]) AS u(id, delay)
+                 WHERE r.id = u.id
+                 RETURNING r.id, r.not_before",
+            )
+            .bind(&ids)
+            .bind(&delays)
+            .fetch_all(&mut *tx)
+            .await
+            .context("delaying debounced runs")?
+            .into_iter()
+            .collect();
+            outcome.created = columns
+                .ids
+                .iter()
+                .filter(|id| created.contains(id))
+                .map(|id| (*id, due.get(id).copied()))
+                .collect();
+            notify_on(&mut tx, "run").await?;
+        }
+        if let Some(key) = dedupe {
+            sqlx::query(
+                "UPDATE webhook_keys SET run_ids = $4 WHERE hook = $1 AND kind = $2 AND key = $3",
+            )
+            .bind(hook)
+            .bind("dedupe")
+            .bind(stored_key(&key.key))
+            .bind(&outcome.run_ids)
+            .execute(&mut *tx)
+            .await
+            .context("storing a webhook's dedupe key")?;
+        }
+        tx.commit().await.context("committing a webhook's runs")?;
+        Ok(outcome)
+    }
+
+    /// Deletes up to `chunk` webhook keys that expired; returns how many went.
+    pub async fn expire_webhook_keys(&self, chunk: u32) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "DELETE FROM webhook_keys WHERE ctid IN (
+                SELECT ctid FROM webhook_keys WHERE expires_at < now() LIMIT $1)",
+        )
+        .bind(i64::from(chunk))
+        .execute(&self.pool)
+        .await
+        .context("deleting expired webhook keys")?
+        .rows_affected())
+    }
+
+    /// The runs with these ids (those that exist), in no particular order.
+    pub async fn runs_by_id(&self, ids: &[Uuid]) -> Result<Vec<RunRow>, StoreError> {
+        sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM job_runs WHERE id = ANY($1)"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .context("reading runs")
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .context("asking the database")?;
+        Ok(())
+    }
+
+    // ---- metrics: each reads an index range, never the whole history ----
+
+    /// Runs created in (`after`, `until`], counted by trigger.
+    pub async fn runs_created_between(
+        &self,
+        after: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        sqlx::query_as(
+            "SELECT trigger, count(*) FROM job_runs
+             WHERE created_at > $1 AND created_at <= $2 GROUP BY trigger",
+        )
+        .bind(after)
+        .bind(until)
+        .fetch_all(&self.pool)
+        .await
+        .context("counting created runs")
+    }
+
+    /// Runs that finished in (`after`, `until`], oldest first, at most `limit`.
+    pub async fn runs_finished_between(
+        &self,
+        after: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<FinishedRun>, StoreError> {
+        sqlx::query_as(
+            "SELECT job_name, status, finished_at,
+                    EXTRACT(EPOCH FROM finished_at - started_at)::float8 AS duration,
+                    EXTRACT(EPOCH FROM published_at - COALESCE(scheduled_for, not_before, created_at))::float8 AS lag
+             FROM job_runs
+             WHERE finished_at > $1 AND finished_at <= $2
+             ORDER BY finished_at
+             LIMIT $3",
+        )
+        .bind(after)
+        .bind(until)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .context("reading finished runs")
+    }
+
+    /// How long the oldest run whose time has come has been waiting, queued (not yet
+    /// published, or published and not yet claimed), in seconds; `None`: none waits.
+    pub async fn oldest_queued_age(&self) -> Result<Option<f64>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM now() - LEAST(
+                 (SELECT min(COALESCE(not_before, created_at)) FROM job_runs
+                  WHERE status = 'queued' AND published_at IS NULL
+                    AND (not_before IS NULL OR not_before <= now())),
+                 (SELECT min(COALESCE(not_before, created_at)) FROM job_runs
+                  WHERE status = 'queued' AND published_at IS NOT NULL)))::float8",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .context("finding the oldest queued run")
+    }
+
+    /// The queues jobs name besides the default one.
+    pub async fn job_queues(&self) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar("SELECT DISTINCT queue FROM jobs WHERE queue IS NOT NULL ORDER BY queue")
+            .fetch_all(&self.pool)
+            .await
+            .context("reading the jobs' queues")
+    }
+}
+
+/// A finished run, for metrics: its duration and how late it was published (seconds).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct FinishedRun {
+    pub job_name: String,
+    pub status: String,
+    pub finished_at: DateTime<Utc>,
+    pub duration: Option<f64>,
+    pub lag: Option<f64>,
+}
+
 /// What the scheduler's sleep depends on, all read in one statement: the earliest next run;
 /// the earliest time a queued run becomes publishable (now, for runs waiting to be
 /// published); when the oldest published, still unclaimed run was published; whether any run

@@ -153,7 +153,11 @@ pub struct WorkerArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct ListenerArgs {}
+pub struct ListenerArgs {
+    /// The address and port to listen on (default: listener.bind, else 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDR")]
+    pub bind: Option<std::net::SocketAddr>,
+}
 
 #[derive(Debug, Args)]
 pub struct RunsArgs {

@@ -18,10 +18,6 @@ pub enum Error {
     /// The command line asks for something that cannot be done as asked.
     #[error("{0}")]
     Usage(String),
-    #[error(
-        "`{0}` is not implemented yet in this version of jobschleuder (see README.md, \"Status\")"
-    )]
-    NotImplemented(&'static str),
     #[error("{0}")]
     Runtime(String),
     /// Stopped at once by a second stop signal (after recording what it could).

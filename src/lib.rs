@@ -18,6 +18,7 @@
 //! - [`broker`]: RabbitMQ: queues, publishing with confirms, consuming, the message format.
 //! - [`scheduler`]: due schedule rows become runs; queued runs are published (the outbox).
 //! - [`worker`]: deliveries become plugin calls; results are recorded, then acknowledged.
+//! - [`listener`]: webhooks become runs; the JSON API, `/healthz` and `/metrics`.
 //! - [`shutdown`]: SIGTERM/SIGINT handling: a graceful stop, then an immediate one.
 //! - [`process`]: the processes a worker started, killed when it stops.
 //! - [`output`]: tables and JSON for `--show-*`.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod cron;
 pub mod error;
 pub mod jobfile;
+pub mod listener;
 pub mod logging;
 pub mod output;
 pub mod plugin;

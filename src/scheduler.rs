@@ -171,6 +171,16 @@ impl Publisher {
         result
     }
 
+    /// Declares `queue` (once per connection), as publishing to it would.
+    pub async fn declare(&mut self, queue: &str) -> Result<(), BrokerError> {
+        let broker = self.broker().await?;
+        let result = broker.declare(queue).await;
+        if result.is_err() && !broker.is_connected() {
+            self.failed();
+        }
+        result
+    }
+
     pub async fn close(&mut self) {
         if let Some(broker) = self.broker.take() {
             broker.close().await;

@@ -2,11 +2,19 @@
 
 use crate::util::*;
 
-#[tokio::test]
-async fn subcommands_not_built_yet_say_so() {
+#[test]
+fn a_hook_without_authentication_stops_the_listener_naming_it() {
     let ws = Workspace::new();
-    let err = failure(run(ws.command().arg("listener")), 1);
-    assert!(err.contains("not implemented yet"), "{err}");
+    let config = ws.write(
+        "listener.yaml",
+        "listener:\n  hooks:\n    open-door:\n      job: backup\n",
+    );
+    let err = failure(
+        run(ws.command().arg("--config").arg(&config).arg("listener")),
+        1,
+    );
+    assert!(err.contains("listener.hooks.open-door"), "{err}");
+    assert!(err.contains("does not authenticate its sender"), "{err}");
 }
 
 #[test]

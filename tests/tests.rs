@@ -7,6 +7,7 @@ mod calendar;
 mod cli;
 mod docs;
 mod hardening;
+mod listener;
 mod plugins;
 mod python;
 mod registry;

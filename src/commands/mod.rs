@@ -1,5 +1,6 @@
 //! One module per subcommand; this file only dispatches.
 
+pub mod listener;
 pub mod registry;
 pub mod runs;
 pub mod scheduler;
@@ -7,14 +8,14 @@ pub mod worker;
 
 use crate::cli::Command;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 pub async fn dispatch(config: &Config, command: &Command) -> Result<()> {
     match command {
         Command::Registry(args) => registry::run(config, args).await,
         Command::Scheduler(args) => scheduler::run(config, args).await,
         Command::Worker(args) => worker::run(config, args).await,
-        Command::Listener(_) => Err(Error::NotImplemented("listener")),
+        Command::Listener(args) => listener::run(config, args).await,
         Command::Runs(args) => runs::run(config, args).await,
     }
 }

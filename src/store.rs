@@ -1710,31 +1710,71 @@ impl Store {
             }
         }
         let mut outcome = WebhookOutcome::default();
-        let mut columns = RunColumns::default();
         let mut delayed: Vec<(Uuid, f64)> = Vec::new();
-        for wanted in runs {
+        // Runs this request creates, and the debounce keys it took (a fan-out may name one
+        // key twice: its runs are one run, with the later arguments).
+        let mut fresh: Vec<NewRun> = Vec::new();
+        let mut taken: HashMap<&str, usize> = HashMap::new();
+        let mut ids: Vec<Option<Uuid>> = vec![None; runs.len()];
+        // Keys are taken in their order, not the payload's: two requests naming the same
+        // devices in another order wait for each other instead of deadlocking.
+        let mut order: Vec<usize> = (0..runs.len()).collect();
+        order.sort_by(|a, b| {
+            let key = |i: &usize| runs[*i].debounce.as_ref().map(|k| k.key.as_str());
+            key(a).cmp(&key(b))
+        });
+        for index in order {
+            let wanted = &runs[index];
             let id = wanted.run.id.unwrap_or_else(Uuid::new_v4);
             if let Some(key) = &wanted.debounce {
-                if let Some(held) = take_key(&mut tx, hook, "debounce", key, &[id]).await? {
-                    let shared = held.first().copied().unwrap_or(id);
-                    sqlx::query(
-                        "UPDATE job_runs SET arguments = $2::jsonb
-                         WHERE id = $1 AND status = 'queued' AND published_at IS NULL",
-                    )
-                    .bind(shared)
-                    .bind(jsonb_text(&wanted.run.arguments))
-                    .execute(&mut *tx)
-                    .await
-                    .context("updating a debounced run")?;
-                    outcome.run_ids.push(shared);
+                if let Some(&mine) = taken.get(key.key.as_str()) {
+                    fresh[mine].arguments = wanted.run.arguments.clone();
+                    ids[index] = fresh[mine].id;
                     continue;
                 }
+                if let Some(held) = take_key(&mut tx, hook, "debounce", key, &[id]).await? {
+                    let shared: Option<Uuid> = sqlx::query_scalar(
+                        "UPDATE job_runs SET arguments = $2::jsonb
+                         WHERE id = $1 AND status = 'queued' AND published_at IS NULL
+                         RETURNING id",
+                    )
+                    .bind(held.first().copied().unwrap_or(id))
+                    .bind(jsonb_text(&wanted.run.arguments))
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .context("updating a debounced run")?;
+                    if let Some(shared) = shared {
+                        ids[index] = Some(shared);
+                        continue;
+                    }
+                    // The window's run went out as this request came (its window ended while
+                    // this transaction began): this request opens the next window.
+                    sqlx::query(
+                        "UPDATE webhook_keys
+                         SET run_ids = $4, created_at = now(), expires_at = now() + $5 * interval '1 second'
+                         WHERE hook = $1 AND kind = $2 AND key = $3",
+                    )
+                    .bind(hook)
+                    .bind("debounce")
+                    .bind(stored_key(&key.key))
+                    .bind([id])
+                    .bind(key.hold.as_secs_f64())
+                    .execute(&mut *tx)
+                    .await
+                    .context("opening a debounce window")?;
+                }
                 delayed.push((id, key.hold.as_secs_f64()));
+                taken.insert(key.key.as_str(), fresh.len());
             }
             let mut run = wanted.run.clone();
             run.id = Some(id);
-            columns.push(&run, None);
-            outcome.run_ids.push(id);
+            fresh.push(run);
+            ids[index] = Some(id);
+        }
+        outcome.run_ids = ids.into_iter().flatten().collect();
+        let mut columns = RunColumns::default();
+        for run in &fresh {
+            columns.push(run, None);
         }
         if !columns.ids.is_empty() {
             let created: HashSet<Uuid> = columns
@@ -1843,7 +1883,7 @@ impl Store {
         sqlx::query_as(
             "SELECT job_name, status, finished_at,
                     EXTRACT(EPOCH FROM finished_at - started_at)::float8 AS duration,
-                    EXTRACT(EPOCH FROM published_at - COALESCE(scheduled_for, not_before, created_at))::float8 AS lag
+                    EXTRACT(EPOCH FROM published_at - COALESCE(not_before, scheduled_for, created_at))::float8 AS lag
              FROM job_runs
              WHERE finished_at > $1 AND finished_at <= $2
              ORDER BY finished_at

@@ -1304,3 +1304,85 @@ async fn sigterm_lets_requests_in_flight_finish_and_exits_zero() {
         .expect("the listener stops");
     assert_eq!(exit.code(), Some(0), "{}", listener.log_text());
 }
+
+#[tokio::test]
+async fn a_request_after_its_windows_run_went_out_opens_a_new_window() {
+    let web = Web::new(
+        "  hooks:
+    nautobot:
+      job: backup
+      secret: s3cret
+      debounce: 1h
+      debounce_key: \"{{ data.name }}\"
+      arguments:
+        event: \"{{ event }}\"
+",
+    )
+    .await;
+    let (_, first) = web
+        .nautobot("nautobot", "", &nautobot_payload("sw1", "created"))
+        .await;
+    // The window's run is published while its key still reads as live (a request whose
+    // transaction began just before the window ended).
+    sqlx::query("UPDATE job_runs SET published_at = now()")
+        .execute(&web.cluster.pool)
+        .await
+        .unwrap();
+    let (status, second) = web
+        .nautobot("nautobot", "", &nautobot_payload("sw1", "updated"))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{second}");
+    assert_ne!(
+        run_ids(&second),
+        run_ids(&first),
+        "a run already sent cannot take new arguments"
+    );
+    let events: Vec<String> =
+        sqlx::query_scalar("SELECT arguments->>'event' FROM job_runs ORDER BY created_at")
+            .fetch_all(&web.cluster.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        events,
+        ["created", "updated"],
+        "no request's arguments are lost"
+    );
+    // The next request of the new window joins the new run.
+    let (_, third) = web
+        .nautobot("nautobot", "", &nautobot_payload("sw1", "deleted"))
+        .await;
+    assert_eq!(run_ids(&third), run_ids(&second));
+}
+
+#[tokio::test]
+async fn templates_cannot_copy_credentials_into_arguments() {
+    let web = Web::new(
+        "  hooks:
+    tokened:
+      job: backup
+      token: t0k3n
+      arguments:
+        copied: \"{{ headers.authorization }}\"
+    signed:
+      job: backup
+      secret: s3cret
+      arguments:
+        copied: \"{{ headers.x-hook-signature }}\"
+",
+    )
+    .await;
+    let body = serde_json::to_vec(&json!({"data": {}})).unwrap();
+    let (status, _, answer) = web
+        .send(
+            Request::post("/hooks/tokened")
+                .header("content-type", "application/json")
+                .header("authorization", "Bearer t0k3n")
+                .body(Body::from(body.clone()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    let (status, answer) = web.nautobot("signed", "", &json!({"data": {}})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(web.runs().await, 0);
+}

@@ -118,7 +118,7 @@ pub async fn run_job(
             }],
         )
         .await
-        .map_err(|e| Refusal::database(&e))?;
+        .map_err(|e| Refusal::writing(&e))?;
     let created: Vec<Uuid> = outcome.created.iter().map(|(id, _)| *id).collect();
     state.publish_later(created, tokio::time::Instant::now());
     let id = outcome.run_ids[0];
@@ -137,7 +137,7 @@ pub async fn run_job(
         StatusCode::ACCEPTED
     };
     if let Some(wait) = wait {
-        if wait_for(&state, &outcome.run_ids, wait, &mut body).await? {
+        if wait_for(&state, &outcome.run_ids, wait, &mut body).await {
             status = StatusCode::OK;
         }
     }

@@ -149,7 +149,7 @@ async fn handle(
     tracing::debug!(hook = %name, payload = %payload, "webhook payload");
 
     let wait = wait_param(query)?;
-    let header_values = headers_value(headers);
+    let header_values = headers_value(headers, hook);
     let query_value = query_value(query);
     let view = View {
         body: &payload,
@@ -272,7 +272,7 @@ async fn handle(
         .store
         .create_webhook_runs(name, dedupe.as_ref(), &runs)
         .await
-        .map_err(|e| Refusal::database(&e))?;
+        .map_err(|e| Refusal::writing(&e))?;
     let now: Vec<Uuid> = outcome
         .created
         .iter()
@@ -305,7 +305,7 @@ async fn handle(
         StatusCode::ACCEPTED
     };
     if let Some(wait) = wait {
-        if wait_for(state, &outcome.run_ids, wait, &mut body).await? {
+        if wait_for(state, &outcome.run_ids, wait, &mut body).await {
             status = StatusCode::OK;
         }
     }
@@ -402,10 +402,22 @@ fn dry_run(hook: &Hook, runs: &[WebhookRun], dedupe: Option<&WebhookKey>) -> Val
     })
 }
 
-/// Request headers for templates: lower-case names; repeated headers joined by ", ".
-fn headers_value(headers: &HeaderMap) -> Value {
+/// Request headers for templates: lower-case names; repeated headers joined by ", ". Headers
+/// that carry credentials (and the hook's signature) are left out, so that no template can
+/// copy them into a run's arguments.
+fn headers_value(headers: &HeaderMap, hook: &Hook) -> Value {
     let mut map = Map::new();
     for (name, value) in headers {
+        let hidden = matches!(
+            name.as_str(),
+            "authorization" | "proxy-authorization" | "cookie"
+        ) || hook
+            .signature
+            .as_ref()
+            .is_some_and(|s| s.header == name.as_str());
+        if hidden {
+            continue;
+        }
         let Ok(value) = value.to_str() else { continue };
         match map.get_mut(name.as_str()) {
             Some(Value::String(existing)) => {
@@ -452,22 +464,22 @@ pub fn wait_param(query: Option<&str>) -> Result<Option<Duration>, Refusal> {
 }
 
 /// Waits until every run finished, `wait` passed, or the listener stops; adds the runs'
-/// states to `body`. Returns whether all finished.
-pub async fn wait_for(
-    state: &State,
-    ids: &[Uuid],
-    wait: Duration,
-    body: &mut Value,
-) -> Result<bool, Refusal> {
+/// states to `body`. Returns whether all finished. The runs exist already: a database that
+/// fails meanwhile ends the wait (the answer says so), never refuses the request.
+pub async fn wait_for(state: &State, ids: &[Uuid], wait: Duration, body: &mut Value) -> bool {
     let deadline = tokio::time::Instant::now() + wait;
     let mut pause = Duration::from_millis(50);
     let mut shutdown = state.shutdown.clone();
     loop {
-        let runs = state
-            .store
-            .runs_by_id(ids)
-            .await
-            .map_err(|e| Refusal::database(&e))?;
+        let runs = match state.store.runs_by_id(ids).await {
+            Ok(runs) => runs,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the runs a request waits for");
+                body["finished"] = json!(false);
+                body["note"] = json!("the database did not answer while waiting; the runs were created (see status_url)");
+                return false;
+            }
+        };
         let done = runs.len() == ids.len()
             && runs
                 .iter()
@@ -493,7 +505,7 @@ pub async fn wait_for(
             }
             body["runs"] = Value::Array(states);
             body["finished"] = json!(done);
-            return Ok(done);
+            return done;
         }
         tokio::select! {
             _ = tokio::time::sleep(pause.min(deadline - now)) => {}

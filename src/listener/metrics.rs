@@ -13,9 +13,10 @@ use prometheus::{
 
 use crate::store::{Store, StoreError};
 
-/// Runs finishing after the collector's last look but committed later than this are still
-/// counted: the collector stays this far behind the database's clock.
-const SETTLE: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
+/// The collector stays this far behind the database's clock, so that a run is counted once its
+/// transaction committed: `created_at` and `finished_at` are the time a transaction began, and
+/// one that commits more than this later is missed (the counters are a view, not the record).
+const SETTLE: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 /// Finished runs read per query; a busier interval is read in several.
 const FINISHED_CHUNK: u32 = 10_000;
 

@@ -268,6 +268,23 @@ impl Refusal {
     }
 }
 
+impl Refusal {
+    /// Writing the runs failed: whether their transaction committed is not known (a lost
+    /// reply to the commit), so the answer does not claim that nothing was created.
+    pub fn writing(error: &crate::store::StoreError) -> Refusal {
+        tracing::error!(error = %error, "writing runs failed");
+        Refusal::new(
+            if error.is_transient() {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            },
+            "the database failed while the runs were written: they may exist (see GET /api/runs); \
+             a repeat with the same dedupe key creates nothing new",
+        )
+    }
+}
+
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(json!({ "error": self.error }))).into_response();
@@ -385,7 +402,24 @@ async fn publishing(state: Arc<State>, mut receiver: mpsc::UnboundedReceiver<Pen
                 None => return,
             },
             _ = sleep_until(next) => {}
-            _ = shutdown.wait() => return,
+            _ = shutdown.wait() => {
+                // What requests created up to now goes out once more before the process ends;
+                // anything left (a debounce window still open) is a scheduler's to publish.
+                while let Ok(pending) = receiver.try_recv() {
+                    waiting.push(pending);
+                }
+                let now = tokio::time::Instant::now();
+                let ids: Vec<Uuid> = waiting
+                    .iter()
+                    .filter(|p| p.at <= now)
+                    .flat_map(|p| p.ids.iter().copied())
+                    .collect();
+                if !ids.is_empty() {
+                    let mut publisher = state.publisher.lock().await;
+                    let _ = sched::publish_queued(&state.store, &mut publisher, &state.default_queue, Some(&ids)).await;
+                }
+                return;
+            }
         }
         while let Ok(pending) = receiver.try_recv() {
             waiting.push(pending);
@@ -481,6 +515,8 @@ pub async fn serve(
     bind: SocketAddr,
     shutdown: Shutdown,
 ) -> Result<()> {
+    // Before anything else: until a handler is installed, SIGHUP would end the process.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let state = start(config, store, shutdown.clone()).await;
     for hook in state.hooks().config.hooks.values() {
         match state.store.find_job(&hook.job).await {
@@ -496,7 +532,12 @@ pub async fn serve(
         .map_err(|e| Error::Runtime(format!("listener: cannot listen on {bind}: {e}")))?;
     let address = listener.local_addr().unwrap_or(bind);
     tracing::info!(address = %address, hooks = state.hooks().config.hooks.len(), "listener ready");
-    tokio::spawn(reloading(state.clone()));
+    match hangups {
+        Ok(hangups) => {
+            tokio::spawn(reloading(state.clone(), hangups));
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot watch SIGHUP: reloading is off"),
+    }
     let mut stop = shutdown.clone();
     axum::serve(
         listener,
@@ -510,12 +551,7 @@ pub async fn serve(
 }
 
 /// Reloads the hooks on SIGHUP; a configuration that does not load keeps the hooks in force.
-async fn reloading(state: Arc<State>) {
-    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
-        tracing::warn!("cannot watch SIGHUP: reloading is off");
-        return;
-    };
+async fn reloading(state: Arc<State>, mut hangups: tokio::signal::unix::Signal) {
     let mut shutdown = state.shutdown.clone();
     loop {
         tokio::select! {

@@ -517,6 +517,20 @@ async fn burst(scratch: &Scratch, report: &mut Report) -> Result<(), Error> {
         .await?;
     report.add("burst_scheduled_to_started_p50", p50, "ms");
     report.add("burst_scheduled_to_started_p99", p99, "ms");
+    let (p50, p99, _) = scratch
+        .percentiles(
+            "SELECT EXTRACT(EPOCH FROM published_at - scheduled_for)::float8 FROM job_runs WHERE scheduled_for IS NOT NULL",
+        )
+        .await?;
+    report.add("burst_scheduled_to_published_p50", p50, "ms");
+    report.add("burst_scheduled_to_published_p99", p99, "ms");
+    let (p50, p99, _) = scratch
+        .percentiles(
+            "SELECT EXTRACT(EPOCH FROM created_at - scheduled_for)::float8 FROM job_runs WHERE scheduled_for IS NOT NULL",
+        )
+        .await?;
+    report.add("burst_scheduled_to_created_p50", p50, "ms");
+    report.add("burst_scheduled_to_created_p99", p99, "ms");
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! The job file (the original's YAML format): parsing and complete validation, so that a bad file
 //! is reported whole — every problem, each naming the job — before anything touches the database.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -151,7 +151,42 @@ pub fn load(
 }
 
 /// Validates job file text; `path` is used in messages only.
+///
+/// A valid file is read straight into its jobs (no tree of the whole document in memory);
+/// only a file with problems is read again as a tree, to report every problem of every job
+/// with its place.
 pub fn parse(
+    path: &Path,
+    text: &str,
+    known: Option<&KnownPlugins<'_>>,
+) -> Result<Vec<JobDefinition>, JobFileError> {
+    if let Some(jobs) = parse_valid(text, known) {
+        return Ok(jobs);
+    }
+    parse_reporting(path, text, known)
+}
+
+/// The jobs of a file without a single problem; `None` at the first one.
+fn parse_valid(text: &str, known: Option<&KnownPlugins<'_>>) -> Option<Vec<JobDefinition>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct TypedFile {
+        jobs: Vec<RawJob>,
+    }
+    let file: TypedFile = serde_yaml::from_str(text).ok()?;
+    let mut seen: HashSet<String> = HashSet::with_capacity(file.jobs.len());
+    let mut jobs = Vec::with_capacity(file.jobs.len());
+    for raw in file.jobs {
+        let job = validate(raw, known).ok()?;
+        if !seen.insert(job.name.clone()) {
+            return None;
+        }
+        jobs.push(job);
+    }
+    Some(jobs)
+}
+
+fn parse_reporting(
     path: &Path,
     text: &str,
     known: Option<&KnownPlugins<'_>>,

@@ -362,6 +362,7 @@ async fn throughput(bench: &Bench, scratch: &Scratch, report: &mut Report) -> Re
         scratch.store.insert_runs(&batch).await?;
         publish_queued(&scratch.store, &mut publisher, &scratch.name, None).await?;
     }
+    let published = started.elapsed();
     scratch
         .wait_count(
             "SELECT count(*) FROM job_runs WHERE status = 'succeeded'",
@@ -370,6 +371,11 @@ async fn throughput(bench: &Bench, scratch: &Scratch, report: &mut Report) -> Re
         )
         .await?;
     let ours = runs as f64 / started.elapsed().as_secs_f64();
+    report.add(
+        "throughput_published_runs",
+        runs as f64 / published.as_secs_f64(),
+        "runs/s",
+    );
     stop.stop();
     for task in tasks {
         let _ = task.await;

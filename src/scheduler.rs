@@ -229,6 +229,16 @@ pub async fn create_due_runs(
     config: &Config,
     at: Option<DateTime<Utc>>,
 ) -> Result<PassSummary, StoreError> {
+    create_due_runs_telling(store, config, at, None).await
+}
+
+/// [`create_due_runs`], telling `committed` after each batch of runs is committed.
+async fn create_due_runs_telling(
+    store: &Store,
+    config: &Config,
+    at: Option<DateTime<Utc>>,
+    committed: Option<&tokio::sync::Notify>,
+) -> Result<PassSummary, StoreError> {
     let mut summary = PassSummary::default();
     let default_tz = config.timezone;
     // One "now" for the whole pass: a pass catching up slot by slot ends with the slots due
@@ -269,11 +279,49 @@ pub async fn create_due_runs(
             tracing::info!(run = %run.id, job = %run.job_name, scheduled_for = %run.scheduled_for.map(|t| t.to_rfc3339()).unwrap_or_default(), "run queued");
         }
         summary.runs_created += created.len();
+        if let (Some(committed), false) = (committed, created.is_empty()) {
+            committed.notify_one();
+        }
         if handled < config.scheduler.batch_size as usize && !again.get() {
             break;
         }
     }
     Ok(summary)
+}
+
+/// Steps 2 and 3 of a pass, overlapped: each batch of due runs is published while the next is
+/// created (a pass of many due entries then takes about as long as creating them). Publishing
+/// is skipped when `publish` is false (the broker is backing off); it stops at its first error,
+/// and creation goes on. What is not published now stays in the outbox for the next pass.
+pub async fn create_and_publish(
+    store: &Store,
+    config: &Config,
+    publisher: &mut Publisher,
+    publish: bool,
+) -> (Result<PassSummary, StoreError>, Result<usize, PassError>) {
+    let committed = tokio::sync::Notify::new();
+    let created = std::cell::Cell::new(false);
+    let creating = async {
+        let result = create_due_runs_telling(store, config, None, Some(&committed)).await;
+        created.set(true);
+        committed.notify_one();
+        result
+    };
+    let publishing = async {
+        let mut total = 0;
+        if !publish {
+            return Ok(total);
+        }
+        loop {
+            let last = created.get();
+            total += publish_queued(store, publisher, &config.rabbitmq.queue, None).await?;
+            if last {
+                return Ok(total);
+            }
+            committed.notified().await;
+        }
+    };
+    tokio::join!(creating, publishing)
 }
 
 /// Step 3 of a pass: publish every queued run whose time has come (only those in `only`, when
@@ -506,7 +554,12 @@ pub async fn run(
             let mut db_failed = false;
             let mut published = 0;
             let mut pass_now = None;
-            match create_due_runs(store, config, None).await {
+            let broker_ready = publisher
+                .retry_at()
+                .is_none_or(|at| at <= tokio::time::Instant::now());
+            let (created, publishing) =
+                create_and_publish(store, config, &mut publisher, broker_ready).await;
+            match created {
                 Ok(summary) => {
                     total.newly_scheduled += summary.newly_scheduled;
                     total.runs_created += summary.runs_created;
@@ -520,11 +573,8 @@ pub async fn run(
                     }
                 }
             }
-            let broker_ready = publisher
-                .retry_at()
-                .is_none_or(|at| at <= tokio::time::Instant::now());
-            if broker_ready && !db_failed {
-                match publish_queued(store, &mut publisher, &config.rabbitmq.queue, None).await {
+            if broker_ready {
+                match publishing {
                     Ok(count) => published = count,
                     Err(e) => {
                         tracing::warn!(error = %e, "publishing queued runs failed; they stay queued and are published later");

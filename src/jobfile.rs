@@ -175,9 +175,10 @@ fn parse_valid(text: &str, known: Option<&KnownPlugins<'_>>) -> Option<Vec<JobDe
     }
     let file: TypedFile = serde_yaml::from_str(text).ok()?;
     let mut seen: HashSet<String> = HashSet::with_capacity(file.jobs.len());
+    let mut schedules = Schedules::default();
     let mut jobs = Vec::with_capacity(file.jobs.len());
     for raw in file.jobs {
-        let job = validate(raw, known).ok()?;
+        let job = validate(raw, known, &mut schedules).ok()?;
         if !seen.insert(job.name.clone()) {
             return None;
         }
@@ -227,6 +228,7 @@ fn parse_reporting(
     };
 
     let mut problems = Vec::new();
+    let mut schedules = Schedules::default();
     let mut jobs = Vec::with_capacity(items.len());
     let mut seen: HashMap<String, usize> = HashMap::with_capacity(items.len());
     let lines = IdLines::new(text);
@@ -273,7 +275,7 @@ fn parse_reporting(
             },
             None => false,
         };
-        match validate(raw, known) {
+        match validate(raw, known, &mut schedules) {
             Ok(job) if !duplicate => jobs.push(job),
             Ok(_) => {}
             Err(messages) => messages.into_iter().for_each(&mut problem),
@@ -286,7 +288,14 @@ fn parse_reporting(
     }
 }
 
-fn validate(raw: RawJob, known: Option<&KnownPlugins<'_>>) -> Result<JobDefinition, Vec<String>> {
+/// Cron expressions parsed so far in a file: jobs often share a schedule.
+type Schedules = HashMap<String, Result<CronSchedule, String>>;
+
+fn validate(
+    raw: RawJob,
+    known: Option<&KnownPlugins<'_>>,
+    schedules: &mut Schedules,
+) -> Result<JobDefinition, Vec<String>> {
     let mut errors = Vec::new();
     let name = match raw.id.as_ref().map(|v| (v, scalar_string(v))) {
         None => {
@@ -350,8 +359,11 @@ fn validate(raw: RawJob, known: Option<&KnownPlugins<'_>>) -> Result<JobDefiniti
             ));
             None
         }
-        Some(expr) => match CronSchedule::parse(expr) {
-            Ok(schedule) => Some(schedule),
+        Some(expr) => match schedules
+            .entry(expr.to_string())
+            .or_insert_with(|| CronSchedule::parse(expr))
+        {
+            Ok(schedule) => Some(schedule.clone()),
             Err(message) => {
                 errors.push(format!("schedule {expr:?}: {message}"));
                 None

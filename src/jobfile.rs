@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono_tz::Tz;
@@ -31,8 +32,9 @@ pub struct JobDefinition {
     pub preprocessing: Option<String>,
     pub postprocessing: Option<String>,
     pub arguments: serde_json::Map<String, serde_json::Value>,
-    /// `None`: the job runs only when asked (`scheduler --run-now`, webhooks).
-    pub schedule: Option<CronSchedule>,
+    /// `None`: the job runs only when asked (`scheduler --run-now`, webhooks). Shared by the
+    /// jobs of a file that have the same expression.
+    pub schedule: Option<Arc<CronSchedule>>,
     /// `None`: the config's zone.
     pub timezone: Option<Tz>,
     pub timeout: Option<Duration>,
@@ -167,24 +169,119 @@ pub fn parse(
 }
 
 /// The jobs of a file without a single problem; `None` at the first one.
+///
+/// A YAML parser holds every event of the text it reads (about 30 times the text's size), so a
+/// file laid out as usual — `jobs:`, then one block item per job — is read [`CHUNK_JOBS`] items
+/// at a time: a run of block items means the same alone as inside its list. Anything else
+/// (flow style, an alias to an anchor in another chunk, other top-level keys) fails in its
+/// chunk, and the file is then read whole.
 fn parse_valid(text: &str, known: Option<&KnownPlugins<'_>>) -> Option<Vec<JobDefinition>> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct TypedFile {
         jobs: Vec<RawJob>,
     }
-    let file: TypedFile = serde_yaml::from_str(text).ok()?;
-    let mut seen: HashSet<String> = HashSet::with_capacity(file.jobs.len());
     let mut schedules = Schedules::default();
-    let mut jobs = Vec::with_capacity(file.jobs.len());
-    for raw in file.jobs {
-        let job = validate(raw, known, &mut schedules).ok()?;
-        if !seen.insert(job.name.clone()) {
-            return None;
+    let chunks = job_chunks(text, CHUNK_JOBS);
+    let expected = chunks.as_ref().map_or(0, |c| c.1);
+    let mut seen: HashSet<String> = HashSet::with_capacity(expected);
+    let mut jobs = Vec::with_capacity(expected);
+    let mut add = |raws: Vec<RawJob>, jobs: &mut Vec<JobDefinition>| -> Option<()> {
+        for raw in raws {
+            let job = validate(raw, known, &mut schedules).ok()?;
+            if !seen.insert(job.name.clone()) {
+                return None;
+            }
+            jobs.push(job);
         }
-        jobs.push(job);
+        Some(())
+    };
+    match chunks {
+        Some((chunks, _)) => {
+            for chunk in chunks {
+                add(serde_yaml::from_str(chunk).ok()?, &mut jobs)?;
+            }
+        }
+        None => add(
+            serde_yaml::from_str::<TypedFile>(text).ok()?.jobs,
+            &mut jobs,
+        )?,
     }
     Some(jobs)
+}
+
+/// Jobs read per YAML document when a file is read in chunks.
+const CHUNK_JOBS: usize = 1000;
+
+/// The text of a file that is `jobs:` followed by a block list at indentation 0 (each item
+/// starting with `- ` at the start of its line), cut into runs of at most `size` items, and
+/// the number of items; `None` when the file is laid out otherwise.
+fn job_chunks(text: &str, size: usize) -> Option<(Vec<&str>, usize)> {
+    if text.starts_with('%') || text.contains("\n---") || text.contains("\n...") {
+        return None;
+    }
+    // Anchors and aliases: the parser resolves an alias to the last anchor of that name in
+    // the text it reads, which a chunk would change. (A `&` or `*` before a name inside a
+    // string only makes the file be read whole.)
+    let names_follow = |mark: u8| {
+        text.as_bytes()
+            .windows(2)
+            .any(|w| w[0] == mark && (w[1].is_ascii_alphanumeric() || w[1] == b'_'))
+    };
+    if names_follow(b'&') || names_follow(b'*') {
+        return None;
+    }
+    let is_filler = |line: &str| {
+        let trimmed = line.trim_start();
+        trimmed.is_empty() || trimmed.starts_with('#')
+    };
+    let mut offset = 0;
+    let mut lines = text.split_inclusive('\n').map(|line| {
+        let start = offset;
+        offset += line.len();
+        (start, line)
+    });
+    // `jobs:` first, alone on its line.
+    loop {
+        let (_, line) = lines.next()?;
+        if is_filler(line) {
+            continue;
+        }
+        let rest = line.strip_prefix("jobs:")?.trim();
+        if !rest.is_empty() && !rest.starts_with('#') {
+            return None;
+        }
+        break;
+    }
+    let mut chunks = Vec::new();
+    let mut chunk_start: Option<usize> = None;
+    let mut items = 0;
+    let mut total = 0;
+    for (at, line) in lines {
+        if is_filler(line) {
+            continue;
+        }
+        if line.starts_with(' ') {
+            // Inside an item (its first item must have started).
+            chunk_start?;
+            continue;
+        }
+        if !(line.starts_with("- ") || line.trim_end() == "-") {
+            return None;
+        }
+        if items == size {
+            chunks.push(&text[chunk_start?..at]);
+            chunk_start = None;
+            items = 0;
+        }
+        chunk_start.get_or_insert(at);
+        items += 1;
+        total += 1;
+    }
+    if let Some(from) = chunk_start {
+        chunks.push(&text[from..]);
+    }
+    Some((chunks, total))
 }
 
 fn parse_reporting(
@@ -289,7 +386,7 @@ fn parse_reporting(
 }
 
 /// Cron expressions parsed so far in a file: jobs often share a schedule.
-type Schedules = HashMap<String, Result<CronSchedule, String>>;
+type Schedules = HashMap<String, Result<Arc<CronSchedule>, String>>;
 
 fn validate(
     raw: RawJob,
@@ -361,7 +458,7 @@ fn validate(
         }
         Some(expr) => match schedules
             .entry(expr.to_string())
-            .or_insert_with(|| CronSchedule::parse(expr))
+            .or_insert_with(|| CronSchedule::parse(expr).map(Arc::new))
         {
             Ok(schedule) => Some(schedule.clone()),
             Err(message) => {
@@ -545,6 +642,70 @@ mod tests {
 
     fn check(text: &str) -> Result<Vec<JobDefinition>, JobFileError> {
         parse(Path::new("jobs.yaml"), text, None)
+    }
+
+    /// A file of `count` jobs using what block YAML offers inside an item.
+    fn varied_file(count: usize) -> String {
+        let mut text = String::from("# the jobs\njobs:\n");
+        for i in 0..count {
+            text.push_str(&format!(
+                "# job {i}\n- id: job-{i}\n  job: command\n  schedule: \"{} 2 * * *\"\n  description: |\n    line one of {i}\n    line two\n\n  arguments:\n    host: host-{i}.lab\n    url: \"https://x/?a=1 & b=2\"\n    list:\n      - 1\n      - two\n    flow: {{a: [1, 2], b: null}}\n    flag: yes\n  retries: {}\n",
+                i % 60,
+                i % 3
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn a_file_read_in_chunks_gives_what_it_gives_read_whole() {
+        let text = varied_file(CHUNK_JOBS * 2 + 7);
+        let (chunks, total) = job_chunks(&text, CHUNK_JOBS).expect("a usual layout is chunked");
+        assert_eq!((chunks.len(), total), (3, CHUNK_JOBS * 2 + 7));
+        let chunked = check(&text).unwrap();
+        let whole = parse_reporting(Path::new("jobs.yaml"), &text, None).unwrap();
+        assert_eq!(format!("{chunked:?}"), format!("{whole:?}"));
+        assert_eq!(
+            chunked[5].arguments["host"],
+            serde_json::json!("host-5.lab")
+        );
+        assert_eq!(chunked[5].arguments["flag"], serde_json::json!("yes"));
+    }
+
+    #[test]
+    fn layouts_that_cannot_be_cut_are_read_whole() {
+        // An alias to an anchor of another chunk: that chunk fails alone; the file is read
+        // whole, where the alias resolves.
+        let mut text =
+            String::from("jobs:\n- id: first\n  job: command\n  arguments: &common {a: 1}\n");
+        for i in 1..CHUNK_JOBS + 5 {
+            text.push_str(&format!(
+                "- id: job-{i}\n  job: command\n  arguments: *common\n"
+            ));
+        }
+        let jobs = check(&text).unwrap();
+        assert_eq!(jobs[CHUNK_JOBS + 2].arguments["a"], serde_json::json!(1));
+        // Anchors anywhere, indented items, flow style, other top-level keys, several
+        // documents: not cut.
+        for text in [
+            "jobs:\n- id: a\n  job: command\n  arguments: &x {a: 1}\n- id: b\n  job: command\n  arguments: *x\n",
+            "jobs:\n  - id: a\n    job: command\n",
+            "jobs: [{id: a, job: command}]\n",
+            "jobs:\n- id: a\n  job: command\nother: 1\n",
+            "jobs:\n- id: a\n  job: command\n---\njobs: []\n",
+        ] {
+            assert!(job_chunks(text, CHUNK_JOBS).is_none(), "{text}");
+        }
+        assert_eq!(
+            check("jobs:\n  - id: a\n    job: command\n").unwrap().len(),
+            1
+        );
+        assert_eq!(check("jobs: [{id: a, job: command}]\n").unwrap().len(), 1);
+        // A duplicate id across chunks is reported as in a file read whole.
+        let mut text = varied_file(CHUNK_JOBS + 1);
+        text.push_str("- id: job-3\n  job: command\n");
+        let error = check(&text).unwrap_err().to_string();
+        assert!(error.contains("duplicate id \"job-3\""), "{error}");
     }
 
     #[test]

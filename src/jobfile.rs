@@ -172,9 +172,9 @@ pub fn parse(
 ///
 /// A YAML parser holds every event of the text it reads (about 30 times the text's size), so a
 /// file laid out as usual — `jobs:`, then one block item per job — is read [`CHUNK_JOBS`] items
-/// at a time: a run of block items means the same alone as inside its list. Anything else
-/// (flow style, an alias to an anchor in another chunk, other top-level keys) fails in its
-/// chunk, and the file is then read whole.
+/// at a time: a run of block items means the same alone as inside its list. Any other layout
+/// (flow style, anchors and aliases, other top-level keys, several documents) is read whole,
+/// and so is a file whose chunk fails to read.
 fn parse_valid(text: &str, known: Option<&KnownPlugins<'_>>) -> Option<Vec<JobDefinition>> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]

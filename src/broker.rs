@@ -28,6 +28,9 @@ use crate::config::{QueueType, RabbitmqConfig};
 pub use lapin::message::Delivery;
 pub use lapin::{Acker, Consumer};
 
+/// The largest AMQP frame this side asks for (unless the URL says `frame_max`).
+const FRAME_MAX: u32 = 32 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot connect to RabbitMQ at {target}: {source}")]
@@ -42,6 +45,8 @@ pub enum BrokerError {
         delivery_limit: u32,
         source: lapin::Error,
     },
+    #[error("the RabbitMQ URL of {target} cannot be used: {message}")]
+    Url { target: String, message: String },
     #[error("RabbitMQ error while {context}: {source}")]
     Amqp {
         context: &'static str,
@@ -169,9 +174,20 @@ impl Broker {
         let properties =
             ConnectionProperties::default().with_connection_name(LongString::from(name));
         let url = config.amqp_url();
+        let mut uri: lapin::uri::AMQPUri =
+            url.expose()
+                .parse()
+                .map_err(|message: String| BrokerError::Url {
+                    target: target.clone(),
+                    message,
+                })?;
+        // The connection keeps a read and a write buffer of 32 frames each: at the broker's
+        // default frame size (128 KiB) 8 MiB, resident for the process's life. Run messages
+        // are small; larger ones go out in several frames.
+        uri.query.frame_max.get_or_insert(FRAME_MAX);
         let connection = tokio::time::timeout(
             Duration::from_secs(30),
-            Connection::connect(url.expose(), properties),
+            Connection::connect_uri(uri, properties),
         )
         .await
         .map_err(|_| BrokerError::Connect {

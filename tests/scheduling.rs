@@ -592,3 +592,29 @@ async fn a_fan_out_is_not_repeated_when_its_parent_runs_again() {
         cluster.logs()
     );
 }
+
+#[tokio::test]
+async fn a_message_larger_than_a_frame_is_delivered_whole() {
+    // The connection asks for 32 KiB frames: a larger message travels in several.
+    let cluster = Cluster::new("").await;
+    let big = "x".repeat(300 * 1024);
+    cluster.import(&format!(
+        "jobs:\n- id: big\n  job: test_echo\n  arguments:\n    payload: {big}\n"
+    ));
+    let _worker = cluster.worker("w1", 1);
+    cluster.run_ok(&["scheduler", "--run-now", "big"]);
+    cluster
+        .wait_until(
+            "the big run is recorded",
+            Duration::from_secs(30),
+            "SELECT count(*) = 1 FROM job_runs WHERE status = 'succeeded'",
+        )
+        .await;
+    let echoed: i32 = sqlx::query_scalar(
+        "SELECT length(result->'args'->>'payload') FROM job_runs WHERE status = 'succeeded'",
+    )
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap();
+    assert_eq!(echoed, 300 * 1024);
+}

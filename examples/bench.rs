@@ -253,13 +253,17 @@ impl Scratch {
     /// `slots` slots in this process; `stop` ends both.
     fn start(&self, slots: usize) -> Running {
         let (stop, shutdown) = Shutdown::manual();
-        let (store, config, down) = (self.store.clone(), self.config.clone(), shutdown.clone());
+        let (config, down) = (self.config.clone(), shutdown.clone());
         let scheduler = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("a runtime");
+            // A pool of its own: connections live on the runtime that opened them.
             runtime.block_on(async move {
+                let store = Store::connect(&config.database)
+                    .await
+                    .expect("the database");
                 let _ = scheduler::run(&store, &config, false, down).await;
             });
         });

@@ -267,8 +267,12 @@ impl Scratch {
                 let _ = scheduler::run(&store, &config, false, down).await;
             });
         });
-        let (store, config, queue) = (self.store.clone(), self.config.clone(), self.name.clone());
+        let (config, queue) = (self.config.clone(), self.name.clone());
         let worker = tokio::spawn(async move {
+            // Its own pool, as a worker process has.
+            let store = Store::connect(&config.database)
+                .await
+                .expect("the database");
             let options = WorkerOptions {
                 id: "bench".into(),
                 slots,
@@ -343,12 +347,12 @@ async fn throughput(bench: &Bench, scratch: &Scratch, report: &mut Report) -> Re
     let started = Instant::now();
     let (stop, tasks) = {
         let (stop, shutdown) = Shutdown::manual();
-        let (store, config, queue) = (
-            scratch.store.clone(),
-            scratch.config.clone(),
-            scratch.name.clone(),
-        );
+        let (config, queue) = (scratch.config.clone(), scratch.name.clone());
         let worker = tokio::spawn(async move {
+            // Its own pool, as a worker process has.
+            let store = Store::connect(&config.database)
+                .await
+                .expect("the database");
             let options = WorkerOptions {
                 id: "bench".into(),
                 slots: THROUGHPUT_SLOTS,

@@ -172,42 +172,34 @@ pub fn parse(
 ///
 /// A YAML parser holds every event of the text it reads (about 30 times the text's size), so a
 /// file laid out as usual — `jobs:`, then one block item per job — is read [`CHUNK_JOBS`] items
-/// at a time: a run of block items means the same alone as inside its list. Any other layout
-/// (flow style, anchors and aliases, other top-level keys, several documents) is read whole,
-/// and so is a file whose chunk fails to read.
+/// at a time: a run of block items means the same alone as inside its list, and each item is
+/// read as the whole reading reads it (a YAML value, then a job). Any other layout (flow style,
+/// anchors and aliases, other top-level keys, several documents, line breaks other than '\n')
+/// and any problem make the file be read whole, which decides.
 fn parse_valid(text: &str, known: Option<&KnownPlugins<'_>>) -> Option<Vec<JobDefinition>> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct TypedFile {
-        jobs: Vec<RawJob>,
+    let (chunks, expected) = job_chunks(text, CHUNK_JOBS)?;
+    if expected == 0 {
+        // `jobs:` without a job: the whole reading says what is wrong.
+        return None;
     }
     let mut schedules = Schedules::default();
-    let chunks = job_chunks(text, CHUNK_JOBS);
-    let expected = chunks.as_ref().map_or(0, |c| c.1);
     let mut seen: HashSet<String> = HashSet::with_capacity(expected);
     let mut jobs = Vec::with_capacity(expected);
-    let mut add = |raws: Vec<RawJob>, jobs: &mut Vec<JobDefinition>| -> Option<()> {
-        for raw in raws {
+    for chunk in chunks {
+        // Each item as a YAML value first, then as a job — exactly as the whole reading does
+        // (reading a job straight from the text would take `job: 123` as text, and let a
+        // repeated argument overwrite the first).
+        let items: Vec<serde_yaml::Value> = serde_yaml::from_str(chunk).ok()?;
+        for item in items {
+            let raw: RawJob = serde_yaml::from_value(item).ok()?;
             let job = validate(raw, known, &mut schedules).ok()?;
             if !seen.insert(job.name.clone()) {
                 return None;
             }
             jobs.push(job);
         }
-        Some(())
-    };
-    match chunks {
-        Some((chunks, _)) => {
-            for chunk in chunks {
-                add(serde_yaml::from_str(chunk).ok()?, &mut jobs)?;
-            }
-        }
-        None => add(
-            serde_yaml::from_str::<TypedFile>(text).ok()?.jobs,
-            &mut jobs,
-        )?,
     }
-    Some(jobs)
+    (jobs.len() == expected).then_some(jobs)
 }
 
 /// Jobs read per YAML document when a file is read in chunks.
@@ -220,13 +212,24 @@ fn job_chunks(text: &str, size: usize) -> Option<(Vec<&str>, usize)> {
     if text.starts_with('%') || text.contains("\n---") || text.contains("\n...") {
         return None;
     }
+    // Lines end only at '\n' here; YAML also ends them at a lone CR and at U+0085, U+2028
+    // and U+2029.
+    let other_breaks = text.contains(['\u{85}', '\u{2028}', '\u{2029}'])
+        || text
+            .as_bytes()
+            .windows(2)
+            .any(|w| w[0] == b'\r' && w[1] != b'\n')
+        || text.ends_with('\r');
+    if other_breaks {
+        return None;
+    }
     // Anchors and aliases: the parser resolves an alias to the last anchor of that name in
     // the text it reads, which a chunk would change. (A `&` or `*` before a name inside a
     // string only makes the file be read whole.)
     let names_follow = |mark: u8| {
         text.as_bytes()
             .windows(2)
-            .any(|w| w[0] == mark && (w[1].is_ascii_alphanumeric() || w[1] == b'_'))
+            .any(|w| w[0] == mark && (w[1].is_ascii_alphanumeric() || matches!(w[1], b'_' | b'-')))
     };
     if names_follow(b'&') || names_follow(b'*') {
         return None;
@@ -247,8 +250,12 @@ fn job_chunks(text: &str, size: usize) -> Option<(Vec<&str>, usize)> {
         if is_filler(line) {
             continue;
         }
-        let rest = line.strip_prefix("jobs:")?.trim();
-        if !rest.is_empty() && !rest.starts_with('#') {
+        // Nothing after `jobs:` but a comment, which YAML starts only after a space.
+        let rest = line.strip_prefix("jobs:")?;
+        if !rest.trim().is_empty() && !rest.starts_with([' ', '\t']) {
+            return None;
+        }
+        if !rest.trim().is_empty() && !rest.trim_start().starts_with('#') {
             return None;
         }
         break;
@@ -662,6 +669,15 @@ mod tests {
         let text = varied_file(CHUNK_JOBS * 2 + 7);
         let (chunks, total) = job_chunks(&text, CHUNK_JOBS).expect("a usual layout is chunked");
         assert_eq!((chunks.len(), total), (3, CHUNK_JOBS * 2 + 7));
+        assert!(parse_valid(&text, None).is_some(), "the fast path reads it");
+        let big = (0..3000).fold(String::from("jobs:\n"), |mut t, i| {
+            t.push_str(&format!("- id: job-{i}\n  job: command\n  schedule: \"{} {} * * *\"\n  arguments:\n    host: host-{i}.lab\n", i % 60, i % 24));
+            t
+        });
+        assert!(
+            parse_valid(&big, None).is_some(),
+            "the fast path reads the benchmark's file"
+        );
         let chunked = check(&text).unwrap();
         let whole = parse_reporting(Path::new("jobs.yaml"), &text, None).unwrap();
         assert_eq!(format!("{chunked:?}"), format!("{whole:?}"));
@@ -706,6 +722,64 @@ mod tests {
         text.push_str("- id: job-3\n  job: command\n");
         let error = check(&text).unwrap_err().to_string();
         assert!(error.contains("duplicate id \"job-3\""), "{error}");
+    }
+
+    #[test]
+    fn the_fast_path_accepts_nothing_the_whole_reading_refuses() {
+        let cases = [
+            ("jobs:\n", "a bare jobs key"),
+            (
+                "jobs:\n# - id: a\n#   job: command\n",
+                "every job commented out",
+            ),
+            ("jobs:\n- id: a\n  job: 123\n", "a number as the plugin job"),
+            (
+                "jobs:\n- id: a\n  job: command\n  description: 2024\n",
+                "a number as description",
+            ),
+            (
+                "jobs:\n- id: a\n  job: command\n  queue: 7\n",
+                "a number as queue",
+            ),
+            (
+                "jobs:\n- id: a\n  job: command\n  arguments: {host: a, host: b}\n",
+                "a repeated argument",
+            ),
+            (
+                "jobs:\n- id: a\n  job: command\n  arguments: {8080: web}\n",
+                "a number as an argument's name",
+            ),
+            (
+                "jobs:#c\n- id: a\n  job: command\n",
+                "no space before a comment",
+            ),
+        ];
+        for (text, what) in cases {
+            assert!(
+                parse_reporting(Path::new("jobs.yaml"), text, None).is_err(),
+                "{what}: the whole reading refuses it"
+            );
+            assert!(check(text).is_err(), "{what}: accepted");
+        }
+    }
+
+    #[test]
+    fn line_breaks_other_than_a_newline_make_the_file_read_whole() {
+        // libyaml ends a line at a lone CR and at U+0085, U+2028, U+2029 too: a "comment" line
+        // may hide a job that only a whole reading sees.
+        for text in [
+            "jobs:\n# c\r- {id: a, job: command}\n- id: b\n  job: command\n",
+            "jobs:\n# c\u{2028}- {id: a, job: command}\n- id: b\n  job: command\n",
+        ] {
+            let whole = parse_reporting(Path::new("jobs.yaml"), text, None).map(|j| j.len());
+            assert_eq!(check(text).map(|j| j.len()).ok(), whole.ok(), "{text:?}");
+        }
+        // Anchor names may hold '-'.
+        assert!(job_chunks(
+            "jobs:\n- id: a\n  job: command\n  arguments: &-a {v: 1}\n",
+            CHUNK_JOBS
+        )
+        .is_none());
     }
 
     #[test]

@@ -139,7 +139,7 @@ async fn run(rows: i64, url: &url::Url, name: &str) -> Result<(), Box<dyn std::e
     );
 
     let started = Instant::now();
-    let runs = store.runs(Some("job 7"), None, 20).await?;
+    let runs = store.runs(Some("job 7"), None, None, 20).await?;
     assert_eq!(runs.len(), 20);
     figure("runs_job", started.elapsed().as_secs_f64() * 1000.0, "ms");
     Ok(())

@@ -65,6 +65,24 @@ pub struct RegistryArgs {
     #[arg(long = "show-registry")]
     pub show_registry: bool,
 
+    /// Pause the registry entry of job NAME (name or id; repeatable): it fires nothing until
+    /// resumed. `--all`: every entry.
+    #[arg(long, value_name = "NAME", num_args = 0..=1, action = clap::ArgAction::Append, conflicts_with = "resume")]
+    pub pause: Option<Vec<String>>,
+
+    /// Resume paused entries (repeatable): they go on from now; missed slots follow each
+    /// job's `misfire` policy. `--all`: every entry.
+    #[arg(long, value_name = "NAME", num_args = 0..=1, action = clap::ArgAction::Append)]
+    pub resume: Option<Vec<String>>,
+
+    /// With --pause or --resume and no NAME: every registry entry.
+    #[arg(long)]
+    pub all: bool,
+
+    /// With --pause: why, shown with the paused entry.
+    #[arg(long, value_name = "TEXT")]
+    pub note: Option<String>,
+
     /// Print --show-* output as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -106,9 +124,23 @@ pub struct SchedulerArgs {
     pub timezone: Option<String>,
 
     /// With --preview: start from this time (RFC 3339, or YYYY-MM-DDTHH:MM:SS in the zone);
-    /// default now. A run at exactly this time is included.
-    #[arg(long, value_name = "TIME", requires = "preview")]
+    /// default now. A run at exactly this time is included. With --backfill: the first slot.
+    #[arg(long, value_name = "TIME")]
     pub from: Option<String>,
+
+    /// Create one run of job NAME per slot from --from to --to (both included, in the job's
+    /// zone; trigger `backfill`). Slots that have a run are left alone.
+    #[arg(long, value_name = "NAME", requires_all = ["from", "to"], conflicts_with = "preview")]
+    pub backfill: Option<String>,
+
+    /// With --backfill: the last slot (RFC 3339, or YYYY-MM-DDTHH:MM:SS in the job's zone); not
+    /// after now.
+    #[arg(long, value_name = "TIME", requires = "backfill")]
+    pub to: Option<String>,
+
+    /// With --backfill: go ahead with more than 1,000 slots.
+    #[arg(long, requires = "backfill")]
+    pub yes: bool,
 
     /// With --preview: how many run times.
     #[arg(long, value_name = "N", default_value_t = 5, requires = "preview")]
@@ -165,17 +197,27 @@ pub struct RunsArgs {
     #[arg(long, value_name = "JOB")]
     pub job: Option<String>,
 
-    /// Only runs with this status: queued, running, succeeded, failed or dead.
+    /// Only runs with this status: queued, running, succeeded, failed, dead, skipped or
+    /// cancelled.
     #[arg(long, value_name = "STATUS")]
     pub status: Option<String>,
+
+    /// Only runs with this trigger: schedule, manual, webhook, chain or backfill.
+    #[arg(long, value_name = "TRIGGER")]
+    pub trigger: Option<String>,
 
     /// How many runs, newest first.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub limit: i64,
 
-    /// One run in full: its arguments, result or error, and its fan-out children.
-    #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["job", "status"])]
+    /// One run in full: its arguments, result or error, and its child runs.
+    #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["job", "status", "trigger"])]
     pub show: Option<String>,
+
+    /// Cancel a run (and its fan-out children): a queued run is recorded cancelled and never
+    /// runs; a running one is stopped by its worker within about a second.
+    #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["job", "status", "trigger", "show"])]
+    pub cancel: Option<String>,
 
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -217,6 +259,11 @@ const TAKES_VALUE: &[&str] = &[
     "--status",
     "--limit",
     "--show",
+    "--note",
+    "--backfill",
+    "--to",
+    "--trigger",
+    "--cancel",
 ];
 
 const SUBCOMMANDS: &[&str] = &["registry", "scheduler", "worker", "listener", "runs"];

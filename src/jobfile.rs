@@ -42,6 +42,45 @@ pub struct JobDefinition {
     /// `None`: the configured queue.
     pub queue: Option<String>,
     pub misfire: Misfire,
+    /// What a slot does while a run of this job is queued or running.
+    pub concurrency: Concurrency,
+    /// Jobs (by name) that get a run when a run of this one succeeds.
+    pub on_success: Vec<String>,
+    /// Jobs that get a run when a run of this one fails for good (after its last attempt).
+    pub on_failure: Vec<String>,
+    /// Each slot starts this much later at most (a deterministic share of it per job and slot).
+    pub jitter: Option<Duration>,
+}
+
+/// What a slot does while a run of the same job is queued or running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Concurrency {
+    /// Runs overlap (the original's behaviour).
+    #[default]
+    Allow,
+    /// The new slot is recorded `skipped`, with the run it waited for.
+    Forbid,
+    /// The older runs are cancelled; the new one runs.
+    Replace,
+}
+
+impl Concurrency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Concurrency::Allow => "allow",
+            Concurrency::Forbid => "forbid",
+            Concurrency::Replace => "replace",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Concurrency> {
+        match value {
+            "allow" => Some(Concurrency::Allow),
+            "forbid" => Some(Concurrency::Forbid),
+            "replace" => Some(Concurrency::Replace),
+            _ => None,
+        }
+    }
 }
 
 /// What to do with runs missed while no scheduler was running.
@@ -135,6 +174,10 @@ struct RawJob {
     retries: Option<u32>,
     queue: Option<String>,
     misfire: Option<String>,
+    concurrency: Option<String>,
+    on_success: Option<Vec<String>>,
+    on_failure: Option<Vec<String>>,
+    jitter: Option<serde_yaml::Value>,
 }
 
 /// Reads and validates a job file.
@@ -199,7 +242,89 @@ fn parse_valid(text: &str, known: Option<&KnownPlugins<'_>>) -> Option<Vec<JobDe
             jobs.push(job);
         }
     }
+    let names: HashSet<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+    if !chain_problems(&jobs, &names).is_empty() {
+        return None;
+    }
     (jobs.len() == expected).then_some(jobs)
+}
+
+/// What is wrong with the chains of valid jobs: names no job of the file has (`ids`: every id
+/// of the file), and loops (a chain that leads back to its start would run forever). Each as
+/// (index of the job in `jobs`, message).
+fn chain_problems(jobs: &[JobDefinition], ids: &HashSet<&str>) -> Vec<(usize, String)> {
+    let mut problems = Vec::new();
+    let index: HashMap<&str, usize> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, j)| (j.name.as_str(), i))
+        .collect();
+    for (i, job) in jobs.iter().enumerate() {
+        for (field, names) in [
+            ("on_success", &job.on_success),
+            ("on_failure", &job.on_failure),
+        ] {
+            for name in names {
+                if !ids.contains(name.as_str()) {
+                    problems.push((i, format!("{field}: no job has the id {name:?}")));
+                }
+            }
+        }
+    }
+    // Loops: a depth-first walk; a job met again while on the current path closes a loop.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        OnPath,
+        Done,
+    }
+    let mut marks = vec![Mark::New; jobs.len()];
+    let successors = |i: usize| -> Vec<usize> {
+        jobs[i]
+            .on_success
+            .iter()
+            .chain(&jobs[i].on_failure)
+            .filter_map(|n| index.get(n.as_str()).copied())
+            .collect()
+    };
+    for start in 0..jobs.len() {
+        if marks[start] != Mark::New {
+            continue;
+        }
+        // (job, its successors not yet walked)
+        let mut path: Vec<(usize, Vec<usize>)> = vec![(start, successors(start))];
+        marks[start] = Mark::OnPath;
+        while let Some((node, pending)) = path.last_mut() {
+            let node = *node;
+            match pending.pop() {
+                Some(next) if marks[next] == Mark::OnPath => {
+                    let from = path.iter().position(|(n, _)| *n == next).unwrap_or(0);
+                    let mut cycle: Vec<&str> = path[from..]
+                        .iter()
+                        .map(|(n, _)| jobs[*n].name.as_str())
+                        .collect();
+                    cycle.push(jobs[next].name.as_str());
+                    problems.push((
+                        next,
+                        format!(
+                            "its on_success/on_failure chain loops: {} (a chain must end)",
+                            cycle.join(" → ")
+                        ),
+                    ));
+                }
+                Some(next) if marks[next] == Mark::New => {
+                    marks[next] = Mark::OnPath;
+                    path.push((next, successors(next)));
+                }
+                Some(_) => {}
+                None => {
+                    marks[node] = Mark::Done;
+                    path.pop();
+                }
+            }
+        }
+    }
+    problems
 }
 
 /// Jobs read per YAML document when a file is read in chunks.
@@ -334,6 +459,7 @@ fn parse_reporting(
     let mut problems = Vec::new();
     let mut schedules = Schedules::default();
     let mut jobs = Vec::with_capacity(items.len());
+    let mut locations = Vec::with_capacity(items.len());
     let mut seen: HashMap<String, usize> = HashMap::with_capacity(items.len());
     let lines = IdLines::new(text);
     for (index, item) in items.into_iter().enumerate() {
@@ -380,10 +506,20 @@ fn parse_reporting(
             None => false,
         };
         match validate(raw, known, &mut schedules) {
-            Ok(job) if !duplicate => jobs.push(job),
+            Ok(job) if !duplicate => {
+                jobs.push(job);
+                locations.push(location.clone());
+            }
             Ok(_) => {}
             Err(messages) => messages.into_iter().for_each(&mut problem),
         }
+    }
+    let ids: HashSet<&str> = seen.keys().map(String::as_str).collect();
+    for (index, message) in chain_problems(&jobs, &ids) {
+        problems.push(Problem {
+            location: locations[index].clone(),
+            message,
+        });
     }
     if problems.is_empty() {
         Ok(jobs)
@@ -511,6 +647,44 @@ fn validate(
         }),
     };
 
+    let concurrency = match raw.concurrency.as_deref() {
+        None => Concurrency::default(),
+        Some(value) => Concurrency::parse(value).unwrap_or_else(|| {
+            errors.push(format!(
+                "concurrency {value:?}: use allow (the default), forbid or replace"
+            ));
+            Concurrency::default()
+        }),
+    };
+    let jitter = match raw.jitter.as_ref() {
+        None => None,
+        Some(value) => match parse_duration(value) {
+            Ok(_) if schedule.is_none() && raw.schedule.is_none() => {
+                errors.push("jitter: only a job with a `schedule` has slots to spread".to_string());
+                None
+            }
+            Ok(duration) => Some(duration),
+            Err(message) => {
+                errors.push(format!("jitter: {message}"));
+                None
+            }
+        },
+    };
+    let mut chains = |field: &str, names: Option<Vec<String>>| -> Vec<String> {
+        let names = names.unwrap_or_default();
+        let mut seen = HashSet::new();
+        for chained in &names {
+            if chained.trim().is_empty() {
+                errors.push(format!("{field}: a job name is empty"));
+            } else if !seen.insert(chained.as_str()) {
+                errors.push(format!("{field}: {chained:?} is listed twice"));
+            }
+        }
+        names
+    };
+    let on_success = chains("on_success", raw.on_success);
+    let on_failure = chains("on_failure", raw.on_failure);
+
     if let Some(known) = known.filter(|k| !k.jobs.is_empty()) {
         if !job.is_empty() && !known.jobs.contains_key(&job) {
             errors.push(format!(
@@ -547,6 +721,10 @@ fn validate(
             retries: raw.retries.unwrap_or(0),
             queue: raw.queue,
             misfire,
+            concurrency,
+            on_success,
+            on_failure,
+            jitter,
         })
     } else {
         Err(errors)

@@ -56,7 +56,7 @@ pub enum PluginError {
         path: PathBuf,
         symbol: String,
     },
-    #[error("plugin {plugin:?} for {function:?}: {} was built for plugin ABI version {found}, but this jobschleuder speaks version {expected}: rebuild the plugin against the matching jobschleuder-plugin SDK", path.display())]
+    #[error("plugin {plugin:?} for {function:?}: {} was built for plugin ABI version {found}, but this jobschleuder loads versions {} to {expected}: rebuild the plugin against the matching jobschleuder-plugin SDK", path.display(), abi::OLDEST_ABI_VERSION)]
     AbiMismatch {
         plugin: String,
         function: String,
@@ -142,7 +142,10 @@ impl PluginError {
 struct Library {
     plugin: String,
     path: PathBuf,
-    descriptor: &'static abi::PluginDescriptor,
+    /// Version 1's part of the descriptor, which every version has.
+    descriptor: &'static abi::PluginDescriptorV1,
+    /// Version 2 and later: the call that takes the run's cancellation flag.
+    call_in_run: Option<abi::CallInRunFn>,
     functions: BTreeMap<String, Kind>,
 }
 
@@ -180,6 +183,30 @@ struct Inner {
 thread_local! {
     /// When the plugin call running on this thread must be over (see [`within`]).
     static CALL_DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// The run the plugin calls on this thread belong to (see [`in_run`]).
+    static CALL_RUN: std::cell::RefCell<Option<RunCall>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The run a plugin call belongs to: what its function may read (`run` in its input, see the
+/// SDK's `Run`) and the flag the worker sets when the run is cancelled.
+#[derive(Debug, Clone)]
+pub struct RunCall {
+    pub context: Value,
+    pub cancelled: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Runs `call` — plugin calls on this thread — as part of `run`.
+pub fn in_run<T>(run: Option<RunCall>, call: impl FnOnce() -> T) -> T {
+    /// Clears the run however the call ends.
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CALL_RUN.with(|r| r.borrow_mut().take());
+        }
+    }
+    CALL_RUN.with(|r| *r.borrow_mut() = run);
+    let _reset = Reset;
+    call()
 }
 
 /// Runs `call` — plugin calls on this thread — within `limit`: waiting for an `on_startup` never
@@ -678,8 +705,18 @@ impl PluginHost {
         kind: Kind,
         input: &Value,
     ) -> Result<Value, PluginError> {
-        let input = serde_json::to_vec(input).unwrap_or_default();
+        let run = CALL_RUN.with(|r| r.borrow().clone());
+        let input = match (&run, input) {
+            (Some(run), Value::Object(fields)) => {
+                let mut fields = fields.clone();
+                fields.insert("run".into(), run.context.clone());
+                serde_json::to_vec(&fields)
+            }
+            _ => serde_json::to_vec(input),
+        }
+        .unwrap_or_default();
         let descriptor = library.descriptor;
+        let call_in_run = library.call_in_run;
         let called = catch_unwind(AssertUnwindSafe(|| {
             let mut buffer = abi::Buffer {
                 ptr: std::ptr::null_mut(),
@@ -688,14 +725,34 @@ impl PluginHost {
             };
             // SAFETY: pointers and lengths describe live buffers for the duration of the call;
             // the library checked out at load (ABI version, descriptor).
-            let status = unsafe {
-                (descriptor.call)(
-                    function.as_ptr(),
-                    function.len(),
-                    input.as_ptr(),
-                    input.len(),
-                    &mut buffer,
-                )
+            let status = match (call_in_run, &run) {
+                (Some(call_in_run), Some(run)) => {
+                    let handle = abi::RunHandle {
+                        cancelled: run.cancelled.as_ptr().cast_const().cast::<u8>(),
+                    };
+                    // SAFETY: as above; `handle` and the flag it points to (held by `run`)
+                    // outlive the call.
+                    unsafe {
+                        call_in_run(
+                            function.as_ptr(),
+                            function.len(),
+                            input.as_ptr(),
+                            input.len(),
+                            &handle,
+                            &mut buffer,
+                        )
+                    }
+                }
+                // SAFETY: as above.
+                _ => unsafe {
+                    (descriptor.call)(
+                        function.as_ptr(),
+                        function.len(),
+                        input.as_ptr(),
+                        input.len(),
+                        &mut buffer,
+                    )
+                },
             };
             let bytes = if buffer.ptr.is_null() {
                 Vec::new()
@@ -866,7 +923,7 @@ fn open(
         unsafe { library.get(abi::VERSION_SYMBOL) }.map_err(|_| missing(abi::VERSION_SYMBOL))?;
     // SAFETY: as above.
     let found = unsafe { version() };
-    if found != abi::ABI_VERSION {
+    if !(abi::OLDEST_ABI_VERSION..=abi::ABI_VERSION).contains(&found) {
         return Err(PluginError::AbiMismatch {
             plugin: plugin.to_string(),
             function: function.to_string(),
@@ -875,16 +932,18 @@ fn open(
             expected: abi::ABI_VERSION,
         });
     }
-    // SAFETY: the version matches, so the descriptor has this layout.
-    let descriptor: libloading::Symbol<unsafe extern "C" fn() -> *const abi::PluginDescriptor> =
+    // SAFETY: every supported version's descriptor begins with version 1's.
+    let descriptor: libloading::Symbol<unsafe extern "C" fn() -> *const abi::PluginDescriptorV1> =
         unsafe { library.get(abi::DESCRIPTOR_SYMBOL) }
             .map_err(|_| missing(abi::DESCRIPTOR_SYMBOL))?;
     // SAFETY: as above; the descriptor is static data of a library that is never unloaded.
-    let descriptor: &'static abi::PluginDescriptor = match unsafe { descriptor().as_ref() } {
+    let descriptor_ptr = unsafe { descriptor() };
+    // SAFETY: as above.
+    let descriptor: &'static abi::PluginDescriptorV1 = match unsafe { descriptor_ptr.as_ref() } {
         Some(d) => d,
         None => return Err(load_error("the plugin descriptor is null".into())),
     };
-    if descriptor.abi_version != abi::ABI_VERSION {
+    if descriptor.abi_version != found {
         return Err(PluginError::AbiMismatch {
             plugin: plugin.to_string(),
             function: function.to_string(),
@@ -893,6 +952,10 @@ fn open(
             expected: abi::ABI_VERSION,
         });
     }
+    let call_in_run = (found >= 2).then(|| {
+        // SAFETY: a version 2 plugin's descriptor has version 2's layout.
+        unsafe { &*descriptor_ptr.cast::<abi::PluginDescriptor>() }.call_in_run
+    });
     let mut functions = BTreeMap::new();
     for i in 0..descriptor.function_count {
         // SAFETY: `functions` points to `function_count` entries with valid UTF-8 names.
@@ -927,6 +990,7 @@ fn open(
         plugin: plugin.to_string(),
         path: path.to_path_buf(),
         descriptor,
+        call_in_run,
         functions,
     })
 }

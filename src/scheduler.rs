@@ -70,10 +70,33 @@ pub fn decide(
         > chrono::Duration::from_std(misfire_grace).unwrap_or(chrono::Duration::MAX);
     let skip = missed && Misfire::parse(&entry.misfire) == Some(Misfire::Skip);
     let from = if missed { now } else { entry.next_run };
+    let run_for = (!skip).then_some(entry.next_run);
     Decision {
-        run_for: if skip { None } else { Some(entry.next_run) },
+        run_for,
+        starts_at: run_for.map(|slot| start_of(&entry.job_name, slot, entry.jitter_seconds)),
         next_run: next_run(&entry.schedule, entry.timezone.as_deref(), default, from),
     }
+}
+
+/// When the run of `slot` starts: the slot plus a share of the job's jitter that depends only
+/// on the job's name and the slot, so every scheduler (and `-aj`, and `--preview`) computes
+/// the same time, and the jobs of one slot spread evenly over `[slot, slot + jitter)`.
+pub fn start_of(job_name: &str, slot: DateTime<Utc>, jitter_seconds: Option<f64>) -> DateTime<Utc> {
+    let Some(jitter) = jitter_seconds.filter(|j| *j > 0.0 && j.is_finite()) else {
+        return slot;
+    };
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    hash.update(job_name.as_bytes());
+    hash.update([0]);
+    hash.update(slot.timestamp_millis().to_be_bytes());
+    let digest = hash.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    // A uniform share in [0, 1), to the millisecond.
+    let share = (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64;
+    let millis = (share * jitter * 1000.0).floor() as i64;
+    slot + chrono::Duration::milliseconds(millis)
 }
 
 /// Keeps one broker connection for publishing, reconnecting with backoff when it is lost.
@@ -276,7 +299,18 @@ async fn create_due_runs_telling(
             })
             .await?;
         for run in &created {
-            tracing::info!(run = %run.id, job = %run.job_name, scheduled_for = %run.scheduled_for.map(|t| t.to_rfc3339()).unwrap_or_default(), "run queued");
+            let slot = run
+                .scheduled_for
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_default();
+            match &run.skipped {
+                Some(reason) => {
+                    tracing::info!(run = %run.id, job = %run.job_name, scheduled_for = %slot, "run {reason}")
+                }
+                None => {
+                    tracing::info!(run = %run.id, job = %run.job_name, scheduled_for = %slot, "run queued")
+                }
+            }
         }
         summary.runs_created += created.len();
         if let (Some(committed), false) = (committed, created.is_empty()) {
@@ -719,6 +753,8 @@ mod tests {
             timeout_seconds: None,
             retries: 0,
             queue: None,
+            concurrency: "allow".into(),
+            jitter_seconds: None,
         }
     }
 
@@ -727,6 +763,41 @@ mod tests {
     }
 
     const GRACE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn jitter_spreads_starts_within_the_window_the_same_way_everywhere() {
+        let slot = utc(3, 0, 0);
+        assert_eq!(start_of("backup-sw1", slot, None), slot);
+        assert_eq!(start_of("backup-sw1", slot, Some(0.0)), slot);
+        let window = chrono::Duration::seconds(300);
+        let starts: Vec<DateTime<Utc>> = (0..1000)
+            .map(|i| start_of(&format!("backup-sw{i}"), slot, Some(300.0)))
+            .collect();
+        assert!(starts.iter().all(|t| *t >= slot && *t < slot + window));
+        // Deterministic: the same job and slot start at the same time on every host.
+        assert_eq!(starts[7], start_of("backup-sw7", slot, Some(300.0)));
+        // Spread: 1,000 jobs land in every minute of the five, not in one second.
+        for minute in 0..5 {
+            let from = slot + chrono::Duration::seconds(60 * minute);
+            let count = starts
+                .iter()
+                .filter(|t| **t >= from && **t < from + chrono::Duration::seconds(60))
+                .count();
+            assert!((120..=280).contains(&count), "minute {minute}: {count}");
+        }
+        let distinct: std::collections::HashSet<_> = starts.iter().collect();
+        assert!(
+            distinct.len() > 900,
+            "{} distinct start times",
+            distinct.len()
+        );
+        // Another slot of the same job gets another offset.
+        let next = utc(4, 0, 0);
+        assert_ne!(
+            start_of("backup-sw1", next, Some(300.0)) - next,
+            start_of("backup-sw1", slot, Some(300.0)) - slot
+        );
+    }
 
     #[test]
     fn on_time_runs_the_slot_and_advances_one_step() {

@@ -149,6 +149,14 @@ pub struct JobRow {
     pub timeout_seconds: Option<f64>,
     pub retries: i32,
     pub queue: Option<String>,
+    pub concurrency: String,
+    /// JSON lists of job names (NULL: none).
+    pub on_success: Option<serde_json::Value>,
+    pub on_failure: Option<serde_json::Value>,
+    pub jitter_seconds: Option<f64>,
+    /// Whether its registry entry is paused (`false` without one).
+    pub paused: bool,
+    pub paused_note: Option<String>,
 }
 
 /// A row of `registry` with its job, as shown by `registry --show-registry`.
@@ -162,6 +170,19 @@ pub struct RegistryRow {
     pub schedule: String,
     pub timezone: Option<String>,
     pub misfire: String,
+    pub concurrency: Option<String>,
+    pub jitter_seconds: Option<f64>,
+    pub paused: bool,
+    pub paused_note: Option<String>,
+    pub paused_at: Option<DateTime<Utc>>,
+}
+
+/// What pausing or resuming did to one registry entry.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct PauseChange {
+    pub name: String,
+    /// Its state before.
+    pub was_paused: bool,
 }
 
 /// What an import changed.
@@ -285,7 +306,8 @@ impl Store {
             "CREATE TEMP TABLE import_jobs (
                 ord int, name text, job text, description text, preprocessing text,
                 postprocessing text, arguments text, timeout_seconds float8, retries int4,
-                queue text, schedule text, timezone text, misfire text
+                queue text, schedule text, timezone text, misfire text, concurrency text,
+                on_success text, on_failure text, jitter_seconds float8
              ) ON COMMIT DROP",
         )
         .await
@@ -306,7 +328,7 @@ impl Store {
 
     /// All jobs, by id.
     pub async fn jobs(&self) -> Result<Vec<JobRow>, StoreError> {
-        sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY id"))
+        sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs j ORDER BY id"))
             .fetch_all(&self.pool)
             .await
             .context("reading jobs")
@@ -315,13 +337,72 @@ impl Store {
     /// All registry entries with their job's name and description, by id.
     pub async fn registry(&self) -> Result<Vec<RegistryRow>, StoreError> {
         sqlx::query_as(
-            "SELECT r.id, r.job, j.name, j.description, r.schedule, r.timezone, r.misfire
+            "SELECT r.id, r.job, j.name, j.description, r.schedule, r.timezone, r.misfire,
+                    j.concurrency, j.jitter_seconds, r.paused, r.paused_note, r.paused_at
              FROM registry r LEFT JOIN jobs j ON j.id = r.job
              ORDER BY r.id",
         )
         .fetch_all(&self.pool)
         .await
         .context("reading the registry")
+    }
+
+    /// Pauses (`paused`) or resumes the registry entries of the jobs `names` (by name or id;
+    /// `None`: every entry), in one transaction, with `note` on a pause. Changes nothing when a
+    /// name has no entry, and returns those names instead. Schedulers are told, so a resumed
+    /// entry that is due runs at once (its missed slots follow its `misfire` policy).
+    pub async fn set_paused(
+        &self,
+        names: Option<&[String]>,
+        paused: bool,
+        note: Option<&str>,
+    ) -> Result<Result<Vec<PauseChange>, Vec<String>>, StoreError> {
+        let mut tx = self.pool.begin().await.context("starting to pause")?;
+        let targets: Vec<(i32, String, bool, i32)> = sqlx::query_as(
+            "SELECT r.id, COALESCE(j.name, j.id::text), r.paused, j.id
+             FROM registry r JOIN jobs j ON j.id = r.job
+             WHERE $1::text[] IS NULL OR j.name = ANY($1) OR j.id::text = ANY($1)
+             ORDER BY r.id
+             FOR UPDATE OF r",
+        )
+        .bind(names)
+        .fetch_all(&mut *tx)
+        .await
+        .context("reading the entries to pause")?;
+        if let Some(names) = names {
+            let missing: Vec<String> = names
+                .iter()
+                .filter(|n| {
+                    !targets
+                        .iter()
+                        .any(|(_, name, _, id)| name == *n || id.to_string() == **n)
+                })
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                tx.rollback().await.context("ending the pause")?;
+                return Ok(Err(missing));
+            }
+        }
+        let ids: Vec<i32> = targets.iter().map(|t| t.0).collect();
+        sqlx::query(
+            "UPDATE registry SET paused = $2,
+                    paused_note = CASE WHEN $2 THEN $3 END,
+                    paused_at = CASE WHEN $2 THEN COALESCE(CASE WHEN paused THEN paused_at END, now()) END
+             WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .bind(paused)
+        .bind(note)
+        .execute(&mut *tx)
+        .await
+        .context("pausing registry entries")?;
+        notify_on(&mut tx, "registry").await?;
+        tx.commit().await.context("committing the pause")?;
+        Ok(Ok(targets
+            .into_iter()
+            .map(|(_, name, was_paused, _)| PauseChange { name, was_paused })
+            .collect()))
     }
 }
 
@@ -342,21 +423,27 @@ const IMPORT_STATEMENTS: &[(&str, &str)] = &[
         "UPDATE jobs j
          SET job = t.job, description = t.description, preprocessing = t.preprocessing,
              postprocessing = t.postprocessing, arguments = t.arguments::json,
-             timeout_seconds = t.timeout_seconds, retries = t.retries, queue = t.queue
+             timeout_seconds = t.timeout_seconds, retries = t.retries, queue = t.queue,
+             concurrency = t.concurrency, on_success = t.on_success::jsonb,
+             on_failure = t.on_failure::jsonb, jitter_seconds = t.jitter_seconds
          FROM import_jobs t
          WHERE j.name = t.name
            AND (j.job, j.description, j.preprocessing, j.postprocessing, j.arguments::text,
-                j.timeout_seconds, j.retries, j.queue)
+                j.timeout_seconds, j.retries, j.queue, j.concurrency, j.on_success,
+                j.on_failure, j.jitter_seconds)
                IS DISTINCT FROM
                (t.job, t.description, t.preprocessing, t.postprocessing, t.arguments,
-                t.timeout_seconds, t.retries, t.queue)",
+                t.timeout_seconds, t.retries, t.queue, t.concurrency, t.on_success::jsonb,
+                t.on_failure::jsonb, t.jitter_seconds)",
         "updating jobs",
     ),
     (
         "INSERT INTO jobs (name, job, description, preprocessing, postprocessing, arguments,
-                           timeout_seconds, retries, queue)
+                           timeout_seconds, retries, queue, concurrency, on_success, on_failure,
+                           jitter_seconds)
          SELECT t.name, t.job, t.description, t.preprocessing, t.postprocessing, t.arguments::json,
-                t.timeout_seconds, t.retries, t.queue
+                t.timeout_seconds, t.retries, t.queue, t.concurrency, t.on_success::jsonb,
+                t.on_failure::jsonb, t.jitter_seconds
          FROM import_jobs t
          WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.name = t.name)
          ORDER BY t.ord",
@@ -434,11 +521,22 @@ async fn stage_chunk(
         .map(|j| j.timezone.map(|t| t.name().to_string()))
         .collect();
     let misfire: Vec<&str> = chunk.iter().map(|j| j.misfire.as_str()).collect();
+    let concurrency: Vec<&str> = chunk.iter().map(|j| j.concurrency.as_str()).collect();
+    let names_json = |names: &Vec<String>| {
+        (!names.is_empty()).then(|| serde_json::Value::from(names.clone()).to_string())
+    };
+    let on_success: Vec<Option<String>> = chunk.iter().map(|j| names_json(&j.on_success)).collect();
+    let on_failure: Vec<Option<String>> = chunk.iter().map(|j| names_json(&j.on_failure)).collect();
+    let jitter: Vec<Option<f64>> = chunk
+        .iter()
+        .map(|j| j.jitter.map(|t| t.as_secs_f64()))
+        .collect();
     sqlx::query(
         "INSERT INTO import_jobs
          SELECT * FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                               $7::text[], $8::float8[], $9::int4[], $10::text[], $11::text[],
-                              $12::text[], $13::text[])",
+                              $12::text[], $13::text[], $14::text[], $15::text[], $16::text[],
+                              $17::float8[])",
     )
     .bind(&ord)
     .bind(&names)
@@ -453,6 +551,10 @@ async fn stage_chunk(
     .bind(&schedules)
     .bind(&zones)
     .bind(&misfire)
+    .bind(&concurrency)
+    .bind(&on_success)
+    .bind(&on_failure)
+    .bind(&jitter)
     .execute(&mut *tx)
     .await
     .context("staging the job file")?;
@@ -557,6 +659,8 @@ pub struct DueEntry {
     pub timeout_seconds: Option<f64>,
     pub retries: i32,
     pub queue: Option<String>,
+    pub concurrency: String,
+    pub jitter_seconds: Option<f64>,
 }
 
 /// What to do with a due entry: the run to create (its scheduled time), and the entry's next run
@@ -564,6 +668,8 @@ pub struct DueEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub run_for: Option<DateTime<Utc>>,
+    /// When that run may start, if later than its slot (the job's jitter).
+    pub starts_at: Option<DateTime<Utc>>,
     pub next_run: Option<DateTime<Utc>>,
 }
 
@@ -573,6 +679,8 @@ pub struct CreatedRun {
     pub id: Uuid,
     pub job_name: String,
     pub scheduled_for: Option<DateTime<Utc>>,
+    /// Recorded `skipped` at once (`concurrency: forbid`), with the reason.
+    pub skipped: Option<String>,
 }
 
 /// Computes a registry entry's next run after `now` (the database's clock).
@@ -605,6 +713,13 @@ pub struct ScheduledRow {
     pub schedule: String,
     pub timezone: Option<String>,
     pub next_run: DateTime<Utc>,
+    pub jitter_seconds: Option<f64>,
+    /// When the next run starts: its slot plus the job's jitter offset (filled in by the
+    /// scheduler's rule, not by the query).
+    #[sqlx(skip)]
+    pub starts_at: Option<DateTime<Utc>>,
+    pub paused: bool,
+    pub paused_note: Option<String>,
 }
 
 /// A run to insert (manual, webhook, fan-out child, or a bare message of the original).
@@ -699,26 +814,49 @@ impl OutboxBatch {
         if !dead.is_empty() {
             let ids: Vec<Uuid> = dead.iter().map(|d| d.0).collect();
             let errors: Vec<String> = dead.iter().map(|d| text_without_nul(&d.1)).collect();
-            sqlx::query(
+            let ended: Vec<EndedRun> = sqlx::query_as(&format!(
                 "UPDATE job_runs r SET status = 'dead', error = u.error, finished_at = now()
                  FROM UNNEST($1::uuid[], $2::text[]) AS u(id, error)
-                 WHERE r.id = u.id AND r.status = 'queued'",
-            )
+                 WHERE r.id = u.id AND r.status = 'queued'
+                 RETURNING {ENDED}"
+            ))
             .bind(&ids)
             .bind(&errors)
-            .execute(&mut *self.tx)
+            .fetch_all(&mut *self.tx)
             .await
             .context("recording unpublishable runs dead")?;
+            if chain_in(&mut self.tx, &ended).await? > 0 {
+                notify_on(&mut self.tx, "run").await?;
+            }
         }
         self.tx.commit().await.context("committing published runs")
     }
 }
 
+/// Every status a run can have (`job_runs.status`).
+pub const RUN_STATUSES: [&str; 7] = [
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "dead",
+    "skipped",
+    "cancelled",
+];
+/// The statuses of a run that has ended for good.
+pub const ENDED_STATUSES: [&str; 5] = ["succeeded", "failed", "dead", "skipped", "cancelled"];
+/// Every trigger a run can have (`job_runs.trigger`).
+pub const RUN_TRIGGERS: [&str; 5] = ["schedule", "manual", "webhook", "chain", "backfill"];
+
 /// The outcome of claiming a delivered run for execution.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// This worker runs it now; `attempt` counts from 1.
-    Claimed { attempt: i32, trigger: String },
+    Claimed {
+        attempt: i32,
+        trigger: String,
+        run: ClaimedRun,
+    },
     /// It already finished (a re-delivered or re-published message): skip it.
     Finished(String),
     /// Another worker runs it (a duplicate message): skip it.
@@ -731,12 +869,25 @@ pub enum Claim {
     Refused(String),
 }
 
+/// What a claimed run's plugin may know of it besides its arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimedRun {
+    /// Its slot (scheduled and backfilled runs), else when it was created.
+    pub scheduled_for: Option<DateTime<Utc>>,
+    /// The run that fanned it out or whose end chained it.
+    pub parent: Option<Uuid>,
+    /// Its job's zone, when the job has its own.
+    pub timezone: Option<String>,
+}
+
 /// How a run ended, for recording.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunEnd {
     Succeeded,
     Failed,
     Dead,
+    /// Stopped because an operator cancelled it (or a newer run replaced it).
+    Cancelled,
     /// Failed (or was interrupted), and is queued again, to be published after this delay —
     /// counted on the database's clock.
     Retry(Duration),
@@ -752,6 +903,19 @@ pub struct Finish {
     pub end: RunEnd,
     pub result: Option<serde_json::Value>,
     pub error: Option<String>,
+}
+
+/// What `runs --cancel` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cancelled {
+    /// The run's status when it was asked.
+    pub status: String,
+    /// Its worker, if it was claimed.
+    pub worker: Option<String>,
+    /// Recorded `cancelled` now (the run, if it was queued, and its queued children).
+    pub cancelled: Vec<Uuid>,
+    /// Running: their workers stop them and record them `cancelled`.
+    pub asked: Vec<Uuid>,
 }
 
 /// One row of `runs`, for listing.
@@ -779,7 +943,9 @@ pub struct RunRow {
 }
 
 const JOB_COLUMNS: &str = "id, name, job, description, preprocessing, postprocessing, arguments,
-    timeout_seconds, retries, queue";
+    timeout_seconds, retries, queue, concurrency, on_success, on_failure, jitter_seconds,
+    COALESCE((SELECT bool_or(r.paused) FROM registry r WHERE r.job = j.id), false) AS paused,
+    (SELECT max(r.paused_note) FROM registry r WHERE r.job = j.id) AS paused_note";
 
 const RUN_COLUMNS: &str = "id, job_name, job, trigger, status, attempt, max_retries, worker, queue, arguments,
     scheduled_for, not_before, created_at, published_at, started_at, finished_at, result, error, parent_id";
@@ -960,11 +1126,12 @@ impl Store {
         let due: Vec<DueEntry> = sqlx::query_as(
             "SELECT s.id AS schedule_id, r.id AS registry_id, s.next_run, r.schedule, r.timezone, r.misfire,
                     j.id AS job_id, COALESCE(j.name, j.id::text) AS job_name, j.job, j.arguments,
-                    j.preprocessing, j.postprocessing, j.timeout_seconds, j.retries, j.queue
+                    j.preprocessing, j.postprocessing, j.timeout_seconds, j.retries, j.queue,
+                    j.concurrency, j.jitter_seconds
              FROM schedule s
              JOIN registry r ON r.id = s.job
              JOIN jobs j ON j.id = r.job
-             WHERE s.next_run <= $1
+             WHERE s.next_run <= $1 AND NOT r.paused
              ORDER BY s.next_run
              LIMIT $2
              FOR UPDATE OF s SKIP LOCKED",
@@ -981,13 +1148,50 @@ impl Store {
             return Ok((0, Vec::new()));
         }
 
+        let decisions: Vec<Decision> = due.iter().map(|entry| decide(entry, now)).collect();
+        // Runs still queued or running of jobs that do not allow overlapping runs.
+        let guarded: Vec<&str> = due
+            .iter()
+            .zip(&decisions)
+            .filter(|(entry, decision)| decision.run_for.is_some() && entry.concurrency != "allow")
+            .map(|(entry, _)| entry.job_name.as_str())
+            .collect();
+        let live: Vec<LiveRun> = if guarded.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(
+                "SELECT id, job_name, status, scheduled_for FROM job_runs
+                 WHERE job_name = ANY($1) AND status IN ('queued', 'running')
+                 ORDER BY created_at, id",
+            )
+            .bind(&guarded)
+            .fetch_all(&mut *tx)
+            .await
+            .context("looking for runs still going")?
+        };
         let mut runs = RunColumns::default();
+        let mut replaced: Vec<Uuid> = Vec::new();
         let mut advance_ids = Vec::new();
         let mut advance_to = Vec::new();
         let mut finished_ids = Vec::new();
-        for entry in &due {
-            let decision = decide(entry, now);
+        for (entry, decision) in due.iter().zip(decisions) {
             if let Some(run_for) = decision.run_for {
+                // The slot's own run (created before) is not another run of the job.
+                let others: Vec<&LiveRun> = live
+                    .iter()
+                    .filter(|r| r.job_name == entry.job_name && r.scheduled_for != Some(run_for))
+                    .collect();
+                let skipped = match (entry.concurrency.as_str(), others.first()) {
+                    ("forbid", Some(other)) => Some(format!(
+                        "skipped: run {} of this job is still {} (concurrency: forbid)",
+                        other.id, other.status
+                    )),
+                    ("replace", Some(_)) => {
+                        replaced.extend(others.iter().map(|r| r.id));
+                        None
+                    }
+                    _ => None,
+                };
                 runs.push(
                     &NewRun {
                         id: None,
@@ -1006,6 +1210,7 @@ impl Store {
                     },
                     Some((entry.registry_id, run_for)),
                 );
+                runs.set_last(decision.starts_at.filter(|t| *t > run_for), skipped);
             }
             match decision.next_run {
                 Some(next) => {
@@ -1014,6 +1219,14 @@ impl Store {
                 }
                 None => finished_ids.push(entry.schedule_id),
             }
+        }
+        if !replaced.is_empty() {
+            cancel_in(
+                &mut tx,
+                &replaced,
+                "cancelled: replaced by a newer run of its job (concurrency: replace)",
+            )
+            .await?;
         }
         let created = if runs.ids.is_empty() {
             Vec::new()
@@ -1108,7 +1321,8 @@ impl Store {
     /// When the scheduler must look next (see [`Wakeup`]).
     pub async fn next_wakeup(&self) -> Result<Wakeup, StoreError> {
         sqlx::query_as(
-            "SELECT (SELECT min(next_run) FROM schedule) AS next_run,
+            "SELECT (SELECT s.next_run FROM schedule s JOIN registry r ON r.id = s.job
+                     WHERE NOT r.paused ORDER BY s.next_run LIMIT 1) AS next_run,
                     (SELECT min(COALESCE(not_before, created_at)) FROM job_runs
                      WHERE status = 'queued' AND published_at IS NULL) AS next_publish,
                     (SELECT min(published_at) FROM job_runs
@@ -1138,7 +1352,7 @@ impl Store {
     ) -> Result<Vec<ScheduledRow>, StoreError> {
         sqlx::query_as(
             "SELECT r.id AS registry_id, j.id AS job_id, COALESCE(j.name, j.id::text) AS job_name, j.job,
-                    r.schedule, r.timezone, s.next_run
+                    r.schedule, r.timezone, s.next_run, j.jitter_seconds, r.paused, r.paused_note
              FROM schedule s JOIN registry r ON r.id = s.job JOIN jobs j ON j.id = r.job
              WHERE $1::timestamptz IS NULL OR s.next_run <= $1
              ORDER BY s.next_run, r.id",
@@ -1153,7 +1367,7 @@ impl Store {
     pub async fn find_job(&self, key: &str) -> Result<Option<JobRow>, StoreError> {
         // A name wins over an id: a job may be named "4".
         sqlx::query_as(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE name = $1 OR id = $2 ORDER BY name = $1 DESC LIMIT 1"
+            "SELECT {JOB_COLUMNS} FROM jobs j WHERE name = $1 OR id = $2 ORDER BY name = $1 DESC LIMIT 1"
         ))
         .bind(key)
         .bind(key.parse::<i32>().ok())
@@ -1269,7 +1483,11 @@ impl Store {
                     COALESCE(c.attempt, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.attempt END),
                     r.status,
                     COALESCE(c.trigger, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.trigger END),
-                    (SELECT held FROM lease)
+                    (SELECT held FROM lease),
+                    COALESCE(r.scheduled_for, r.created_at),
+                    r.parent_id,
+                    (SELECT g.timezone FROM jobs j JOIN registry g ON g.job = j.id
+                     WHERE j.name = r.job_name LIMIT 1)
              FROM input i LEFT JOIN claimed c ON c.id = i.id LEFT JOIN job_runs r ON r.id = i.id"),
         )
         .bind(LEASE_CLASS)
@@ -1288,8 +1506,13 @@ impl Store {
             return Ok(vec![Claim::Unavailable; claims.len()]);
         }
         let mut by_id: HashMap<Uuid, ClaimState> = HashMap::new();
-        for (id, attempt, status, trigger, _) in rows {
-            by_id.insert(id, (attempt, status, trigger));
+        for (id, attempt, status, trigger, _, scheduled_for, parent, timezone) in rows {
+            let run = ClaimedRun {
+                scheduled_for,
+                parent,
+                timezone,
+            };
+            by_id.insert(id, (attempt, status, trigger, run));
         }
         // The same run twice in one batch: the first claims it, the second is a duplicate.
         let mut seen = HashSet::new();
@@ -1300,14 +1523,17 @@ impl Store {
                     return Claim::Running;
                 }
                 match by_id.get(id) {
-                    Some((Some(attempt), _, trigger)) => Claim::Claimed {
+                    Some((Some(attempt), _, trigger, run)) => Claim::Claimed {
                         attempt: *attempt,
                         trigger: trigger.clone().unwrap_or_else(|| "manual".into()),
+                        run: run.clone(),
                     },
-                    Some((None, Some(status), _)) if status == "running" || status == "queued" => {
+                    Some((None, Some(status), _, _))
+                        if status == "running" || status == "queued" =>
+                    {
                         Claim::Running
                     }
-                    Some((None, Some(status), _)) => Claim::Finished(status.clone()),
+                    Some((None, Some(status), _, _)) => Claim::Finished(status.clone()),
                     _ => Claim::Unknown,
                 }
             })
@@ -1329,6 +1555,7 @@ impl Store {
                 RunEnd::Succeeded => "succeeded",
                 RunEnd::Failed => "failed",
                 RunEnd::Dead => "dead",
+                RunEnd::Cancelled => "cancelled",
                 RunEnd::Retry(_) => "queued",
             })
             .collect();
@@ -1350,18 +1577,27 @@ impl Store {
         let tokens: Vec<i32> = finishes.iter().map(|f| f.token).collect();
         let attempts: Vec<i32> = finishes.iter().map(|f| f.attempt).collect();
         let mut tx = self.pool.begin().await.context("starting to record runs")?;
-        let recorded: Vec<Uuid> = sqlx::query_scalar(
+        // A run whose cancel was asked for ends cancelled, unless it succeeded meanwhile: it
+        // is not tried again.
+        let recorded: Vec<EndedRun> = sqlx::query_as(&format!(
             "UPDATE job_runs r
-             SET status = u.status,
-                 finished_at = CASE WHEN u.status = 'queued' THEN NULL ELSE now() END,
-                 published_at = CASE WHEN u.status = 'queued' THEN NULL ELSE r.published_at END,
-                 result = u.result::jsonb, error = u.error,
-                 not_before = now() + u.delay * interval '1 second'
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::int4[], $7::int4[])
-               AS u(id, status, result, error, delay, token, attempt)
-             WHERE r.id = u.id AND r.status = 'running' AND r.claim_token = u.token AND r.attempt = u.attempt
-             RETURNING r.id",
-        )
+             SET status = c.status,
+                 finished_at = CASE WHEN c.status = 'queued' THEN NULL ELSE now() END,
+                 published_at = CASE WHEN c.status = 'queued' THEN NULL ELSE r.published_at END,
+                 result = c.result::jsonb,
+                 error = CASE WHEN c.status = 'cancelled' AND c.asked
+                              THEN COALESCE(r.cancel_reason, 'cancelled') || COALESCE(' (' || c.error || ')', '')
+                              ELSE c.error END,
+                 not_before = CASE WHEN c.status = 'queued' THEN now() + c.delay * interval '1 second' END
+             FROM (SELECT u.*, x.cancel_requested_at IS NOT NULL AS asked,
+                          CASE WHEN x.cancel_requested_at IS NOT NULL AND u.wanted <> 'succeeded'
+                               THEN 'cancelled' ELSE u.wanted END AS status
+                   FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::int4[], $7::int4[])
+                     AS u(id, wanted, result, error, delay, token, attempt)
+                   JOIN job_runs x ON x.id = u.id) c
+             WHERE r.id = c.id AND r.status = 'running' AND r.claim_token = c.token AND r.attempt = c.attempt
+             RETURNING {ENDED}"
+        ))
         .bind(&ids)
         .bind(&statuses)
         .bind(&results)
@@ -1372,11 +1608,12 @@ impl Store {
         .fetch_all(&mut *tx)
         .await
         .context("recording finished runs")?;
-        if finishes.iter().any(|f| matches!(f.end, RunEnd::Retry(_))) {
+        let chained = chain_in(&mut tx, &recorded).await?;
+        if chained > 0 || finishes.iter().any(|f| matches!(f.end, RunEnd::Retry(_))) {
             notify_on(&mut tx, "run").await?;
         }
         tx.commit().await.context("committing finished runs")?;
-        let recorded: HashSet<Uuid> = recorded.into_iter().collect();
+        let recorded: HashSet<Uuid> = recorded.into_iter().map(|r| r.id).collect();
         Ok(ids
             .into_iter()
             .filter(|id| !recorded.contains(id))
@@ -1415,18 +1652,22 @@ impl Store {
             .begin()
             .await
             .context("starting to queue orphaned runs again")?;
-        let handled: Vec<(Uuid, i32, String)> = sqlx::query_as(&format!(
+        let handled: Vec<OrphanRow> = sqlx::query_as(&format!(
             "UPDATE job_runs r
-             SET status = CASE WHEN r.attempt >= r.max_retries + $5 THEN 'dead' ELSE 'queued' END,
-                 finished_at = CASE WHEN r.attempt >= r.max_retries + $5 THEN now() END,
+             SET status = CASE WHEN r.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                               WHEN r.attempt >= r.max_retries + $5 THEN 'dead' ELSE 'queued' END,
+                 finished_at = CASE WHEN r.cancel_requested_at IS NOT NULL
+                                      OR r.attempt >= r.max_retries + $5 THEN now() END,
                  published_at = NULL, not_before = NULL,
-                 error = CASE WHEN r.attempt >= r.max_retries + $5
+                 error = CASE WHEN r.cancel_requested_at IS NOT NULL
+                              THEN COALESCE(r.cancel_reason, 'cancelled') || ' (its worker vanished while running it)'
+                              WHEN r.attempt >= r.max_retries + $5
                               THEN 'its worker vanished while running it, ' || r.attempt || ' times: given up'
                               ELSE 'its worker vanished while running it; queued again' END
              FROM UNNEST($2::uuid[], $3::int4[], $4::int4[]) AS u(id, token, attempt)
              WHERE r.id = u.id AND r.claim_token = u.token AND r.attempt = u.attempt
                AND r.status = 'running' AND {LEASE_GONE}
-             RETURNING r.id, r.attempt, r.status"
+             RETURNING r.attempt, {ENDED}"
         ))
         .bind(LEASE_CLASS)
         .bind(&ids)
@@ -1436,9 +1677,14 @@ impl Store {
         .fetch_all(&mut *tx)
         .await
         .context("queueing orphaned runs again")?;
+        let ended: Vec<EndedRun> = handled.iter().map(|o| o.ended.clone()).collect();
+        chain_in(&mut tx, &ended).await?;
         notify_on(&mut tx, "run").await?;
         tx.commit().await.context("committing orphaned runs")?;
-        Ok(handled)
+        Ok(handled
+            .into_iter()
+            .map(|o| (o.ended.id, o.attempt, o.ended.status))
+            .collect())
     }
 
     /// The queues (`default_queue` for runs without one) that hold runs published `after` ago
@@ -1497,17 +1743,98 @@ impl Store {
 
     /// Records a queued run dead (its message could not be used). Returns whether it was.
     pub async fn mark_dead(&self, id: Uuid, error: &str) -> Result<bool, StoreError> {
-        let updated = sqlx::query(
-            "UPDATE job_runs SET status = 'dead', error = $2, finished_at = now()
-             WHERE id = $1 AND status = 'queued'",
-        )
+        let mut tx = self.pool.begin().await.context("recording a run dead")?;
+        let ended: Vec<EndedRun> = sqlx::query_as(&format!(
+            "UPDATE job_runs r SET status = 'dead', error = $2, finished_at = now()
+             WHERE id = $1 AND status = 'queued'
+             RETURNING {ENDED}"
+        ))
         .bind(id)
         .bind(text_without_nul(error))
-        .execute(&self.pool)
+        .fetch_all(&mut *tx)
         .await
-        .context("recording a run dead")?
-        .rows_affected();
-        Ok(updated == 1)
+        .context("recording a run dead")?;
+        if chain_in(&mut tx, &ended).await? > 0 {
+            notify_on(&mut tx, "run").await?;
+        }
+        tx.commit().await.context("committing a dead run")?;
+        Ok(!ended.is_empty())
+    }
+
+    /// Creates one run of `job` per slot (trigger `backfill`), in one transaction; a slot that
+    /// has a run already (scheduled or backfilled) is left alone. Returns how many were created.
+    pub async fn backfill(
+        &self,
+        job: &JobRow,
+        slots: &[DateTime<Utc>],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await.context("starting a backfill")?;
+        let registry_id: Option<i32> =
+            sqlx::query_scalar("SELECT min(id) FROM registry WHERE job = $1")
+                .bind(job.id)
+                .fetch_one(&mut *tx)
+                .await
+                .context("reading the job's registry entry")?;
+        let mut created = 0;
+        let mut done = 0;
+        for chunk in slots.chunks(IMPORT_CHUNK) {
+            let mut columns = RunColumns::default();
+            for slot in chunk {
+                columns.push(
+                    &NewRun::of_job(job, "backfill"),
+                    Some((registry_id.unwrap_or_default(), *slot)),
+                );
+            }
+            // The registry id is informational; the slot's identity is name and time.
+            if registry_id.is_none() {
+                columns.registry_ids.iter_mut().for_each(|r| *r = None);
+            }
+            created += columns.insert(&mut tx).await?.len();
+            done += chunk.len();
+            progress(done, slots.len());
+        }
+        if created > 0 {
+            notify_on(&mut tx, "run").await?;
+        }
+        tx.commit().await.context("committing the backfill")?;
+        Ok(created)
+    }
+
+    /// Cancels a run and its fan-out children (`runs --cancel`): queued ones are recorded
+    /// `cancelled` at once and never run; running ones are marked, and their worker (which
+    /// looks every half second) stops them and records them `cancelled`. `None`: no such run.
+    pub async fn cancel_run(&self, id: Uuid) -> Result<Option<Cancelled>, StoreError> {
+        let mut tx = self.pool.begin().await.context("starting to cancel")?;
+        let row: Option<(String, Option<String>)> =
+            sqlx::query_as("SELECT status, worker FROM job_runs WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .context("reading the run to cancel")?;
+        let Some((status, worker)) = row else {
+            return Ok(None);
+        };
+        let (now, later) = cancel_in(&mut tx, &[id], "cancelled by an operator").await?;
+        tx.commit().await.context("committing the cancel")?;
+        Ok(Some(Cancelled {
+            status,
+            worker,
+            cancelled: now,
+            asked: later,
+        }))
+    }
+
+    /// Of the running runs `ids`, those whose cancel was asked for.
+    pub async fn cancel_requested(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT id FROM job_runs
+             WHERE id = ANY($1) AND status = 'running' AND cancel_requested_at IS NOT NULL",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .context("looking for cancelled runs")
     }
 
     /// Ids of a run's fan-out children.
@@ -1521,11 +1848,13 @@ impl Store {
 
     // ---- run history ----
 
-    /// Recent runs, newest first, optionally of one job (name or id) and one status.
+    /// Recent runs, newest first, optionally of one job (name or id), one status and one
+    /// trigger.
     pub async fn runs(
         &self,
         job: Option<&str>,
         status: Option<&str>,
+        trigger: Option<&str>,
         limit: i64,
     ) -> Result<Vec<RunRow>, StoreError> {
         // A job id is turned into its name first, so that the name index serves the query.
@@ -1546,12 +1875,14 @@ impl Store {
         sqlx::query_as(&format!(
             "SELECT {RUN_COLUMNS} FROM job_runs
              WHERE ($1::text IS NULL OR job_name = $1) AND ($2::text IS NULL OR status = $2)
+               AND ($4::text IS NULL OR trigger = $4)
              ORDER BY created_at DESC, id
              LIMIT $3"
         ))
         .bind(name)
         .bind(status)
         .bind(limit)
+        .bind(trigger)
         .fetch_all(&self.pool)
         .await
         .context("reading runs")
@@ -1946,14 +2277,171 @@ pub struct Wakeup {
     pub now: DateTime<Utc>,
 }
 
+/// The columns a statement that ends runs returns (`job_runs` as `r`): what a chain needs.
+/// `chain` holds the job names to start: the job's `on_success` for a success, its
+/// `on_failure` for a failure or a dead run — for top-level and chained runs only (fan-out
+/// children end as part of their parent).
+const ENDED: &str = "r.id, r.status, r.job_name, r.error, r.result,
+    CASE WHEN r.parent_id IS NULL OR r.trigger = 'chain' THEN
+        CASE WHEN r.status = 'succeeded' THEN (SELECT j.on_success FROM jobs j WHERE j.name = r.job_name)
+             WHEN r.status IN ('failed', 'dead') THEN (SELECT j.on_failure FROM jobs j WHERE j.name = r.job_name)
+        END
+    END AS chain";
+
+/// A run a statement ended (see [`ENDED`]).
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct EndedRun {
+    id: Uuid,
+    status: String,
+    job_name: String,
+    error: Option<String>,
+    result: Option<serde_json::Value>,
+    chain: Option<serde_json::Value>,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct OrphanRow {
+    attempt: i32,
+    #[sqlx(flatten)]
+    ended: EndedRun,
+}
+
+/// Namespace of chained runs' ids: a run's id and the chained job's name give the id, so the
+/// chain link is created once whatever retries the statement.
+const CHAIN_NAMESPACE: Uuid = Uuid::from_u128(0x6a73_6368_6169_6e2d_6c69_6e6b_2d69_6400);
+
+/// Creates, within the transaction that recorded `ended`, the runs their jobs chain (trigger
+/// `chain`, parent = the ended run, the ended run under `trigger_run` in the arguments).
+/// Returns how many were created.
+async fn chain_in(tx: &mut PgConnection, ended: &[EndedRun]) -> Result<usize, StoreError> {
+    let links: Vec<(&EndedRun, String)> = ended
+        .iter()
+        .flat_map(|run| {
+            let names = match &run.chain {
+                Some(serde_json::Value::Array(names)) => names.clone(),
+                _ => Vec::new(),
+            };
+            names
+                .into_iter()
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .map(move |name| (run, name))
+        })
+        .collect();
+    if links.is_empty() {
+        return Ok(0);
+    }
+    let names: Vec<&str> = links.iter().map(|(_, n)| n.as_str()).collect();
+    let jobs: Vec<JobRow> = sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs j WHERE name = ANY($1)"
+    ))
+    .bind(&names)
+    .fetch_all(&mut *tx)
+    .await
+    .context("reading chained jobs")?;
+    let mut columns = RunColumns::default();
+    let mut after: HashMap<Uuid, Uuid> = HashMap::new();
+    for (run, name) in &links {
+        let Some(job) = jobs
+            .iter()
+            .find(|j| j.name.as_deref() == Some(name.as_str()))
+        else {
+            tracing::warn!(run = %run.id, job = %run.job_name, chained = %name, "a chained job is no longer in the registry: not started");
+            continue;
+        };
+        let mut new = NewRun::of_job(job, "chain");
+        let mut source = run.id.as_bytes().to_vec();
+        source.extend_from_slice(name.as_bytes());
+        new.id = Some(Uuid::new_v5(&CHAIN_NAMESPACE, &source));
+        new.parent_id = Some(run.id);
+        after.extend(new.id.map(|id| (id, run.id)));
+        new.arguments.insert(
+            "trigger_run".into(),
+            serde_json::json!({
+                "id": run.id,
+                "job": run.job_name,
+                "status": run.status,
+                "error": run.error,
+                "result": run.result,
+            }),
+        );
+        columns.push(&new, None);
+    }
+    if columns.ids.is_empty() {
+        return Ok(0);
+    }
+    let created = columns.insert(tx).await?;
+    for run in &created {
+        let parent = after.get(&run.id).map(Uuid::to_string).unwrap_or_default();
+        tracing::info!(run = %run.id, job = %run.job_name, trigger = "chain", after = %parent, "run queued");
+    }
+    Ok(created.len())
+}
+
+/// A run still queued or running, for a job's overlap policy.
+#[derive(Debug, sqlx::FromRow)]
+struct LiveRun {
+    id: Uuid,
+    job_name: String,
+    status: String,
+    scheduled_for: Option<DateTime<Utc>>,
+}
+
+/// Cancels runs (and their fan-out children) within `tx`: queued ones are recorded
+/// `cancelled` with `reason` at once; running ones are marked for their worker, which stops
+/// them and records them `cancelled`. Returns (cancelled now, marked for their worker).
+async fn cancel_in(
+    tx: &mut PgConnection,
+    ids: &[Uuid],
+    reason: &str,
+) -> Result<(Vec<Uuid>, Vec<Uuid>), StoreError> {
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "WITH RECURSIVE tree AS (
+             SELECT id FROM job_runs WHERE id = ANY($1)
+             UNION
+             SELECT c.id FROM job_runs c JOIN tree t ON c.parent_id = t.id WHERE c.trigger <> 'chain'),
+         queued AS (
+             UPDATE job_runs r SET status = 'cancelled', finished_at = now(), error = $2
+             FROM tree t WHERE r.id = t.id AND r.status = 'queued'
+             RETURNING r.id),
+         running AS (
+             UPDATE job_runs r SET cancel_requested_at = now(), cancel_reason = $2
+             FROM tree t WHERE r.id = t.id AND r.status = 'running' AND r.cancel_requested_at IS NULL
+             RETURNING r.id)
+         SELECT id, 'cancelled' FROM queued UNION ALL SELECT id, 'requested' FROM running",
+    )
+    .bind(ids)
+    .bind(reason)
+    .fetch_all(&mut *tx)
+    .await
+    .context("cancelling runs")?;
+    let (now, later): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.1 == "cancelled");
+    Ok((
+        now.into_iter().map(|r| r.0).collect(),
+        later.into_iter().map(|r| r.0).collect(),
+    ))
+}
+
 /// One claim of a run: (run, claim token, attempt).
 pub type ClaimKey = (Uuid, i32, i32);
 
-/// A claim's answer row: run id, attempt if claimed, status before, trigger if claimed, and
-/// whether the worker's lease is held.
-type ClaimRow = (Uuid, Option<i32>, Option<String>, Option<String>, bool);
-/// Attempt if claimed, status before, trigger if claimed.
-type ClaimState = (Option<i32>, Option<String>, Option<String>);
+/// A claim's answer row: run id, attempt if claimed, status before, trigger if claimed,
+/// whether the worker's lease is held, and what the run's plugin may know (slot or creation,
+/// parent, the job's zone).
+type ClaimRow = (
+    Uuid,
+    Option<i32>,
+    Option<String>,
+    Option<String>,
+    bool,
+    Option<DateTime<Utc>>,
+    Option<Uuid>,
+    Option<String>,
+);
+/// Attempt if claimed, status before, trigger if claimed, the run's context.
+type ClaimState = (Option<i32>, Option<String>, Option<String>, ClaimedRun);
+
+/// An inserted run: id, job name, slot, status, error.
+type CreatedRow = (Uuid, String, Option<DateTime<Utc>>, String, Option<String>);
 
 /// Columns of runs to insert, as arrays for UNNEST.
 #[derive(Default)]
@@ -1973,10 +2461,32 @@ struct RunColumns {
     scheduled_for: Vec<Option<DateTime<Utc>>>,
     parents: Vec<Option<Uuid>>,
     published: Vec<bool>,
+    not_before: Vec<Option<DateTime<Utc>>>,
+    /// `queued`, or `skipped` (recorded at once, with its reason in `errors`).
+    statuses: Vec<&'static str>,
+    errors: Vec<Option<String>>,
 }
 
 impl RunColumns {
+    /// Sets the start time and the skip reason of the run pushed last.
+    fn set_last(&mut self, not_before: Option<DateTime<Utc>>, skipped: Option<String>) {
+        if let (Some(slot), Some(status), Some(error)) = (
+            self.not_before.last_mut(),
+            self.statuses.last_mut(),
+            self.errors.last_mut(),
+        ) {
+            *slot = not_before;
+            if skipped.is_some() {
+                *status = "skipped";
+                *error = skipped;
+            }
+        }
+    }
+
     fn push(&mut self, run: &NewRun, slot: Option<(i32, DateTime<Utc>)>) {
+        self.not_before.push(None);
+        self.statuses.push("queued");
+        self.errors.push(None);
         self.ids.push(run.id.unwrap_or_else(Uuid::new_v4));
         self.job_names.push(text_without_nul(&run.job_name));
         self.jobs.push(text_without_nul(&run.job));
@@ -1999,18 +2509,20 @@ impl RunColumns {
     /// fan-out children and bare messages are derived from what they come from, so a retried
     /// insert creates nothing new). Returns the runs inserted.
     async fn insert(&self, tx: &mut PgConnection) -> Result<Vec<CreatedRun>, StoreError> {
-        let rows: Vec<(Uuid, String, Option<DateTime<Utc>>)> = sqlx::query_as(
+        let rows: Vec<CreatedRow> = sqlx::query_as(
             "INSERT INTO job_runs (id, job_name, job, job_id, registry_id, trigger, queue, arguments, preprocessing,
-                                   postprocessing, timeout_seconds, max_retries, scheduled_for, parent_id, published_at)
+                                   postprocessing, timeout_seconds, max_retries, scheduled_for, parent_id, published_at,
+                                   not_before, status, error, finished_at)
              SELECT u.id, u.job_name, u.job, u.job_id, u.registry_id, u.trigger, u.queue, u.arguments::jsonb, u.pre,
-                    u.post, u.timeout, u.retries, u.scheduled_for, u.parent_id, CASE WHEN u.published THEN now() END
+                    u.post, u.timeout, u.retries, u.scheduled_for, u.parent_id, CASE WHEN u.published THEN now() END,
+                    u.not_before, u.status, u.error, CASE WHEN u.status <> 'queued' THEN now() END
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::int4[], $6::text[], $7::text[],
                          $8::text[], $9::text[], $10::text[], $11::float8[], $12::int4[], $13::timestamptz[],
-                         $14::uuid[], $15::bool[])
+                         $14::uuid[], $15::bool[], $16::timestamptz[], $17::text[], $18::text[])
                AS u(id, job_name, job, job_id, registry_id, trigger, queue, arguments, pre, post, timeout, retries,
-                    scheduled_for, parent_id, published)
+                    scheduled_for, parent_id, published, not_before, status, error)
              ON CONFLICT DO NOTHING
-             RETURNING id, job_name, scheduled_for",
+             RETURNING id, job_name, scheduled_for, status, error",
         )
         .bind(&self.ids)
         .bind(&self.job_names)
@@ -2027,15 +2539,19 @@ impl RunColumns {
         .bind(&self.scheduled_for)
         .bind(&self.parents)
         .bind(&self.published)
+        .bind(&self.not_before)
+        .bind(&self.statuses)
+        .bind(&self.errors)
         .fetch_all(&mut *tx)
         .await
         .context("inserting runs")?;
         Ok(rows
             .into_iter()
-            .map(|(id, job_name, scheduled_for)| CreatedRun {
+            .map(|(id, job_name, scheduled_for, status, error)| CreatedRun {
                 id,
                 job_name,
                 scheduled_for,
+                skipped: (status == "skipped").then(|| error.unwrap_or_default()),
             })
             .collect())
     }

@@ -220,7 +220,7 @@ fn the_shipped_examples_stay_valid() {
         preprocessing: &demo.preprocessing,
     };
     let jobs = jobschleuder::jobfile::load(&root.join("demo/jobs.yaml"), Some(&known)).unwrap();
-    assert_eq!(jobs.len(), 3);
+    assert_eq!(jobs.len(), 4);
 }
 
 #[test]

@@ -43,6 +43,8 @@ pub fn plugin_config_text() -> String {
         ("test_slow_start", "testkit"),
         ("test_missing_function", "testkit"),
         ("old_abi", "abi_mismatch"),
+        ("v1_echo", "abi_v1"),
+        ("test_context", "testkit"),
         ("not_a_plugin", "no_symbols"),
         ("not_built", "no_such_library"),
     ] {
@@ -219,7 +221,7 @@ fn abi_mismatch_is_refused_naming_both_versions() {
             err,
             PluginError::AbiMismatch {
                 found: 999,
-                expected: 1,
+                expected: 2,
                 ..
             }
         ),
@@ -227,9 +229,59 @@ fn abi_mismatch_is_refused_naming_both_versions() {
     );
     let text = err.to_string();
     assert!(
-        text.contains("999") && text.contains("version 1") && text.contains("libabi_mismatch.so"),
+        text.contains("999")
+            && text.contains("versions 1 to 2")
+            && text.contains("libabi_mismatch.so"),
         "{text}"
     );
+}
+
+#[test]
+fn a_plugin_built_for_abi_version_1_still_loads_and_runs() {
+    let host = host();
+    // Outside a run: its input is what version 1 hosts sent.
+    let plain = host.call_job("v1_echo", args(json!({"a": 1}))).unwrap();
+    assert_eq!(plain, json!({"args": {"a": 1}}));
+    // In a run: the run's context travels in the input (a version 1 plugin ignores it), and
+    // the call goes through version 1's entry point, which has no cancellation flag.
+    let run = jobschleuder::plugin::RunCall {
+        context: json!({"id": "r", "job": "j", "trigger": "manual", "attempt": 1}),
+        cancelled: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    };
+    let in_run = jobschleuder::plugin::in_run(Some(run), || {
+        host.call_job("v1_echo", args(json!({"a": 2})))
+    })
+    .unwrap();
+    assert_eq!(
+        in_run,
+        json!({"args": {"a": 2}, "run": {"id": "r", "job": "j", "trigger": "manual", "attempt": 1}})
+    );
+}
+
+#[test]
+fn a_job_function_reads_its_run_and_its_cancellation_flag() {
+    let host = host();
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let context = json!({
+        "id": "8c3e", "job": "nightly", "trigger": "schedule",
+        "scheduled_for": "2026-03-29T03:00:00+02:00", "attempt": 2, "worker": "w1", "parent": null,
+    });
+    let call = |flag: &std::sync::Arc<std::sync::atomic::AtomicBool>| {
+        let run = jobschleuder::plugin::RunCall {
+            context: context.clone(),
+            cancelled: flag.clone(),
+        };
+        jobschleuder::plugin::in_run(Some(run), || host.call_job("test_context", args(json!({}))))
+            .unwrap()
+    };
+    let seen = call(&flag);
+    assert_eq!(seen["run"], context);
+    assert_eq!(seen["cancelled"], false);
+    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(call(&flag)["cancelled"], true);
+    // Outside a run there is none, and nothing is cancelled; nothing leaks from the last call.
+    let outside = host.call_job("test_context", args(json!({}))).unwrap();
+    assert_eq!(outside, json!({"run": null, "cancelled": false}));
 }
 
 #[test]

@@ -5,6 +5,7 @@ mod util;
 
 mod calendar;
 mod cli;
+mod control;
 mod docs;
 mod hardening;
 mod listener;

@@ -8,9 +8,9 @@ use crate::cli::RunsArgs;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::output::{self, cell, TitledTable};
-use crate::store::{RunRow, Store};
+use crate::store::{RunRow, Store, RUN_TRIGGERS};
 
-const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "dead"];
+use crate::store::RUN_STATUSES as STATUSES;
 
 pub async fn run(config: &Config, args: &RunsArgs) -> Result<()> {
     if let Some(status) = &args.status {
@@ -18,6 +18,14 @@ pub async fn run(config: &Config, args: &RunsArgs) -> Result<()> {
             return Err(Error::Usage(format!(
                 "--status {status:?}: use one of {}",
                 STATUSES.join(", ")
+            )));
+        }
+    }
+    if let Some(trigger) = &args.trigger {
+        if !RUN_TRIGGERS.contains(&trigger.as_str()) {
+            return Err(Error::Usage(format!(
+                "--trigger {trigger:?}: use one of {}",
+                RUN_TRIGGERS.join(", ")
             )));
         }
     }
@@ -32,8 +40,49 @@ pub async fn run(config: &Config, args: &RunsArgs) -> Result<()> {
         })?),
         None => None,
     };
+    let cancel = match &args.cancel {
+        Some(text) => Some(uuid::Uuid::parse_str(text.trim()).map_err(|_| {
+            Error::Usage(format!(
+                "--cancel {text:?} is not a run id (a UUID, as `runs` lists them)"
+            ))
+        })?),
+        None => None,
+    };
     let store = Store::connect(&config.database).await?;
     let mut stdout = std::io::stdout().lock();
+    if let Some(id) = cancel {
+        let done = store.cancel_run(id).await?.ok_or_else(|| {
+            Error::Usage(format!("--cancel: no run {id} (it may have been pruned)"))
+        })?;
+        if args.json {
+            writeln!(stdout, "{}", output::json(&done))?;
+            return Ok(());
+        }
+        let children = |ids: &[uuid::Uuid]| ids.iter().filter(|c| **c != id).count();
+        let line = if done.cancelled.contains(&id) {
+            format!("Run {id} was queued: recorded cancelled; it will not run.")
+        } else if done.asked.contains(&id) {
+            format!(
+                "Run {id} is running on worker {}: it is being stopped and will be recorded cancelled.",
+                done.worker.as_deref().unwrap_or("?")
+            )
+        } else {
+            format!(
+                "Run {id} has ended already ({}): nothing to cancel.",
+                done.status
+            )
+        };
+        writeln!(stdout, "{line}")?;
+        let (now, later) = (children(&done.cancelled), children(&done.asked));
+        if now + later > 0 {
+            writeln!(
+                stdout,
+                "Its fan-out children: {now} cancelled, {later} running and being stopped."
+            )?;
+        }
+        tracing::info!(run = %id, cancelled = done.cancelled.len(), stopping = done.asked.len(), "cancel asked for");
+        return Ok(());
+    }
     match show {
         Some(id) => {
             let run = store
@@ -81,12 +130,21 @@ pub async fn run(config: &Config, args: &RunsArgs) -> Result<()> {
                 writeln!(stdout, "Result\n{}", output::json(result))?;
             }
             if !children.is_empty() {
-                writeln!(stdout, "{}", list("Fan-out children", &children))?;
+                writeln!(
+                    stdout,
+                    "{}",
+                    list("Child runs (fan-out, and chained after it)", &children)
+                )?;
             }
         }
         None => {
             let runs = store
-                .runs(args.job.as_deref(), args.status.as_deref(), args.limit)
+                .runs(
+                    args.job.as_deref(),
+                    args.status.as_deref(),
+                    args.trigger.as_deref(),
+                    args.limit,
+                )
                 .await?;
             if args.json {
                 writeln!(stdout, "{}", output::json(&runs))?;

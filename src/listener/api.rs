@@ -18,7 +18,7 @@ use crate::store::{NewRun, WebhookKey, WebhookRun};
 const MAX_BODY: usize = 1024 * 1024;
 /// How long an `Idempotency-Key` of `POST /api/jobs/{name}/run` is remembered.
 const IDEMPOTENCY_HOLD: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "dead"];
+use crate::store::RUN_STATUSES as STATUSES;
 
 fn authorize(state: &State, headers: &HeaderMap) -> Result<(), Refusal> {
     let hooks = state.hooks();
@@ -181,7 +181,7 @@ pub async fn runs(
     }
     let runs = state
         .store
-        .runs(query.job.as_deref(), query.status.as_deref(), limit)
+        .runs(query.job.as_deref(), query.status.as_deref(), None, limit)
         .await
         .map_err(|e| Refusal::database(&e))?;
     Ok(Json(json!({ "runs": runs })).into_response())

@@ -483,7 +483,7 @@ pub async fn wait_for(state: &State, ids: &[Uuid], wait: Duration, body: &mut Va
         let done = runs.len() == ids.len()
             && runs
                 .iter()
-                .all(|r| matches!(r.status.as_str(), "succeeded" | "failed" | "dead"));
+                .all(|r| crate::store::ENDED_STATUSES.contains(&r.status.as_str()));
         let now = tokio::time::Instant::now();
         if done || now >= deadline || shutdown.requested() {
             let by_id: std::collections::HashMap<Uuid, &crate::store::RunRow> =

@@ -50,12 +50,12 @@ impl Metrics {
         );
         let runs_created = counter(
             "jobschleuder_runs_created_total",
-            "Runs created, by trigger (schedule, manual, webhook).",
+            "Runs created, by trigger (schedule, manual, webhook, chain, backfill).",
             &["trigger"],
         );
         let runs_finished = counter(
             "jobschleuder_runs_finished_total",
-            "Runs finished, by job and status (succeeded, failed, dead).",
+            "Runs finished, by job and status (succeeded, failed, dead, skipped, cancelled).",
             &["job", "status"],
         );
         let run_duration = HistogramVec::new(

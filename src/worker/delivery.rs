@@ -1,7 +1,8 @@
 //! One delivery: parse, claim, run preprocessing, the job and postprocessing on blocking
 //! threads, record, then settle the delivery.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -11,9 +12,9 @@ use super::batch::{until_ok, Recording};
 use super::{Context, InFlight};
 use crate::broker::{self, Delivery, JobMessage};
 use crate::jobfile::{MAX_JOB, MAX_NAME};
-use crate::plugin::{Args, Outcome, PluginError};
+use crate::plugin::{Args, Outcome, PluginError, RunCall};
 use crate::scheduler::publish_queued;
-use crate::store::{Claim, Finish, NewRun, RunEnd};
+use crate::store::{Claim, ClaimedRun, Finish, NewRun, RunEnd};
 
 /// How long a timed-out plugin call may take to return before its slot counts as hung.
 const HUNG_AFTER: Duration = Duration::from_secs(10);
@@ -77,7 +78,14 @@ pub(super) async fn blocking<T: Send + 'static>(
     limit: Option<Duration>,
     call: impl FnOnce() -> Result<T, PluginError> + Send + 'static,
 ) -> Result<T, Failure> {
-    let mut handle = tokio::task::spawn_blocking(move || crate::plugin::within(limit, call));
+    let run = context.in_flight.lock().ok().and_then(|runs| {
+        runs.get(&run_id)
+            .filter(|run| run.attempt == attempt)
+            .map(|run| run.call.clone())
+    });
+    let mut handle = tokio::task::spawn_blocking(move || {
+        crate::plugin::in_run(run, || crate::plugin::within(limit, call))
+    });
     let joined = match limit {
         Some(limit) => match tokio::time::timeout(limit, &mut handle).await {
             Ok(joined) => joined,
@@ -169,8 +177,12 @@ pub(super) async fn handle(context: &Context, delivery: Delivery) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         claim = context.claims.call((run_id, delivery.redelivered)).await;
     }
-    let (attempt, trigger) = match claim {
-        Some(Claim::Claimed { attempt, trigger }) => (attempt, trigger),
+    let (attempt, trigger, run) = match claim {
+        Some(Claim::Claimed {
+            attempt,
+            trigger,
+            run,
+        }) => (attempt, trigger, run),
         Some(Claim::Finished(status)) => {
             tracing::debug!(run = %run_id, status = %status, "delivery of a finished run: skipped");
             let _ = broker::ack(&delivery).await;
@@ -203,6 +215,7 @@ pub(super) async fn handle(context: &Context, delivery: Delivery) {
         }
         None => return, // shutting down
     };
+    let call = run_call(context, &message, run_id, attempt, &trigger, &run);
     if let Ok(mut in_flight) = context.in_flight.lock() {
         in_flight.insert(
             run_id,
@@ -211,6 +224,7 @@ pub(super) async fn handle(context: &Context, delivery: Delivery) {
                 acker: delivery.acker.clone(),
                 max_retries: i32::try_from(message.retries.unwrap_or(0)).unwrap_or(i32::MAX),
                 hung_after: None,
+                call,
             },
         );
     }
@@ -219,6 +233,39 @@ pub(super) async fn handle(context: &Context, delivery: Delivery) {
     )
     .await;
     settled(context, run_id, attempt);
+}
+
+/// What a claimed run's plugin calls may know of it (the SDK's `Run`), and a fresh
+/// cancellation flag.
+fn run_call(
+    context: &Context,
+    message: &JobMessage,
+    run_id: Uuid,
+    attempt: i32,
+    trigger: &str,
+    run: &ClaimedRun,
+) -> RunCall {
+    let zone = crate::scheduler::entry_zone(run.timezone.as_deref(), context.config.timezone);
+    RunCall {
+        context: json!({
+            "id": run_id,
+            "job": message.job_name.clone().unwrap_or_else(|| message.cmd.clone()),
+            "trigger": trigger,
+            "scheduled_for": run.scheduled_for.map(|t| t.with_timezone(&zone).to_rfc3339()),
+            "attempt": attempt,
+            "worker": context.worker_id,
+            "parent": run.parent,
+        }),
+        cancelled: Arc::new(AtomicBool::new(false)),
+    }
+}
+
+/// Whether the run's cancel was seen by this worker.
+fn cancel_seen(context: &Context, run_id: Uuid, attempt: i32) -> bool {
+    context.in_flight.lock().is_ok_and(|runs| {
+        runs.get(&run_id)
+            .is_some_and(|run| run.attempt == attempt && run.call.cancelled.load(Ordering::SeqCst))
+    })
 }
 
 /// The run's attempt is no longer this worker's to interrupt: its result is with the recorder.
@@ -342,6 +389,11 @@ async fn run_claimed(
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let max_retries = i32::try_from(message.retries.unwrap_or(0)).unwrap_or(i32::MAX);
     let finished = match outcome {
+        Err(failure) if cancel_seen(context, run_id, attempt) => {
+            let error = failure.message();
+            tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, "run cancelled: {error}");
+            finish(RunEnd::Cancelled, failure.details(), Some(error))
+        }
         Ok(result) => {
             tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, "run succeeded");
             finish(RunEnd::Succeeded, Some(result), None)

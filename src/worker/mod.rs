@@ -72,6 +72,45 @@ struct Context {
     hung: AtomicUsize,
 }
 
+/// How often a worker with running runs asks whether one of them was cancelled.
+const CANCEL_POLL: Duration = Duration::from_millis(500);
+
+/// Sets the cancellation flag of running runs whose cancel was asked for (`runs --cancel`, a
+/// replacing run): plugins that look at it stop (`command` kills its process group), and the
+/// run is recorded cancelled when its call returns. Asks the database only while runs run.
+async fn watch_cancels(context: Arc<Context>) {
+    loop {
+        tokio::time::sleep(CANCEL_POLL).await;
+        let running: Vec<Uuid> = match context.in_flight.lock() {
+            Ok(runs) => runs
+                .iter()
+                .filter(|(_, run)| !run.call.cancelled.load(Ordering::SeqCst))
+                .map(|(id, _)| *id)
+                .collect(),
+            Err(_) => continue,
+        };
+        if running.is_empty() {
+            continue;
+        }
+        let cancelled = match context.store.cancel_requested(&running).await {
+            Ok(cancelled) => cancelled,
+            Err(e) => {
+                tracing::debug!(error = %e, "looking for cancelled runs failed; trying again");
+                continue;
+            }
+        };
+        if let Ok(runs) = context.in_flight.lock() {
+            for id in cancelled {
+                if let Some(run) = runs.get(&id) {
+                    if !run.call.cancelled.swap(true, Ordering::SeqCst) {
+                        tracing::info!(run = %id, attempt = run.attempt, "run cancelled by an operator: stopping it");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// How the worker stopped, when it did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
@@ -200,6 +239,7 @@ pub async fn run(
         recording: Arc::new(AtomicUsize::new(0)),
         hung: AtomicUsize::new(0),
     });
+    let cancel_watch = tokio::spawn(watch_cancels(context.clone()));
     let slots = options.slots.max(1);
     let semaphore = Arc::new(Semaphore::new(slots));
     let mut tasks: JoinSet<()> = JoinSet::new();
@@ -314,6 +354,7 @@ pub async fn run(
     if !tasks.is_empty() {
         interrupt(&context, &mut tasks).await;
     }
+    cancel_watch.abort();
     // Let the last acknowledgements reach the broker before the channel closes.
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Everything this process ran is recorded: the lease may go. Deliveries that return to

@@ -25,6 +25,8 @@ pub(super) struct InFlight {
     pub(super) max_retries: i32,
     /// Its plugin call outlived the job's timeout and has not returned.
     pub(super) hung_after: Option<Duration>,
+    /// What its plugin calls may know of it, and its cancellation flag.
+    pub(super) call: crate::plugin::RunCall,
 }
 
 /// Waits for running jobs up to `grace`, or until a second stop signal.

@@ -14,10 +14,20 @@
 //! - `success_codes`: exit statuses that count as success (default `[0]`).
 //!
 //! `{name}` in `command` and `args` is replaced by the argument `name` when it is a string or a
-//! number, so a fanned-out job can say `ssh {host} ...`. In a `shell: true` command line the
+//! number, so a fanned-out job can say `ssh {host} ...`. The run gives three more (unless an
+//! argument has the name): `{run_id}`, `{scheduled_for}` (the slot, RFC 3339 in the job's zone;
+//! for runs without a slot, when the run was created) and `{attempt}`, so a backup can be named
+//! by its slot. In a `shell: true` command line the
 //! value is quoted for the shell: it stays one word and runs nothing, whatever it contains (so
 //! do not put placeholders inside quotes of your own). Substituted values are not searched for
 //! placeholders again.
+//!
+//! The program's environment has `JOBSCHLEUDER_RUN_ID`, `JOBSCHLEUDER_JOB`,
+//! `JOBSCHLEUDER_TRIGGER`, `JOBSCHLEUDER_SCHEDULED_FOR` and `JOBSCHLEUDER_ATTEMPT` (set after
+//! `env`, also with `clear_env`).
+//!
+//! A cancelled run (`runs --cancel`) stops like a timed-out one: its process group gets SIGTERM,
+//! then SIGKILL after `kill_grace`, within about a second of the cancel.
 //!
 //! The result has `exit_code` (or `signal`), `stdout` and `stderr` (their last 64 KiB),
 //! `stdout_truncated`/`stderr_truncated`, `duration_ms` and `timed_out`. A failed run carries the
@@ -70,7 +80,34 @@ struct Spec {
 fn command(args: Args) -> Result<Value, JobError> {
     let spec: Spec = serde_json::from_value(Value::Object(args.clone()))
         .map_err(|e| JobError::fatal(format!("command: bad arguments: {e}")))?;
-    run(&spec, &args)
+    let run = jobschleuder_plugin::current_run();
+    let mut values = args.clone();
+    if let Some(run) = &run {
+        for (name, value) in [
+            ("run_id", json!(run.id)),
+            ("scheduled_for", json!(run.scheduled_for)),
+            ("attempt", json!(run.attempt)),
+        ] {
+            if !value.is_null() {
+                values.entry(name).or_insert(value);
+            }
+        }
+    }
+    run_program(&spec, &values, run.as_ref())
+}
+
+/// The run's variables for the program's environment.
+fn run_environment(run: &jobschleuder_plugin::Run) -> Vec<(&'static str, String)> {
+    let mut vars = vec![
+        ("JOBSCHLEUDER_RUN_ID", run.id.clone()),
+        ("JOBSCHLEUDER_JOB", run.job.clone()),
+        ("JOBSCHLEUDER_TRIGGER", run.trigger.clone()),
+        ("JOBSCHLEUDER_ATTEMPT", run.attempt.to_string()),
+    ];
+    if let Some(slot) = &run.scheduled_for {
+        vars.push(("JOBSCHLEUDER_SCHEDULED_FOR", slot.clone()));
+    }
+    vars
 }
 
 /// `text` with each `{name}` replaced by the argument `name` (a string or a number), in one pass:
@@ -114,7 +151,11 @@ fn substitute(text: &str, args: &Args, quote: bool) -> Result<String, JobError> 
     Ok(out)
 }
 
-fn build(spec: &Spec, args: &Args) -> Result<(Command, Vec<String>), JobError> {
+fn build(
+    spec: &Spec,
+    args: &Args,
+    run: Option<&jobschleuder_plugin::Run>,
+) -> Result<(Command, Vec<String>), JobError> {
     let mut argv: Vec<String> = match &spec.command {
         None => {
             return Err(JobError::fatal(
@@ -147,6 +188,9 @@ fn build(spec: &Spec, args: &Args) -> Result<(Command, Vec<String>), JobError> {
         command.env_clear();
     }
     command.envs(&spec.env);
+    if let Some(run) = run {
+        command.envs(run_environment(run));
+    }
     if let Some(cwd) = &spec.cwd {
         command.current_dir(cwd);
     }
@@ -200,8 +244,22 @@ fn signal_group(pid: u32, signal: i32) {
     }
 }
 
-fn run(spec: &Spec, args: &Args) -> Result<Value, JobError> {
-    let (mut command, argv) = build(spec, args)?;
+/// Why a program was stopped before it ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stopped {
+    TimedOut,
+    Cancelled,
+}
+
+/// How often a running program's run is checked for a cancel.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
+
+fn run_program(
+    spec: &Spec,
+    args: &Args,
+    run: Option<&jobschleuder_plugin::Run>,
+) -> Result<Value, JobError> {
+    let (mut command, argv) = build(spec, args, run)?;
     let started = Instant::now();
     let mut child = command.spawn().map_err(|e| {
         let retryable = e.kind() != std::io::ErrorKind::NotFound
@@ -253,37 +311,53 @@ fn run(spec: &Spec, args: &Args) -> Result<Value, JobError> {
         .filter(|t| *t > 0.0)
         .map(Duration::from_secs_f64);
     let grace = Duration::from_secs_f64(spec.kill_grace.unwrap_or(5.0).max(0.0));
-    let mut timed_out = false;
-    let status = match timeout {
-        Some(limit) => match status_rx.recv_timeout(limit) {
-            Ok(status) => status,
-            Err(_) => {
-                timed_out = true;
-                jobschleuder_plugin::warn!(
-                    "command: {:?} timed out after {:?}; stopping its process group",
-                    argv[0],
-                    limit
-                );
+    let deadline = timeout.map(|limit| started + limit);
+    let lost = || Err(std::io::Error::other("lost the child"));
+    let mut stopped = None;
+    let status = loop {
+        let wait = deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(CANCEL_POLL)
+            .min(CANCEL_POLL);
+        match status_rx.recv_timeout(wait) {
+            Ok(status) => break status,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break lost(),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let why = if jobschleuder_plugin::cancelled() {
+                    Stopped::Cancelled
+                } else if deadline.is_some_and(|d| Instant::now() >= d) {
+                    Stopped::TimedOut
+                } else {
+                    continue;
+                };
+                stopped = Some(why);
+                match why {
+                    Stopped::Cancelled => jobschleuder_plugin::warn!(
+                        "command: the run of {:?} was cancelled; stopping its process group",
+                        argv[0]
+                    ),
+                    Stopped::TimedOut => jobschleuder_plugin::warn!(
+                        "command: {:?} timed out after {:?}; stopping its process group",
+                        argv[0],
+                        timeout.unwrap_or_default()
+                    ),
+                }
                 signal_group(pid, libc::SIGTERM);
-                match status_rx.recv_timeout(grace) {
+                break match status_rx.recv_timeout(grace) {
                     Ok(status) => status,
                     Err(_) => {
                         signal_group(pid, libc::SIGKILL);
-                        status_rx
-                            .recv()
-                            .unwrap_or_else(|_| Err(std::io::Error::other("lost the child")))
+                        status_rx.recv().unwrap_or_else(|_| lost())
                     }
-                }
+                };
             }
-        },
-        None => status_rx
-            .recv()
-            .unwrap_or_else(|_| Err(std::io::Error::other("lost the child"))),
+        }
     };
     let status = status.map_err(|e| {
         JobError::retryable(format!("command: waiting for {:?} failed: {e}", argv[0]))
     })?;
-    if timed_out {
+    let timed_out = stopped == Some(Stopped::TimedOut);
+    if stopped.is_some() {
         // Children that ignored SIGTERM while the leader exited still go.
         signal_group(pid, libc::SIGKILL);
     }
@@ -331,6 +405,13 @@ fn run(spec: &Spec, args: &Args) -> Result<Value, JobError> {
         "killed_leftover_processes": killed_leftovers,
     });
     let success_codes = spec.success_codes.clone().unwrap_or_else(|| vec![0]);
+    if stopped == Some(Stopped::Cancelled) {
+        return Err(JobError::fatal(format!(
+            "command: the run was cancelled; {:?} and its process group were stopped",
+            argv[0]
+        ))
+        .with_details(result));
+    }
     if timed_out {
         let limit = timeout.map(|t| t.as_secs_f64()).unwrap_or_default();
         return Err(JobError::retryable(format!(

@@ -8,6 +8,12 @@
 //! - `expect_status`: a status or a list of them that count as success (default: any 2xx).
 //! - `follow_redirects`: default true (up to 5).
 //!
+//! `{name}` or `{name.field.field}` in `url`, in header values and in the strings of `body` is
+//! replaced by that argument (text as it is, numbers and booleans written out, `null` as
+//! nothing, objects and lists as JSON), so a job chained after another (`on_failure`) can post
+//! `{trigger_run.job}`, `{trigger_run.status}` and `{trigger_run.error}` to a chat webhook.
+//! Braces that name no argument stay as written.
+//!
 //! The result has `status`, `body` (the first 64 KiB, text), `body_truncated`, `json` (the body
 //! parsed, when it is JSON), `headers` and `duration_ms`. Connection problems, timeouts, 429 and
 //! 5xx are retryable failures; other unexpected statuses are not.
@@ -20,6 +26,62 @@ use jobschleuder_plugin::{jobschleuder, json, serde_json, Args, JobError, Value}
 use serde::Deserialize;
 
 const BODY_LIMIT: usize = 64 * 1024;
+
+/// `text` with each `{path}` that names an argument replaced by it, in one pass.
+fn fill(text: &str, args: &Args) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let found = after
+            .find('}')
+            .and_then(|close| lookup(args, &after[..close]).map(|value| (value, close)));
+        match found {
+            Some((value, close)) => {
+                match value {
+                    Value::String(text) => out.push_str(text),
+                    Value::Null => {}
+                    other => out.push_str(&other.to_string()),
+                }
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The argument at a dotted path (`trigger_run.error`), if there is one.
+fn lookup<'a>(args: &'a Args, path: &str) -> Option<&'a Value> {
+    let mut parts = path.split('.');
+    let mut value = args.get(parts.next()?.trim())?;
+    for part in parts {
+        value = value.as_object()?.get(part.trim())?;
+    }
+    Some(value)
+}
+
+/// Every string within `value` filled in (see [`fill`]).
+fn fill_strings(value: Value, args: &Args) -> Value {
+    match value {
+        Value::String(text) => Value::String(fill(&text, args)),
+        Value::Array(items) => {
+            Value::Array(items.into_iter().map(|v| fill_strings(v, args)).collect())
+        }
+        Value::Object(fields) => Value::Object(
+            fields
+                .into_iter()
+                .map(|(k, v)| (k, fill_strings(v, args)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -42,8 +104,13 @@ struct Spec {
 
 #[jobschleuder("http")]
 fn http(args: Args) -> Result<Value, JobError> {
-    let spec: Spec = serde_json::from_value(Value::Object(args))
+    let mut spec: Spec = serde_json::from_value(Value::Object(args.clone()))
         .map_err(|e| JobError::fatal(format!("http: bad arguments: {e}")))?;
+    spec.url = spec.url.map(|url| fill(&url, &args));
+    for value in spec.headers.values_mut() {
+        *value = fill(value, &args);
+    }
+    spec.body = spec.body.map(|body| fill_strings(body, &args));
     let url = spec.url.as_deref().ok_or("http: missing `url`")?;
     let method = spec.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
     let timeout = Duration::from_secs_f64(spec.timeout.filter(|t| *t > 0.0).unwrap_or(30.0));
@@ -178,6 +245,35 @@ mod tests {
 
     fn call(args: Value) -> Result<Value, JobError> {
         http(args.as_object().cloned().unwrap())
+    }
+
+    #[test]
+    fn placeholders_fill_url_headers_and_body_strings_from_arguments() {
+        let (url, server) = serve(200, "{}");
+        let base = url.trim_end_matches("/check").to_string();
+        let result = call(json!({
+            "url": format!("{base}/{{path}}"),
+            "path": "check",
+            "method": "POST",
+            "headers": {"X-Run": "{trigger_run.id}"},
+            "body": {
+                "text": "{trigger_run.job} ended {trigger_run.status}: {trigger_run.error}{trigger_run.none}",
+                "attempts": ["{trigger_run.result.attempts}", "{not_an_argument}", "{}"],
+            },
+            "trigger_run": {
+                "id": "r-1", "job": "backup sw1", "status": "failed",
+                "error": "exit 3", "none": null, "result": {"attempts": 2},
+            },
+        }))
+        .unwrap();
+        assert_eq!(result["status"], 200);
+        let (line, body) = server.join().unwrap();
+        assert!(line.starts_with("POST /check"), "{line}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            body,
+            json!({"text": "backup sw1 ended failed: exit 3", "attempts": ["2", "{not_an_argument}", "{}"]})
+        );
     }
 
     #[test]

@@ -190,8 +190,13 @@ impl Kind {
 pub mod abi {
     use std::ffi::c_void;
 
-    /// The version of this boundary. The host refuses a plugin with any other.
-    pub const ABI_VERSION: u32 = 1;
+    /// The version of this boundary. Version 2 added [`PluginDescriptor::call_in_run`] (the
+    /// run's cancellation flag); a host loads plugins of versions [`OLDEST_ABI_VERSION`] to
+    /// this one, and refuses any other.
+    pub const ABI_VERSION: u32 = 2;
+    /// The oldest version a host still loads: version 1 plugins run unchanged; they get the
+    /// run's context in their input (which they ignore) but no cancellation flag.
+    pub const OLDEST_ABI_VERSION: u32 = 1;
 
     /// Symbol: `extern "C" fn() -> u32`, the plugin's ABI version. Read before anything else.
     pub const VERSION_SYMBOL: &[u8] = b"jobschleuder_abi_version";
@@ -233,6 +238,39 @@ pub mod abi {
     /// The host's log sink: `(context, level, message, message_len)`.
     pub type LogFn = unsafe extern "C" fn(*const c_void, u32, *const u8, usize);
 
+    /// The run a call belongs to, as far as it is not JSON: its cancellation flag.
+    #[repr(C)]
+    pub struct RunHandle {
+        /// A `bool` (one byte, 0 or 1) the host sets when the run is cancelled; it stays
+        /// valid for the call and is read atomically (it is an `AtomicBool`).
+        pub cancelled: *const u8,
+    }
+
+    /// A call with the run it belongs to: `(name, name_len, input, input_len, run, output)
+    /// -> status`; `run` may be null.
+    pub type CallInRunFn = unsafe extern "C" fn(
+        *const u8,
+        usize,
+        *const u8,
+        usize,
+        *const RunHandle,
+        *mut Buffer,
+    ) -> i32;
+
+    /// Version 1's descriptor, which version 2's begins with: a host reads a version 1
+    /// plugin's descriptor as this.
+    #[repr(C)]
+    pub struct PluginDescriptorV1 {
+        pub abi_version: u32,
+        pub sdk_version: *const u8,
+        pub sdk_version_len: usize,
+        pub functions: *const FunctionEntry,
+        pub function_count: usize,
+        pub call: unsafe extern "C" fn(*const u8, usize, *const u8, usize, *mut Buffer) -> i32,
+        pub free: unsafe extern "C" fn(Buffer),
+        pub set_logger: unsafe extern "C" fn(LogFn, *const c_void, u32),
+    }
+
     #[repr(C)]
     pub struct PluginDescriptor {
         pub abi_version: u32,
@@ -247,7 +285,75 @@ pub mod abi {
         /// `(log, context, max_level)`: where the plugin's log lines go, and the most verbose
         /// level the host wants.
         pub set_logger: unsafe extern "C" fn(LogFn, *const c_void, u32),
+        /// Since version 2: `call`, with the run the call belongs to.
+        pub call_in_run: CallInRunFn,
     }
+}
+
+/// The run a call belongs to: what a job function may read of it (see [`current_run`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    /// The run's id (a UUID).
+    pub id: String,
+    /// The job's name (the job file's `id`).
+    pub job: String,
+    /// `schedule`, `manual`, `webhook`, `chain` or `backfill`.
+    pub trigger: String,
+    /// The slot it was scheduled for (RFC 3339 in the job's zone); for runs without a slot,
+    /// when it was created.
+    #[serde(default)]
+    pub scheduled_for: Option<String>,
+    /// Counts from 1.
+    pub attempt: u32,
+    /// The worker running it.
+    #[serde(default)]
+    pub worker: Option<String>,
+    /// The run that fanned it out or whose end chained it.
+    #[serde(default)]
+    pub parent: Option<String>,
+}
+
+mod current {
+    use std::cell::{Cell, RefCell};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    thread_local! {
+        pub(crate) static RUN: RefCell<Option<super::Run>> = const { RefCell::new(None) };
+        pub(crate) static CANCELLED: Cell<*const AtomicBool> = const { Cell::new(std::ptr::null()) };
+    }
+
+    pub(crate) fn cancelled() -> bool {
+        CANCELLED.with(|flag| {
+            let flag = flag.get();
+            // SAFETY: the host keeps the flag alive for the whole call, and it is cleared
+            // (set to null) before the call returns.
+            !flag.is_null() && unsafe { &*flag }.load(Ordering::Acquire)
+        })
+    }
+
+    /// Clears what the call set, however it ends.
+    pub(crate) struct Reset;
+
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            RUN.with(|run| run.borrow_mut().take());
+            CANCELLED.with(|flag| flag.set(std::ptr::null()));
+        }
+    }
+}
+
+/// The run the current call belongs to, inside a plugin function (on the thread the host
+/// called it on); `None` outside a run (`worker --exec`, `on_startup`) or on other threads.
+pub fn current_run() -> Option<Run> {
+    current::RUN.with(|run| run.borrow().clone())
+}
+
+/// Whether the run of the current call was cancelled (`runs --cancel`, or replaced by a newer
+/// run): a long job may check it now and then and stop early. Always `false` outside a run and
+/// on other threads; a function that ignores it runs to its end, and its run is recorded
+/// cancelled all the same.
+pub fn cancelled() -> bool {
+    current::cancelled()
 }
 
 /// Logging from plugin code into the host's log (target `plugin`; `--debug-veritas` shows debug).
@@ -332,14 +438,19 @@ pub mod __private {
         args: Args,
         #[serde(default)]
         outcome: Outcome,
+        #[serde(default)]
+        run: Option<Run>,
     }
 
     fn input(bytes: &[u8]) -> Result<Input, Vec<u8>> {
-        serde_json::from_slice(bytes).map_err(|e| {
+        let mut input: Input = serde_json::from_slice(bytes).map_err(|e| {
             error_bytes(JobError::fatal(format!(
                 "the host sent unreadable input: {e}"
             )))
-        })
+        })?;
+        let run = input.run.take();
+        super::current::RUN.with(|current| *current.borrow_mut() = run);
+        Ok(input)
     }
 
     fn error_bytes(error: JobError) -> Vec<u8> {
@@ -440,6 +551,7 @@ fn descriptor() -> &'static Descriptor {
                 call: boundary_call,
                 free: boundary_free,
                 set_logger: boundary_set_logger,
+                call_in_run: boundary_call_in_run,
             },
             _functions: functions,
         }
@@ -488,6 +600,8 @@ unsafe extern "C" fn boundary_call(
     input_len: usize,
     output: *mut abi::Buffer,
 ) -> i32 {
+    // The run's context is set from the input during the call, and cleared after it.
+    let _reset = current::Reset;
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: guaranteed by the caller, see above.
         let name = unsafe { std::slice::from_raw_parts(name, name_len) };
@@ -522,6 +636,27 @@ unsafe extern "C" fn boundary_call(
     // SAFETY: guaranteed by the caller.
     unsafe { output.write(into_buffer(bytes)) };
     status
+}
+
+/// # Safety
+/// As [`boundary_call`]; `run` is null or points to a `RunHandle` whose flag stays valid for
+/// the duration of the call.
+unsafe extern "C" fn boundary_call_in_run(
+    name: *const u8,
+    name_len: usize,
+    input: *const u8,
+    input_len: usize,
+    run: *const abi::RunHandle,
+    output: *mut abi::Buffer,
+) -> i32 {
+    // SAFETY: guaranteed by the caller.
+    let flag = unsafe { run.as_ref() }
+        .map(|run| run.cancelled.cast::<std::sync::atomic::AtomicBool>())
+        .unwrap_or(std::ptr::null());
+    current::CANCELLED.with(|cancelled| cancelled.set(flag));
+    let _reset = current::Reset;
+    // SAFETY: guaranteed by the caller.
+    unsafe { boundary_call(name, name_len, input, input_len, output) }
 }
 
 /// # Safety

@@ -147,3 +147,22 @@ fn slow_start_startup() -> Result<Args, JobError> {
     values.insert("ready".into(), json!(true));
     Ok(values)
 }
+
+/// What a job function can read of its run, and whether it was cancelled; with `wait_cancel`
+/// it waits (up to a minute) for the cancel and returns when it sees it.
+#[jobschleuder("test_context")]
+fn context(args: Args) -> Result<Value, JobError> {
+    if args.get("wait_cancel").and_then(Value::as_bool) == Some(true) {
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while !jobschleuder_plugin::cancelled() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if jobschleuder_plugin::cancelled() {
+            return Err(JobError::fatal("saw the cancel and stopped early"));
+        }
+    }
+    Ok(json!({
+        "run": jobschleuder_plugin::current_run(),
+        "cancelled": jobschleuder_plugin::cancelled(),
+    }))
+}

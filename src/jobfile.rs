@@ -20,6 +20,8 @@ const MAX_FUNCTION: usize = 50;
 const MAX_SCHEDULE: usize = 100;
 pub const MAX_NAME: usize = 200;
 const MAX_QUEUE: usize = 255;
+/// The longest `jitter`.
+pub const MAX_JITTER: Duration = Duration::from_secs(24 * 3600);
 
 /// One job of the file, valid by construction.
 #[derive(Debug, Clone)]
@@ -663,6 +665,13 @@ fn validate(
                 errors.push("jitter: only a job with a `schedule` has slots to spread".to_string());
                 None
             }
+            Ok(duration) if duration > MAX_JITTER => {
+                errors.push(format!(
+                    "jitter: at most {}h (a slot's run starts within a day of it)",
+                    MAX_JITTER.as_secs() / 3600
+                ));
+                None
+            }
             Ok(duration) => Some(duration),
             Err(message) => {
                 errors.push(format!("jitter: {message}"));
@@ -775,7 +784,7 @@ pub fn parse_duration(value: &serde_yaml::Value) -> Result<Duration, String> {
     if !(seconds > 0.0 && seconds.is_finite()) {
         return Err(format!("{text:?} must be more than zero"));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is too long"))
 }
 
 fn yaml_problem(error: &serde_yaml::Error, key: &str) -> Problem {
@@ -1010,6 +1019,16 @@ mod tests {
             .to_string()
             .contains("other"));
         assert!(check("jobs: {}\n").is_err());
+    }
+
+    #[test]
+    fn durations_too_long_to_hold_are_refused_not_a_panic() {
+        let huge = serde_yaml::Value::String("99999999999999999999h".into());
+        assert!(parse_duration(&huge).unwrap_err().contains("too long"));
+        let jobs =
+            "jobs:\n- id: a\n  job: x\n  schedule: '@daily'\n  timeout: 99999999999999999999h\n";
+        let err = check(jobs).unwrap_err().to_string();
+        assert!(err.contains("timeout") && err.contains("too long"), "{err}");
     }
 
     #[test]

@@ -462,7 +462,16 @@ impl PluginHost {
         outcome: Option<Value>,
     ) -> Result<Value, PluginError> {
         let deadline = CALL_DEADLINE.with(Cell::get);
-        python.call(function, kind, args, &self.inner.sot, outcome, deadline)
+        let cancelled = CALL_RUN.with(|r| r.borrow().as_ref().map(|run| run.cancelled.clone()));
+        python.call(
+            function,
+            kind,
+            args,
+            &self.inner.sot,
+            outcome,
+            deadline,
+            cancelled.as_deref(),
+        )
     }
 
     fn library_for(&self, function: &str, kind: Kind) -> Result<Arc<Library>, PluginError> {

@@ -19,7 +19,7 @@ use chrono_tz::Tz;
 use crate::broker::{Broker, BrokerError, JobMessage, Outgoing, Published};
 use crate::config::Config;
 use crate::cron::CronSchedule;
-use crate::jobfile::Misfire;
+use crate::jobfile::{Misfire, MAX_JITTER};
 use crate::shutdown::Shutdown;
 use crate::store::{ClaimKey, Decision, DueEntry, EntrySchedule, Store, StoreError};
 use std::collections::HashSet;
@@ -95,8 +95,9 @@ pub fn start_of(job_name: &str, slot: DateTime<Utc>, jitter_seconds: Option<f64>
     first.copy_from_slice(&digest[..8]);
     // A uniform share in [0, 1), to the millisecond.
     let share = (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64;
-    let millis = (share * jitter * 1000.0).floor() as i64;
-    slot + chrono::Duration::milliseconds(millis)
+    let millis = (share * jitter.min(MAX_JITTER.as_secs_f64()) * 1000.0).floor() as i64;
+    slot.checked_add_signed(chrono::Duration::milliseconds(millis))
+        .unwrap_or(slot)
 }
 
 /// Keeps one broker connection for publishing, reconnecting with backoff when it is lost.
@@ -463,6 +464,8 @@ impl Sweeper {
                 for (id, attempt, status) in &handled {
                     if status == "dead" {
                         tracing::warn!(run = %id, attempt, "run dead: its worker vanished while running it too often");
+                    } else if status == "cancelled" {
+                        tracing::info!(run = %id, attempt, "run cancelled: its worker vanished while it was being stopped");
                     } else {
                         tracing::warn!(run = %id, attempt, "run queued again: its worker vanished while running it");
                     }

@@ -358,8 +358,9 @@ impl Store {
         note: Option<&str>,
     ) -> Result<Result<Vec<PauseChange>, Vec<String>>, StoreError> {
         let mut tx = self.pool.begin().await.context("starting to pause")?;
-        let targets: Vec<(i32, String, bool, i32)> = sqlx::query_as(
-            "SELECT r.id, COALESCE(j.name, j.id::text), r.paused, j.id
+        // Each key is a job's name, or else its id (a job may be named "4"), as everywhere.
+        let entries: Vec<(i32, Option<String>, bool, i32)> = sqlx::query_as(
+            "SELECT r.id, j.name, r.paused, j.id
              FROM registry r JOIN jobs j ON j.id = r.job
              WHERE $1::text[] IS NULL OR j.name = ANY($1) OR j.id::text = ANY($1)
              ORDER BY r.id
@@ -369,25 +370,47 @@ impl Store {
         .fetch_all(&mut *tx)
         .await
         .context("reading the entries to pause")?;
-        if let Some(names) = names {
-            let missing: Vec<String> = names
-                .iter()
-                .filter(|n| {
-                    !targets
-                        .iter()
-                        .any(|(_, name, _, id)| name == *n || id.to_string() == **n)
+        let targets: Vec<(i32, String, bool)> = match names {
+            None => entries
+                .into_iter()
+                .map(|(entry, name, paused, id)| {
+                    (entry, name.unwrap_or_else(|| id.to_string()), paused)
                 })
-                .cloned()
-                .collect();
-            if !missing.is_empty() {
-                tx.rollback().await.context("ending the pause")?;
-                return Ok(Err(missing));
+                .collect(),
+            Some(names) => {
+                let mut targets = Vec::new();
+                let mut missing = Vec::new();
+                for key in names {
+                    let by_name: Vec<_> = entries
+                        .iter()
+                        .filter(|e| e.1.as_deref() == Some(key.as_str()))
+                        .collect();
+                    let found = if by_name.is_empty() {
+                        entries.iter().filter(|e| e.3.to_string() == *key).collect()
+                    } else {
+                        by_name
+                    };
+                    if found.is_empty() {
+                        missing.push(key.clone());
+                    }
+                    for (entry, name, paused, id) in found {
+                        if !targets.iter().any(|t: &(i32, String, bool)| t.0 == *entry) {
+                            let name = name.clone().unwrap_or_else(|| id.to_string());
+                            targets.push((*entry, name, *paused));
+                        }
+                    }
+                }
+                if !missing.is_empty() {
+                    tx.rollback().await.context("ending the pause")?;
+                    return Ok(Err(missing));
+                }
+                targets
             }
-        }
+        };
         let ids: Vec<i32> = targets.iter().map(|t| t.0).collect();
         sqlx::query(
             "UPDATE registry SET paused = $2,
-                    paused_note = CASE WHEN $2 THEN $3 END,
+                    paused_note = CASE WHEN $2 THEN COALESCE($3, CASE WHEN paused THEN paused_note END) END,
                     paused_at = CASE WHEN $2 THEN COALESCE(CASE WHEN paused THEN paused_at END, now()) END
              WHERE id = ANY($1)",
         )
@@ -401,7 +424,7 @@ impl Store {
         tx.commit().await.context("committing the pause")?;
         Ok(Ok(targets
             .into_iter()
-            .map(|(_, name, was_paused, _)| PauseChange { name, was_paused })
+            .map(|(_, name, was_paused)| PauseChange { name, was_paused })
             .collect()))
     }
 }
@@ -912,6 +935,8 @@ pub struct Cancelled {
     pub status: String,
     /// Its worker, if it was claimed.
     pub worker: Option<String>,
+    /// A cancel was asked for before (it is running, and being stopped).
+    pub already_asked: bool,
     /// Recorded `cancelled` now (the run, if it was queued, and its queued children).
     pub cancelled: Vec<Uuid>,
     /// Running: their workers stop them and record them `cancelled`.
@@ -1162,6 +1187,7 @@ impl Store {
             sqlx::query_as(
                 "SELECT id, job_name, status, scheduled_for FROM job_runs
                  WHERE job_name = ANY($1) AND status IN ('queued', 'running')
+                   AND trigger <> 'backfill'
                  ORDER BY created_at, id",
             )
             .bind(&guarded)
@@ -1290,6 +1316,38 @@ impl Store {
             .into_iter()
             .map(|id| (id, created.contains(&id)))
             .collect())
+    }
+
+    /// Inserts the fan-out children of `parent` (see [`Store::insert_runs`]) unless a cancel
+    /// of the parent was asked for: then nothing is inserted and `None` returned. The parent's
+    /// row is held until the children are committed, so a cancel of the parent either comes
+    /// first (and no child is created) or finds every child.
+    pub async fn insert_children(
+        &self,
+        parent: Uuid,
+        runs: &[NewRun],
+    ) -> Result<Option<Vec<Uuid>>, StoreError> {
+        let mut tx = self.pool.begin().await.context("starting to insert runs")?;
+        let cancelled: Option<bool> = sqlx::query_scalar(
+            "SELECT cancel_requested_at IS NOT NULL OR status = 'cancelled'
+             FROM job_runs WHERE id = $1 FOR SHARE",
+        )
+        .bind(parent)
+        .fetch_optional(&mut *tx)
+        .await
+        .context("reading the parent run")?;
+        if cancelled == Some(true) {
+            tx.rollback().await.context("ending an insert")?;
+            return Ok(None);
+        }
+        let mut columns = RunColumns::default();
+        for run in runs {
+            columns.push(run, None);
+        }
+        columns.insert(&mut tx).await?;
+        notify_on(&mut tx, "run").await?;
+        tx.commit().await.context("committing new runs")?;
+        Ok(Some(columns.ids))
     }
 
     /// Locks up to `limit` queued, unpublished runs whose time has come (only those in `only`
@@ -1476,6 +1534,7 @@ impl Store {
                 FROM (SELECT id, bool_or(redelivered) AS redelivered FROM input GROUP BY id) i
                 WHERE r.id = i.id
                   AND (SELECT held FROM lease)
+                  AND r.cancel_requested_at IS NULL
                   AND ((r.status = 'queued' AND (r.not_before IS NULL OR r.not_before <= now()))
                        OR (r.status = 'running' AND i.redelivered AND {LEASE_GONE}))
                 RETURNING r.id, r.attempt, r.trigger)
@@ -1577,25 +1636,32 @@ impl Store {
         let tokens: Vec<i32> = finishes.iter().map(|f| f.token).collect();
         let attempts: Vec<i32> = finishes.iter().map(|f| f.attempt).collect();
         let mut tx = self.pool.begin().await.context("starting to record runs")?;
-        // A run whose cancel was asked for ends cancelled, unless it succeeded meanwhile: it
-        // is not tried again.
+        // A run whose cancel was asked for ends cancelled, however its call ended (a plugin
+        // that ignores the flag may have finished its work: its result is kept, and its
+        // success chains nothing): it is not tried again. Decided from `r` in SET, which is
+        // the row as it is when the update takes it (a cancel committed while this waited for
+        // the row counts).
+        let status =
+            "CASE WHEN r.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE u.status END";
         let recorded: Vec<EndedRun> = sqlx::query_as(&format!(
             "UPDATE job_runs r
-             SET status = c.status,
-                 finished_at = CASE WHEN c.status = 'queued' THEN NULL ELSE now() END,
-                 published_at = CASE WHEN c.status = 'queued' THEN NULL ELSE r.published_at END,
-                 result = c.result::jsonb,
-                 error = CASE WHEN c.status = 'cancelled' AND c.asked
-                              THEN COALESCE(r.cancel_reason, 'cancelled') || COALESCE(' (' || c.error || ')', '')
-                              ELSE c.error END,
-                 not_before = CASE WHEN c.status = 'queued' THEN now() + c.delay * interval '1 second' END
-             FROM (SELECT u.*, x.cancel_requested_at IS NOT NULL AS asked,
-                          CASE WHEN x.cancel_requested_at IS NOT NULL AND u.wanted <> 'succeeded'
-                               THEN 'cancelled' ELSE u.wanted END AS status
-                   FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::int4[], $7::int4[])
-                     AS u(id, wanted, result, error, delay, token, attempt)
-                   JOIN job_runs x ON x.id = u.id) c
-             WHERE r.id = c.id AND r.status = 'running' AND r.claim_token = c.token AND r.attempt = c.attempt
+             SET status = {status},
+                 finished_at = CASE WHEN {status} = 'queued' THEN NULL ELSE now() END,
+                 published_at = CASE WHEN {status} = 'queued' THEN NULL ELSE r.published_at END,
+                 result = u.result::jsonb,
+                 error = CASE WHEN r.cancel_requested_at IS NOT NULL
+                              THEN COALESCE(r.cancel_reason, 'cancelled')
+                                   || COALESCE(' (' || u.error || ')',
+                                               CASE WHEN u.status = 'succeeded'
+                                                    THEN ' (its job had finished before it could be stopped)' END,
+                                               '')
+                              ELSE u.error END,
+                 -- Kept when the run ends: when it was meant to start (its jitter, its retry).
+                 not_before = CASE WHEN {status} = 'queued'
+                                   THEN now() + u.delay * interval '1 second' ELSE r.not_before END
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::int4[], $7::int4[])
+               AS u(id, status, result, error, delay, token, attempt)
+             WHERE r.id = u.id AND r.status = 'running' AND r.claim_token = u.token AND r.attempt = u.attempt
              RETURNING {ENDED}"
         ))
         .bind(&ids)
@@ -1806,13 +1872,15 @@ impl Store {
     /// looks every half second) stops them and records them `cancelled`. `None`: no such run.
     pub async fn cancel_run(&self, id: Uuid) -> Result<Option<Cancelled>, StoreError> {
         let mut tx = self.pool.begin().await.context("starting to cancel")?;
-        let row: Option<(String, Option<String>)> =
-            sqlx::query_as("SELECT status, worker FROM job_runs WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await
-                .context("reading the run to cancel")?;
-        let Some((status, worker)) = row else {
+        let row: Option<(String, Option<String>, bool)> = sqlx::query_as(
+            "SELECT status, worker, status = 'running' AND cancel_requested_at IS NOT NULL
+             FROM job_runs WHERE id = $1 FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .context("reading the run to cancel")?;
+        let Some((status, worker, already_asked)) = row else {
             return Ok(None);
         };
         let (now, later) = cancel_in(&mut tx, &[id], "cancelled by an operator").await?;
@@ -1820,6 +1888,7 @@ impl Store {
         Ok(Some(Cancelled {
             status,
             worker,
+            already_asked,
             cancelled: now,
             asked: later,
         }))
@@ -1910,20 +1979,42 @@ impl Store {
     /// than `retention` ago on the database's clock; returns how many went. Callers loop, so
     /// that no single statement holds locks or bloats the table for long.
     pub async fn prune_runs(&self, retention: Duration, chunk: u32) -> Result<u64, StoreError> {
-        Ok(sqlx::query(
-            "DELETE FROM job_runs WHERE id IN (
-                SELECT id FROM job_runs
-                WHERE parent_id IS NULL AND finished_at IS NOT NULL
-                  AND finished_at < now() - $1 * interval '1 second'
-                  AND status IN ('succeeded', 'failed', 'dead')
-                LIMIT $2)",
+        let mut tx = self.pool.begin().await.context("starting to prune")?;
+        let doomed: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM job_runs
+             WHERE parent_id IS NULL AND finished_at IS NOT NULL
+               AND finished_at < now() - $1 * interval '1 second'
+               AND status = ANY($3)
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED",
         )
         .bind(retention.as_secs_f64())
         .bind(i64::from(chunk))
-        .execute(&self.pool)
+        .bind(&ENDED_STATUSES[..])
+        .fetch_all(&mut *tx)
         .await
-        .context("pruning old runs")?
-        .rows_affected())
+        .context("pruning old runs")?;
+        if doomed.is_empty() {
+            tx.rollback().await.context("pruning old runs")?;
+            return Ok(0);
+        }
+        // Runs chained after a pruned run outlive it (they may still run, and have their own
+        // retention): they lose the link instead of going with it.
+        sqlx::query(
+            "UPDATE job_runs SET parent_id = NULL WHERE parent_id = ANY($1) AND trigger = 'chain'",
+        )
+        .bind(&doomed)
+        .execute(&mut *tx)
+        .await
+        .context("keeping chained runs of pruned runs")?;
+        let deleted = sqlx::query("DELETE FROM job_runs WHERE id = ANY($1)")
+            .bind(&doomed)
+            .execute(&mut *tx)
+            .await
+            .context("pruning old runs")?
+            .rows_affected();
+        tx.commit().await.context("committing pruned runs")?;
+        Ok(deleted)
     }
 }
 
@@ -2394,22 +2485,38 @@ async fn cancel_in(
     ids: &[Uuid],
     reason: &str,
 ) -> Result<(Vec<Uuid>, Vec<Uuid>), StoreError> {
-    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+    // The runs first: a fan-out inserting children holds its parent's row until they are
+    // committed (see `insert_children`), so once these are locked every child is visible.
+    sqlx::query("SELECT id FROM job_runs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await
+        .context("locking the runs to cancel")?;
+    let tree: Vec<Uuid> = sqlx::query_scalar(
         "WITH RECURSIVE tree AS (
              SELECT id FROM job_runs WHERE id = ANY($1)
              UNION
-             SELECT c.id FROM job_runs c JOIN tree t ON c.parent_id = t.id WHERE c.trigger <> 'chain'),
-         queued AS (
-             UPDATE job_runs r SET status = 'cancelled', finished_at = now(), error = $2
-             FROM tree t WHERE r.id = t.id AND r.status = 'queued'
-             RETURNING r.id),
-         running AS (
-             UPDATE job_runs r SET cancel_requested_at = now(), cancel_reason = $2
-             FROM tree t WHERE r.id = t.id AND r.status = 'running' AND r.cancel_requested_at IS NULL
-             RETURNING r.id)
-         SELECT id, 'cancelled' FROM queued UNION ALL SELECT id, 'requested' FROM running",
+             SELECT c.id FROM job_runs c JOIN tree t ON c.parent_id = t.id WHERE c.trigger <> 'chain')
+         SELECT r.id FROM job_runs r JOIN tree t ON t.id = r.id ORDER BY r.id FOR UPDATE OF r",
     )
     .bind(ids)
+    .fetch_all(&mut *tx)
+    .await
+    .context("locking the runs to cancel")?;
+    // A statement of its own, after the locks: it sees each run as it is now (a run a worker
+    // has just queued for a retry is cancelled as queued).
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "WITH queued AS (
+             UPDATE job_runs SET status = 'cancelled', finished_at = now(), error = $2
+             WHERE id = ANY($1) AND status = 'queued'
+             RETURNING id),
+         running AS (
+             UPDATE job_runs SET cancel_requested_at = now(), cancel_reason = $2
+             WHERE id = ANY($1) AND status = 'running' AND cancel_requested_at IS NULL
+             RETURNING id)
+         SELECT id, 'cancelled' FROM queued UNION ALL SELECT id, 'requested' FROM running",
+    )
+    .bind(&tree)
     .bind(reason)
     .fetch_all(&mut *tx)
     .await

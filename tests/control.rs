@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use jobschleuder::config::Config;
 use jobschleuder::scheduler::{create_due_runs, start_of};
-use jobschleuder::store::Store;
+use jobschleuder::store::{Claim, Finish, NewRun, RunEnd, Store};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -150,7 +150,7 @@ async fn a_paused_entry_fires_nothing_keeps_its_pause_across_imports_and_resumes
     // schedule goes on from now.
     let out = cluster.run_ok(&["registry", "--resume", "--all"]);
     assert!(
-        out.contains("Resumed 1 registry entry (1 running already)."),
+        out.contains("Resumed 1 registry entry (1 active already)."),
         "{out}"
     );
     create_due_runs(&store, &config, Some(utc("2026-06-01T13:00:30Z")))
@@ -183,7 +183,8 @@ async fn forbid_skips_a_slot_while_its_job_runs_and_replace_cancels_the_older_ru
         "jobs:\n\
          - id: guarded\n  job: hello_world\n  schedule: '0 * * * *'\n  concurrency: forbid\n\
          - id: replaced\n  job: hello_world\n  schedule: '0 * * * *'\n  concurrency: replace\n\
-         - id: free\n  job: hello_world\n  schedule: '0 * * * *'\n",
+         - id: free\n  job: hello_world\n  schedule: '0 * * * *'\n\
+         - id: bulk\n  job: hello_world\n  schedule: '0 * * * *'\n  concurrency: replace\n",
     );
     let store = Store::from_pool(cluster.pool.clone()).await.unwrap();
     let config = config("");
@@ -192,6 +193,17 @@ async fn forbid_skips_a_slot_while_its_job_runs_and_replace_cancels_the_older_ru
         async move { create_due_runs(store, config, Some(utc(at))).await.unwrap() }
     };
     pass("2026-06-01T09:30:00Z").await;
+    // A backfill waiting in the queue is the operator's: neither skipped for nor replaced.
+    let out = cluster.run_ok(&[
+        "scheduler",
+        "--backfill",
+        "bulk",
+        "--from",
+        "2026-05-01T00:00:00Z",
+        "--to",
+        "2026-05-01T02:00:00Z",
+    ]);
+    assert!(out.contains("3 runs created"), "{out}");
     pass("2026-06-01T10:00:05Z").await;
     let first_guarded: Uuid =
         sqlx::query_scalar("SELECT id FROM job_runs WHERE job_name = 'guarded'")
@@ -219,6 +231,12 @@ async fn forbid_skips_a_slot_while_its_job_runs_and_replace_cancels_the_older_ru
         .unwrap()
         .contains("replaced by a newer run"));
     assert_eq!(runs_of(&cluster, "free").await.len(), 2);
+    let bulk = runs_of(&cluster, "bulk").await;
+    assert_eq!(
+        bulk.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
+        ["queued", "queued", "queued", "cancelled", "queued"],
+        "{bulk:?}"
+    );
     // A skipped slot is recorded as ended, so it never runs and the slot is taken.
     assert_eq!(
         cluster
@@ -319,7 +337,8 @@ async fn cancel_stops_queued_running_and_fanned_out_runs_on_another_worker_proce
          - id: queued\n  job: test_echo\n\
          - id: long\n  job: command\n  arguments:\n    command: ['/bin/sh', '-c', 'echo $$ > {}; exec sleep 60']\n    kill_grace: 1\n\
          - id: aware\n  job: test_context\n  arguments:\n    wait_cancel: true\n\
-         - id: fan\n  job: test_context\n  preprocessing: test_fanout\n  arguments:\n    count: 3\n    wait_cancel: true\n",
+         - id: fan\n  job: test_context\n  preprocessing: test_fanout\n  arguments:\n    count: 3\n    wait_cancel: true\n\
+         - id: stubborn\n  job: test_sleep\n  arguments:\n    seconds: 4\n",
         pid_file.display()
     ));
 
@@ -411,6 +430,28 @@ async fn cancel_stops_queued_running_and_fanned_out_runs_on_another_worker_proce
             "every child cancelled",
             Duration::from_secs(30),
             "SELECT count(*) = 3 FROM job_runs WHERE parent_id IS NOT NULL AND status = 'cancelled'",
+        )
+        .await;
+    // A plugin that does not look at the flag runs to its end; a second cancel meanwhile says
+    // that the first is under way; the end is recorded cancelled.
+    let stubborn = cluster.run_ok(&["scheduler", "--run-now", "stubborn"]);
+    let stubborn = stubborn.trim().to_string();
+    cluster
+        .wait_until(
+            "the stubborn run running",
+            Duration::from_secs(30),
+            &format!("SELECT status = 'running' FROM job_runs WHERE id = '{stubborn}'"),
+        )
+        .await;
+    let first = cluster.run_ok(&["runs", "--cancel", &stubborn]);
+    assert!(first.contains("it is being stopped"), "{first}");
+    let second = cluster.run_ok(&["runs", "--cancel", &stubborn]);
+    assert!(second.contains("is already being cancelled"), "{second}");
+    cluster
+        .wait_until(
+            "the stubborn run recorded cancelled",
+            Duration::from_secs(30),
+            &format!("SELECT status = 'cancelled' FROM job_runs WHERE id = '{stubborn}'"),
         )
         .await;
     // Unknown runs are refused.
@@ -697,7 +738,8 @@ async fn an_import_refuses_chains_to_unknown_jobs_and_chains_that_loop() {
          - id: b\n  job: hello_world\n  on_failure: [c]\n\
          - id: c\n  job: hello_world\n  on_success: [a, ghost]\n\
          - id: self\n  job: hello_world\n  on_failure: [self]\n\
-         - id: odd\n  job: hello_world\n  concurrency: sometimes\n  jitter: 5m\n",
+         - id: odd\n  job: hello_world\n  concurrency: sometimes\n  jitter: 5m\n\
+         - id: wide\n  job: hello_world\n  schedule: '@daily'\n  jitter: 25h\n",
     );
     let refused = failure(
         run(cluster.command().args(["registry", "--import"]).arg(&file)),
@@ -709,6 +751,7 @@ async fn an_import_refuses_chains_to_unknown_jobs_and_chains_that_loop() {
         "chain loops: self → self",
         "concurrency \"sometimes\": use allow (the default), forbid or replace",
         "jitter: only a job with a `schedule` has slots to spread",
+        "jitter: at most 24h",
         "nothing was imported",
     ] {
         assert!(
@@ -784,4 +827,207 @@ async fn jitter_delays_each_start_by_its_own_share_and_the_views_show_it() {
         refused.contains("nor the name of a scheduled job"),
         "{refused}"
     );
+}
+
+fn new_run(parent: Option<Uuid>) -> NewRun {
+    NewRun {
+        id: Some(Uuid::new_v4()),
+        job_name: "j".into(),
+        job: "hello_world".into(),
+        job_id: None,
+        trigger: "manual",
+        queue: None,
+        arguments: serde_json::Map::new(),
+        preprocessing: None,
+        postprocessing: None,
+        timeout_seconds: None,
+        max_retries: 3,
+        parent_id: parent,
+        published: false,
+    }
+}
+
+async fn status_of(cluster: &Cluster, id: Uuid) -> String {
+    sqlx::query_scalar("SELECT status FROM job_runs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&cluster.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_cancel_racing_a_result_a_takeover_or_a_fan_out_is_never_lost() {
+    let cluster = Cluster::new("").await;
+    let store = Store::from_pool(cluster.pool.clone()).await.unwrap();
+    let lease = store.worker_lease().await.unwrap();
+    let claim = |id: Uuid, token: i32, redelivered: bool| {
+        let store = store.clone();
+        async move {
+            store
+                .claim_runs("w", token, Uuid::new_v4(), &[(id, redelivered)])
+                .await
+                .unwrap()
+                .remove(0)
+        }
+    };
+
+    // A cancel that commits while a retryable failure waits to be recorded: the run ends
+    // cancelled, not queued for its retry.
+    let [racing] = store.insert_runs(&[new_run(None)]).await.unwrap()[..] else {
+        panic!()
+    };
+    let Claim::Claimed { attempt, .. } = claim(racing, lease.token, false).await else {
+        panic!("not claimed")
+    };
+    let mut cancel = cluster.pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE job_runs SET cancel_requested_at = now(), cancel_reason = 'cancelled by an operator'
+         WHERE id = $1",
+    )
+    .bind(racing)
+    .execute(&mut *cancel)
+    .await
+    .unwrap();
+    let finish = {
+        let store = store.clone();
+        let token = lease.token;
+        tokio::spawn(async move {
+            store
+                .finish_runs(&[Finish {
+                    id: racing,
+                    token,
+                    attempt,
+                    end: RunEnd::Retry(Duration::ZERO),
+                    result: None,
+                    error: Some("flaky".into()),
+                }])
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel.commit().await.unwrap();
+    finish.await.unwrap();
+    assert_eq!(status_of(&cluster, racing).await, "cancelled");
+
+    // A run being cancelled whose worker died is not taken over by the re-delivery: the orphan
+    // sweep records it cancelled.
+    let [orphan] = store.insert_runs(&[new_run(None)]).await.unwrap()[..] else {
+        panic!()
+    };
+    let dying = store.worker_lease().await.unwrap();
+    assert!(matches!(
+        claim(orphan, dying.token, false).await,
+        Claim::Claimed { .. }
+    ));
+    assert!(store.cancel_run(orphan).await.unwrap().unwrap().asked == [orphan]);
+    let dead_token = dying.token;
+    drop(dying);
+    cluster
+        .wait_until(
+            "the dead worker's lease to end",
+            Duration::from_secs(30),
+            &format!(
+                "SELECT NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = {dead_token})"
+            ),
+        )
+        .await;
+    assert_eq!(claim(orphan, lease.token, true).await, Claim::Running);
+    let suspects = store.orphaned_runs().await.unwrap();
+    let handled = store.requeue_orphans(&suspects, 5).await.unwrap();
+    assert_eq!(handled, [(orphan, 1, "cancelled".to_string())]);
+
+    // A fan-out child re-queued for its retry while its parent is being cancelled is cancelled
+    // as queued, not missed as running.
+    let [parent] = store.insert_runs(&[new_run(None)]).await.unwrap()[..] else {
+        panic!()
+    };
+    let [child] = store.insert_runs(&[new_run(Some(parent))]).await.unwrap()[..] else {
+        panic!()
+    };
+    sqlx::query("UPDATE job_runs SET status = 'succeeded', finished_at = now() WHERE id = $1")
+        .bind(parent)
+        .execute(&cluster.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE job_runs SET status = 'running', attempt = 1 WHERE id = $1")
+        .bind(child)
+        .execute(&cluster.pool)
+        .await
+        .unwrap();
+    let mut retry = cluster.pool.begin().await.unwrap();
+    sqlx::query("UPDATE job_runs SET status = 'queued' WHERE id = $1")
+        .bind(child)
+        .execute(&mut *retry)
+        .await
+        .unwrap();
+    let cancelling = {
+        let store = store.clone();
+        tokio::spawn(async move { store.cancel_run(parent).await.unwrap().unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    retry.commit().await.unwrap();
+    let done = cancelling.await.unwrap();
+    assert_eq!(done.cancelled, [child]);
+    assert_eq!(status_of(&cluster, child).await, "cancelled");
+
+    // A parent whose cancel was asked for fans out nothing.
+    let [fanning] = store.insert_runs(&[new_run(None)]).await.unwrap()[..] else {
+        panic!()
+    };
+    assert!(matches!(
+        claim(fanning, lease.token, false).await,
+        Claim::Claimed { .. }
+    ));
+    store.cancel_run(fanning).await.unwrap();
+    let children = store
+        .insert_children(fanning, &[new_run(Some(fanning))])
+        .await
+        .unwrap();
+    assert!(children.is_none());
+    assert_eq!(
+        cluster
+            .count(&format!(
+                "SELECT count(*) FROM job_runs WHERE parent_id = '{fanning}'"
+            ))
+            .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn pruning_takes_skipped_and_cancelled_runs_and_keeps_runs_chained_after_them() {
+    let cluster = Cluster::new("").await;
+    let store = Store::from_pool(cluster.pool.clone()).await.unwrap();
+    let old: Vec<Uuid> = store
+        .insert_runs(&[new_run(None), new_run(None), new_run(None)])
+        .await
+        .unwrap();
+    for (id, status) in old.iter().zip(["skipped", "cancelled", "failed"]) {
+        sqlx::query(
+            "UPDATE job_runs SET status = $2, finished_at = now() - interval '10 days' WHERE id = $1",
+        )
+        .bind(id)
+        .bind(status)
+        .execute(&cluster.pool)
+        .await
+        .unwrap();
+    }
+    // Chained after the failed run, and still waiting.
+    let mut chained = new_run(Some(old[2]));
+    chained.trigger = "chain";
+    let [chained] = store.insert_runs(&[chained]).await.unwrap()[..] else {
+        panic!()
+    };
+    let pruned = store
+        .prune_runs(Duration::from_secs(86_400), 100)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 3);
+    let left: Vec<(Uuid, Option<Uuid>, String)> =
+        sqlx::query_as("SELECT id, parent_id, status FROM job_runs")
+            .fetch_all(&cluster.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, [(chained, None, "queued".to_string())]);
 }

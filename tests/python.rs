@@ -268,3 +268,39 @@ async fn worker_exec_runs_a_python_plugin_by_hand() {
         .unwrap();
     assert_eq!(missing.status.code(), Some(1));
 }
+
+#[tokio::test]
+async fn a_cancelled_python_job_has_its_process_stopped() {
+    let cluster = Cluster::with_config("", &python_plugins(), "").await;
+    cluster.import("jobs:\n- id: hang\n  job: hang\n");
+    let _worker = cluster.worker("w1", 1);
+    let id = run(&cluster, "hang").await;
+    cluster
+        .wait_until(
+            "the run running",
+            Duration::from_secs(60),
+            &format!("SELECT status = 'running' FROM job_runs WHERE id = '{id}'"),
+        )
+        .await;
+    let out = cluster.run_ok(&["runs", "--cancel", &id]);
+    assert!(out.contains("it is being stopped"), "{out}");
+    cluster
+        .wait_until(
+            "the run cancelled",
+            Duration::from_secs(30),
+            &format!("SELECT status = 'cancelled' FROM job_runs WHERE id = '{id}'"),
+        )
+        .await;
+    let (_, error, _): (String, Option<String>, Option<Value>) = sqlx::query_as(&format!(
+        "SELECT status, error, result FROM job_runs WHERE id = '{id}'"
+    ))
+    .fetch_one(&cluster.pool)
+    .await
+    .unwrap();
+    let error = error.unwrap_or_default();
+    assert!(
+        error.starts_with("cancelled by an operator")
+            && error.contains("its Python process was stopped"),
+        "{error}"
+    );
+}

@@ -120,7 +120,7 @@ pub async fn run(config: &Config, args: &RegistryArgs) -> Result<()> {
                 0 => String::new(),
                 same => format!(
                     " ({same} {} already)",
-                    if pause { "paused" } else { "running" }
+                    if pause { "paused" } else { "active" }
                 ),
             }
         )?;

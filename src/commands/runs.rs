@@ -61,6 +61,11 @@ pub async fn run(config: &Config, args: &RunsArgs) -> Result<()> {
         let children = |ids: &[uuid::Uuid]| ids.iter().filter(|c| **c != id).count();
         let line = if done.cancelled.contains(&id) {
             format!("Run {id} was queued: recorded cancelled; it will not run.")
+        } else if done.already_asked {
+            format!(
+                "Run {id} is already being cancelled on worker {}; it will be recorded cancelled when it has stopped.",
+                done.worker.as_deref().unwrap_or("?")
+            )
         } else if done.asked.contains(&id) {
             format!(
                 "Run {id} is running on worker {}: it is being stopped and will be recorded cancelled.",

@@ -12,6 +12,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -105,7 +106,10 @@ impl PythonPlugin {
     }
 
     /// Calls `function` with keyword arguments `kwargs`, within `deadline`. `sot` is the
-    /// config's section for `sot: true`; `outcome` the job's outcome for postprocessing.
+    /// config's section for `sot: true`; `outcome` the job's outcome for postprocessing. When
+    /// `cancelled` becomes true (its run was cancelled), the process is stopped, as at a
+    /// timeout: Python functions know nothing of cancels.
+    #[allow(clippy::too_many_arguments)]
     pub fn call(
         &self,
         function: &str,
@@ -114,6 +118,7 @@ impl PythonPlugin {
         sot: &serde_json::Map<String, Value>,
         outcome: Option<Value>,
         deadline: Option<Instant>,
+        cancelled: Option<&AtomicBool>,
     ) -> Result<Value, PluginError> {
         let mut interpreter = match self.idle.lock().ok().and_then(|mut idle| idle.pop()) {
             Some(interpreter) => interpreter,
@@ -138,9 +143,18 @@ impl PythonPlugin {
         // own limit); then the call's limit again.
         let mut until = deadline;
         let answer: Value = loop {
-            let line = match wait(&interpreter.answers, until) {
+            let line = match wait_or_cancel(&interpreter.answers, until, cancelled) {
                 Ok(line) => line,
-                Err(RecvTimeoutError::Timeout) => {
+                Err(Waited::Cancelled) => {
+                    interpreter.kill();
+                    return Err(self.failed(
+                        function,
+                        kind,
+                        "the run was cancelled; its Python process was stopped (the next call starts a new one)".into(),
+                        None,
+                    ));
+                }
+                Err(Waited::Over(RecvTimeoutError::Timeout)) => {
                     // The call is over; so is its process (whatever it started goes with it).
                     interpreter.kill();
                     let message = if until == deadline {
@@ -154,7 +168,7 @@ impl PythonPlugin {
                     };
                     return Err(self.failed(function, kind, message, None));
                 }
-                Err(RecvTimeoutError::Disconnected) => {
+                Err(Waited::Over(RecvTimeoutError::Disconnected)) => {
                     return Err(self.ended(&mut interpreter, function, kind, "no answer"));
                 }
             };
@@ -394,6 +408,37 @@ impl PythonPlugin {
                 retryable: true,
                 details,
             }),
+        }
+    }
+}
+
+/// Why no line came.
+enum Waited {
+    Over(RecvTimeoutError),
+    Cancelled,
+}
+
+/// How often a call waiting for its answer looks at its run's cancellation flag.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
+
+/// The next line, until `deadline` or until `cancelled` is set.
+fn wait_or_cancel(
+    answers: &Receiver<String>,
+    deadline: Option<Instant>,
+    cancelled: Option<&AtomicBool>,
+) -> Result<String, Waited> {
+    let Some(cancelled) = cancelled else {
+        return wait(answers, deadline).map_err(Waited::Over);
+    };
+    loop {
+        if cancelled.load(Ordering::SeqCst) {
+            return Err(Waited::Cancelled);
+        }
+        let step = Instant::now() + CANCEL_POLL;
+        let until = deadline.map_or(step, |d| d.min(step));
+        match wait(answers, Some(until)) {
+            Err(RecvTimeoutError::Timeout) if deadline.is_none_or(|d| Instant::now() < d) => {}
+            other => return other.map_err(Waited::Over),
         }
     }
 }

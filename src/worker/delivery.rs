@@ -394,6 +394,10 @@ async fn run_claimed(
             tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, "run cancelled: {error}");
             finish(RunEnd::Cancelled, failure.details(), Some(error))
         }
+        Ok(result) if cancel_seen(context, run_id, attempt) => {
+            tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, "run cancelled (its job had finished before it could be stopped)");
+            finish(RunEnd::Cancelled, Some(result), None)
+        }
         Ok(result) => {
             tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, "run succeeded");
             finish(RunEnd::Succeeded, Some(result), None)
@@ -565,9 +569,12 @@ async fn fan_out(
     trigger: &str,
     planned: Vec<crate::plugin::PlannedJob>,
 ) -> Result<Value, Failure> {
+    // Children keep their parent's trigger, except `chain`: a chain starts from the run that
+    // was chained, not from each of its children.
     let trigger: &'static str = match trigger {
         "schedule" => "schedule",
         "webhook" => "webhook",
+        "backfill" => "backfill",
         _ => "manual",
     };
     let mut children = Vec::with_capacity(planned.len());
@@ -600,11 +607,20 @@ async fn fan_out(
     let ids = if children.is_empty() {
         Vec::new()
     } else {
-        until_ok("inserting fanned-out runs", || {
-            context.store.insert_runs(&children)
+        let inserted = until_ok("inserting fanned-out runs", || {
+            context.store.insert_children(run_id, &children)
         })
         .await
-        .map_err(|e| Failure::Crashed(format!("the fanned-out runs cannot be recorded: {e}")))?
+        .map_err(|e| Failure::Crashed(format!("the fanned-out runs cannot be recorded: {e}")))?;
+        match inserted {
+            Some(ids) => ids,
+            // Recorded cancelled (its cancel was asked for): nothing fans out.
+            None => {
+                return Err(Failure::Crashed(
+                    "cancelled before it fanned out: no run was created".into(),
+                ))
+            }
+        }
     };
     publish_runs(context, run_id, &ids).await;
     tracing::info!(run = %run_id, job = %job_name, children = ids.len(), "run fanned out");

@@ -27,8 +27,23 @@ use serde::Deserialize;
 
 const BODY_LIMIT: usize = 64 * 1024;
 
-/// `text` with each `{path}` that names an argument replaced by it, in one pass.
-fn fill(text: &str, args: &Args) -> String {
+/// `text` with what cannot stand in a URL (spaces, line breaks, quotes, non-ASCII)
+/// percent-encoded; a whole URL in an argument stays as it is.
+fn url_safe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~:/?#[]@!$&'()*+,;=%".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// `text` with each `{path}` that names an argument replaced by it (passed through `escape`),
+/// in one pass.
+fn fill(text: &str, args: &Args, escape: impl Fn(&str) -> String) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(open) = rest.find('{') {
@@ -40,9 +55,9 @@ fn fill(text: &str, args: &Args) -> String {
         match found {
             Some((value, close)) => {
                 match value {
-                    Value::String(text) => out.push_str(text),
+                    Value::String(text) => out.push_str(&escape(text)),
                     Value::Null => {}
-                    other => out.push_str(&other.to_string()),
+                    other => out.push_str(&escape(&other.to_string())),
                 }
                 rest = &after[close + 1..];
             }
@@ -69,7 +84,7 @@ fn lookup<'a>(args: &'a Args, path: &str) -> Option<&'a Value> {
 /// Every string within `value` filled in (see [`fill`]).
 fn fill_strings(value: Value, args: &Args) -> Value {
     match value {
-        Value::String(text) => Value::String(fill(&text, args)),
+        Value::String(text) => Value::String(fill(&text, args, str::to_string)),
         Value::Array(items) => {
             Value::Array(items.into_iter().map(|v| fill_strings(v, args)).collect())
         }
@@ -106,9 +121,9 @@ struct Spec {
 fn http(args: Args) -> Result<Value, JobError> {
     let mut spec: Spec = serde_json::from_value(Value::Object(args.clone()))
         .map_err(|e| JobError::fatal(format!("http: bad arguments: {e}")))?;
-    spec.url = spec.url.map(|url| fill(&url, &args));
+    spec.url = spec.url.map(|url| fill(&url, &args, url_safe));
     for value in spec.headers.values_mut() {
-        *value = fill(value, &args);
+        *value = fill(value, &args, |text| text.replace(['\r', '\n'], " "));
     }
     spec.body = spec.body.map(|body| fill_strings(body, &args));
     let url = spec.url.as_deref().ok_or("http: missing `url`")?;
@@ -252,27 +267,27 @@ mod tests {
         let (url, server) = serve(200, "{}");
         let base = url.trim_end_matches("/check").to_string();
         let result = call(json!({
-            "url": format!("{base}/{{path}}"),
+            "url": format!("{base}/{{path}}?job={{trigger_run.job}}"),
             "path": "check",
             "method": "POST",
-            "headers": {"X-Run": "{trigger_run.id}"},
+            "headers": {"X-Run": "{trigger_run.id}", "X-Error": "{trigger_run.error}"},
             "body": {
                 "text": "{trigger_run.job} ended {trigger_run.status}: {trigger_run.error}{trigger_run.none}",
                 "attempts": ["{trigger_run.result.attempts}", "{not_an_argument}", "{}"],
             },
             "trigger_run": {
                 "id": "r-1", "job": "backup sw1", "status": "failed",
-                "error": "exit 3", "none": null, "result": {"attempts": 2},
+                "error": "exit 3\nline 2", "none": null, "result": {"attempts": 2},
             },
         }))
         .unwrap();
         assert_eq!(result["status"], 200);
         let (line, body) = server.join().unwrap();
-        assert!(line.starts_with("POST /check"), "{line}");
+        assert!(line.starts_with("POST /check?job=backup%20sw1 "), "{line}");
         let body: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(
             body,
-            json!({"text": "backup sw1 ended failed: exit 3", "attempts": ["2", "{not_an_argument}", "{}"]})
+            json!({"text": "backup sw1 ended failed: exit 3\nline 2", "attempts": ["2", "{not_an_argument}", "{}"]})
         );
     }
 

@@ -1184,10 +1184,22 @@ impl Store {
         let live: Vec<LiveRun> = if guarded.is_empty() {
             Vec::new()
         } else {
+            // One arm per partial index that holds live runs (unpublished, published and
+            // waiting, running), so that no index of its own is kept up to date on every run
+            // for this lookup (one was: it cost a third of the throughput).
             sqlx::query_as(
-                "SELECT id, job_name, status, scheduled_for FROM job_runs
-                 WHERE job_name = ANY($1) AND status IN ('queued', 'running')
-                   AND trigger <> 'backfill'
+                "SELECT id, job_name, status, scheduled_for FROM (
+                     SELECT id, job_name, status, scheduled_for, created_at FROM job_runs
+                     WHERE status = 'queued' AND published_at IS NULL
+                       AND job_name = ANY($1) AND trigger <> 'backfill'
+                     UNION ALL
+                     SELECT id, job_name, status, scheduled_for, created_at FROM job_runs
+                     WHERE status = 'queued' AND published_at IS NOT NULL
+                       AND job_name = ANY($1) AND trigger <> 'backfill'
+                     UNION ALL
+                     SELECT id, job_name, status, scheduled_for, created_at FROM job_runs
+                     WHERE status = 'running' AND job_name = ANY($1) AND trigger <> 'backfill'
+                 ) live
                  ORDER BY created_at, id",
             )
             .bind(&guarded)

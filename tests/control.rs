@@ -928,7 +928,8 @@ async fn a_cancel_racing_a_result_a_takeover_or_a_fan_out_is_never_lost() {
             "the dead worker's lease to end",
             Duration::from_secs(30),
             &format!(
-                "SELECT NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = {dead_token})"
+                "SELECT NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = {dead_token}
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
             ),
         )
         .await;

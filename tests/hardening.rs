@@ -734,8 +734,10 @@ async fn a_worker_that_lost_its_lease_claims_nothing_until_it_holds_it_again() {
     let worker = cluster.worker("w1", 1);
     // 0x6a73776b: the class of worker leases (`pg_advisory_lock(class, token)`).
     let (pid, token): (i32, i64) = sqlx::query_as(
+        // This test's worker's: other tests' workers hold leases on the same server.
         "SELECT pid, objid::int8 FROM pg_locks
-         WHERE locktype = 'advisory' AND granted AND classid = 1785952107::oid AND objsubid = 2",
+         WHERE locktype = 'advisory' AND granted AND classid = 1785952107::oid AND objsubid = 2
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .fetch_one(&cluster.pool)
     .await

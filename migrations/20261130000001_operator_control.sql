@@ -33,3 +33,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS job_runs_slot_key
     ON public.job_runs (job_name, scheduled_for)
     WHERE trigger IN ('schedule', 'backfill') AND parent_id IS NULL;
 DROP INDEX IF EXISTS public.job_runs_scheduled_slot_name_key;
+
+-- The runs of a job that are queued or running (overlap policy, cancel requests): small, as
+-- it holds only live runs.
+CREATE INDEX IF NOT EXISTS job_runs_live_idx
+    ON public.job_runs (job_name) WHERE status IN ('queued', 'running');

@@ -1188,16 +1188,16 @@ impl Store {
             // waiting, running), so that no index of its own is kept up to date on every run
             // for this lookup (one was: it cost a third of the throughput).
             sqlx::query_as(
-                "SELECT id, job_name, status, scheduled_for FROM (
-                     SELECT id, job_name, status, scheduled_for, created_at FROM job_runs
+                "SELECT id, job_name, status, scheduled_for, parent_id, trigger FROM (
+                     SELECT id, job_name, status, scheduled_for, parent_id, trigger, created_at FROM job_runs
                      WHERE status = 'queued' AND published_at IS NULL
                        AND job_name = ANY($1) AND trigger <> 'backfill'
                      UNION ALL
-                     SELECT id, job_name, status, scheduled_for, created_at FROM job_runs
+                     SELECT id, job_name, status, scheduled_for, parent_id, trigger, created_at FROM job_runs
                      WHERE status = 'queued' AND published_at IS NOT NULL
                        AND job_name = ANY($1) AND trigger <> 'backfill'
                      UNION ALL
-                     SELECT id, job_name, status, scheduled_for, created_at FROM job_runs
+                     SELECT id, job_name, status, scheduled_for, parent_id, trigger, created_at FROM job_runs
                      WHERE status = 'running' AND job_name = ANY($1) AND trigger <> 'backfill'
                  ) live
                  ORDER BY created_at, id",
@@ -1225,7 +1225,14 @@ impl Store {
                         other.id, other.status
                     )),
                     ("replace", Some(_)) => {
-                        replaced.extend(others.iter().map(|r| r.id));
+                        // A fan-out child is cancelled through its parent (cancels lock a
+                        // run before its children, always in that order).
+                        replaced.extend(others.iter().map(|r| {
+                            match (r.parent_id, r.trigger.as_str()) {
+                                (Some(parent), trigger) if trigger != "chain" => parent,
+                                _ => r.id,
+                            }
+                        }));
                         None
                     }
                     _ => None,
@@ -1619,6 +1626,10 @@ impl Store {
     /// Retrying this after a lost reply is harmless: a result recorded the first time no
     /// longer matches a running claim.
     pub async fn finish_runs(&self, finishes: &[Finish]) -> Result<Vec<Uuid>, StoreError> {
+        // In id order, as cancels lock runs: fewer deadlocks between a batch and a cancel.
+        let mut sorted: Vec<&Finish> = finishes.iter().collect();
+        sorted.sort_by_key(|f| f.id);
+        let finishes = sorted;
         let ids: Vec<Uuid> = finishes.iter().map(|f| f.id).collect();
         let statuses: Vec<&str> = finishes
             .iter()
@@ -1736,7 +1747,9 @@ impl Store {
                                WHEN r.attempt >= r.max_retries + $5 THEN 'dead' ELSE 'queued' END,
                  finished_at = CASE WHEN r.cancel_requested_at IS NOT NULL
                                       OR r.attempt >= r.max_retries + $5 THEN now() END,
-                 published_at = NULL, not_before = NULL,
+                 published_at = NULL,
+                 not_before = CASE WHEN r.cancel_requested_at IS NOT NULL
+                                     OR r.attempt >= r.max_retries + $5 THEN r.not_before END,
                  error = CASE WHEN r.cancel_requested_at IS NOT NULL
                               THEN COALESCE(r.cancel_reason, 'cancelled') || ' (its worker vanished while running it)'
                               WHEN r.attempt >= r.max_retries + $5
@@ -1883,7 +1896,29 @@ impl Store {
     /// `cancelled` at once and never run; running ones are marked, and their worker (which
     /// looks every half second) stops them and records them `cancelled`. `None`: no such run.
     pub async fn cancel_run(&self, id: Uuid) -> Result<Option<Cancelled>, StoreError> {
+        // A deadlock with a worker's batch (or a lock held while a run is being published)
+        // is worth another try or two, not an operator's error.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.try_cancel_run(id).await {
+                Err(e) if e.is_transient() && tries < 3 => {
+                    tracing::debug!(run = %id, error = %e, "cancel: trying again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn try_cancel_run(&self, id: Uuid) -> Result<Option<Cancelled>, StoreError> {
         let mut tx = self.pool.begin().await.context("starting to cancel")?;
+        // Rows being published are held until the broker confirms them (at most its
+        // timeout): a cancel waits a while for them, not for ever.
+        sqlx::query("SET LOCAL lock_timeout = '10s'")
+            .execute(&mut *tx)
+            .await
+            .context("starting to cancel")?;
         let row: Option<(String, Option<String>, bool)> = sqlx::query_as(
             "SELECT status, worker, status = 'running' AND cancel_requested_at IS NOT NULL
              FROM job_runs WHERE id = $1 FOR UPDATE",
@@ -2487,6 +2522,8 @@ struct LiveRun {
     job_name: String,
     status: String,
     scheduled_for: Option<DateTime<Utc>>,
+    parent_id: Option<Uuid>,
+    trigger: String,
 }
 
 /// Cancels runs (and their fan-out children) within `tx`: queued ones are recorded
@@ -2509,7 +2546,9 @@ async fn cancel_in(
              SELECT id FROM job_runs WHERE id = ANY($1)
              UNION
              SELECT c.id FROM job_runs c JOIN tree t ON c.parent_id = t.id WHERE c.trigger <> 'chain')
-         SELECT r.id FROM job_runs r JOIN tree t ON t.id = r.id ORDER BY r.id FOR UPDATE OF r",
+         SELECT r.id FROM job_runs r JOIN tree t ON t.id = r.id
+         WHERE r.status IN ('queued', 'running')
+         ORDER BY r.id FOR UPDATE OF r",
     )
     .bind(ids)
     .fetch_all(&mut *tx)

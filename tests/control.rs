@@ -454,6 +454,15 @@ async fn cancel_stops_queued_running_and_fanned_out_runs_on_another_worker_proce
             &format!("SELECT status = 'cancelled' FROM job_runs WHERE id = '{stubborn}'"),
         )
         .await;
+    let stubborn_run = run_json(&cluster, &stubborn).await;
+    assert!(
+        stubborn_run["error"]
+            .as_str()
+            .unwrap()
+            .contains("its job had finished before it could be stopped"),
+        "{stubborn_run}"
+    );
+    assert_eq!(stubborn_run["result"]["slept"], 4.0);
     // Unknown runs are refused.
     let refused = failure(
         run(cluster

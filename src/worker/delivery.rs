@@ -395,8 +395,9 @@ async fn run_claimed(
             finish(RunEnd::Cancelled, failure.details(), Some(error))
         }
         Ok(result) if cancel_seen(context, run_id, attempt) => {
+            // Recorded as its call ended; the store records it cancelled, saying so.
             tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, "run cancelled (its job had finished before it could be stopped)");
-            finish(RunEnd::Cancelled, Some(result), None)
+            finish(RunEnd::Succeeded, Some(result), None)
         }
         Ok(result) => {
             tracing::info!(run = %run_id, job = %job_name, attempt, elapsed_ms, "run succeeded");

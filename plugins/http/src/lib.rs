@@ -12,7 +12,9 @@
 //! replaced by that argument (text as it is, numbers and booleans written out, `null` as
 //! nothing, objects and lists as JSON), so a job chained after another (`on_failure`) can post
 //! `{trigger_run.job}`, `{trigger_run.status}` and `{trigger_run.error}` to a chat webhook.
-//! Braces that name no argument stay as written.
+//! Braces that name no argument stay as written. In `url`, a placeholder at its very start (a
+//! base URL) goes in as it is and every other value is percent-encoded; in header values,
+//! control characters become spaces.
 //!
 //! The result has `status`, `body` (the first 64 KiB, text), `body_truncated`, `json` (the body
 //! parsed, when it is JSON), `headers` and `duration_ms`. Connection problems, timeouts, 429 and
@@ -27,18 +29,34 @@ use serde::Deserialize;
 
 const BODY_LIMIT: usize = 64 * 1024;
 
-/// `text` with what cannot stand in a URL (spaces, line breaks, quotes, non-ASCII)
-/// percent-encoded; a whole URL in an argument stays as it is.
-fn url_safe(text: &str) -> String {
+/// `text` percent-encoded as data: every byte but letters, digits and `-._~`.
+fn url_encoded(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~:/?#[]@!$&'()*+,;=%".contains(&byte) {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
             out.push(byte as char);
         } else {
             out.push_str(&format!("%{byte:02X}"));
         }
     }
     out
+}
+
+/// The URL with its placeholders filled: one at its very start is the base URL and goes in
+/// as it is; every other value is data and is percent-encoded (`a&b=c`, `#`, `50%`, spaces
+/// and line breaks cannot change the URL's shape).
+fn fill_url(url: &str, args: &Args) -> String {
+    match url.strip_prefix('{').and_then(|rest| {
+        let close = rest.find('}')?;
+        lookup(args, &rest[..close])?;
+        Some(close + 2)
+    }) {
+        Some(end) => {
+            let base = fill(&url[..end], args, str::to_string);
+            base + &fill(&url[end..], args, url_encoded)
+        }
+        None => fill(url, args, url_encoded),
+    }
 }
 
 /// `text` with each `{path}` that names an argument replaced by it (passed through `escape`),
@@ -121,9 +139,13 @@ struct Spec {
 fn http(args: Args) -> Result<Value, JobError> {
     let mut spec: Spec = serde_json::from_value(Value::Object(args.clone()))
         .map_err(|e| JobError::fatal(format!("http: bad arguments: {e}")))?;
-    spec.url = spec.url.map(|url| fill(&url, &args, url_safe));
+    spec.url = spec.url.map(|url| fill_url(&url, &args));
     for value in spec.headers.values_mut() {
-        *value = fill(value, &args, |text| text.replace(['\r', '\n'], " "));
+        *value = fill(value, &args, |text| {
+            text.chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect()
+        });
     }
     spec.body = spec.body.map(|body| fill_strings(body, &args));
     let url = spec.url.as_deref().ok_or("http: missing `url`")?;
@@ -267,7 +289,8 @@ mod tests {
         let (url, server) = serve(200, "{}");
         let base = url.trim_end_matches("/check").to_string();
         let result = call(json!({
-            "url": format!("{base}/{{path}}?job={{trigger_run.job}}"),
+            "url": "{base}/{path}?job={trigger_run.job}&error={trigger_run.error}",
+            "base": base,
             "path": "check",
             "method": "POST",
             "headers": {"X-Run": "{trigger_run.id}", "X-Error": "{trigger_run.error}"},
@@ -277,17 +300,22 @@ mod tests {
             },
             "trigger_run": {
                 "id": "r-1", "job": "backup sw1", "status": "failed",
-                "error": "exit 3\nline 2", "none": null, "result": {"attempts": 2},
+                "error": "exit 3\nline 2 & a=b#%50", "none": null, "result": {"attempts": 2},
             },
         }))
         .unwrap();
         assert_eq!(result["status"], 200);
         let (line, body) = server.join().unwrap();
-        assert!(line.starts_with("POST /check?job=backup%20sw1 "), "{line}");
+        assert!(
+            line.starts_with(
+                "POST /check?job=backup%20sw1&error=exit%203%0Aline%202%20%26%20a%3Db%23%2550 "
+            ),
+            "{line}"
+        );
         let body: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(
             body,
-            json!({"text": "backup sw1 ended failed: exit 3\nline 2", "attempts": ["2", "{not_an_argument}", "{}"]})
+            json!({"text": "backup sw1 ended failed: exit 3\nline 2 & a=b#%50", "attempts": ["2", "{not_an_argument}", "{}"]})
         );
     }
 

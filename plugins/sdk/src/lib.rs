@@ -25,6 +25,10 @@
 //! job's arguments and its [`Outcome`]; `"<job>:on_startup"` returns an object of arguments.
 //! An error says whether trying again makes sense ([`JobError::retryable`]).
 //!
+//! A function may read the run it belongs to with [`current_run`] (id, job, trigger, slot,
+//! attempt, worker, parent) and ask [`cancelled`] now and then during long work, to stop early
+//! when an operator cancels the run.
+//!
 //! A panic in a plugin function is caught at the boundary and becomes a failed call carrying the
 //! panic message; build plugins with the default `panic = "unwind"` for that to work.
 //!
@@ -32,7 +36,8 @@
 //! Only C types cross it: the library exports `jobschleuder_abi_version()` and
 //! `jobschleuder_plugin_descriptor()`; data is JSON bytes; memory is freed by the side that
 //! allocated it (the host hands every output buffer back to the plugin's `free`). So a plugin
-//! built by another compiler version still loads; one built for another ABI version is refused.
+//! built by another compiler version still loads. Version 2 of the ABI added `call_in_run` (the
+//! run's cancellation flag); hosts still load version 1 plugins, and refuse any other version.
 
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -124,8 +124,8 @@ async fn a_paused_entry_fires_nothing_keeps_its_pause_across_imports_and_resumes
         .any(|e| e["job_name"] == "hourly" && e["paused"] == true));
 
     // Running a paused job by hand still works.
-    let id = cluster.run_ok(&["scheduler", "--run-now", "hourly"]);
-    assert!(Uuid::parse_str(id.trim()).is_ok(), "{id}");
+    let id = cluster.run_now("hourly");
+    assert!(Uuid::parse_str(&id).is_ok(), "{id}");
 
     // Unknown names change nothing and say so; a second pause of the same entry is no change.
     let refused = failure(
@@ -343,15 +343,12 @@ async fn cancel_stops_queued_running_and_fanned_out_runs_on_another_worker_proce
     ));
 
     // A queued run: cancelled at once, and never runs.
-    let queued = cluster.run_ok(&["scheduler", "--run-now", "queued"]);
-    let queued = queued.trim();
-    let out = cluster.run_ok(&["runs", "--cancel", queued]);
+    let queued = cluster.run_now("queued");
+    let out = cluster.run_ok(&["runs", "--cancel", &queued]);
     assert!(out.contains("was queued: recorded cancelled"), "{out}");
     let worker = cluster.worker("w1", 2);
-    let long = cluster.run_ok(&["scheduler", "--run-now", "long"]);
-    let long = long.trim().to_string();
-    let aware = cluster.run_ok(&["scheduler", "--run-now", "aware"]);
-    let aware = aware.trim().to_string();
+    let long = cluster.run_now("long");
+    let aware = cluster.run_now("aware");
     cluster
         .wait_until(
             "both runs running",
@@ -399,7 +396,7 @@ async fn cancel_stops_queued_running_and_fanned_out_runs_on_another_worker_proce
             .contains("saw the cancel and stopped early"),
         "{aware_run}"
     );
-    let queued_run = run_json(&cluster, queued).await;
+    let queued_run = run_json(&cluster, &queued).await;
     assert_eq!(queued_run["status"], "cancelled");
     assert!(
         queued_run["started_at"].is_null(),
@@ -411,8 +408,7 @@ async fn cancel_stops_queued_running_and_fanned_out_runs_on_another_worker_proce
     assert!(again.contains("has ended already (cancelled)"), "{again}");
 
     // A fan-out parent cancels its children: two run (one slot each), one waits.
-    let fan = cluster.run_ok(&["scheduler", "--run-now", "fan"]);
-    let fan = fan.trim().to_string();
+    let fan = cluster.run_now("fan");
     cluster
         .wait_until(
             "two children running",
@@ -434,8 +430,7 @@ async fn cancel_stops_queued_running_and_fanned_out_runs_on_another_worker_proce
         .await;
     // A plugin that does not look at the flag runs to its end; a second cancel meanwhile says
     // that the first is under way; the end is recorded cancelled.
-    let stubborn = cluster.run_ok(&["scheduler", "--run-now", "stubborn"]);
-    let stubborn = stubborn.trim().to_string();
+    let stubborn = cluster.run_now("stubborn");
     cluster
         .wait_until(
             "the stubborn run running",
@@ -608,10 +603,8 @@ async fn plugins_and_commands_get_their_run_context() {
         out_file.display()
     ));
     let _worker = cluster.worker("w1", 2);
-    let ctx = cluster.run_ok(&["scheduler", "--run-now", "ctx"]);
-    let ctx = ctx.trim().to_string();
-    let env = cluster.run_ok(&["scheduler", "--run-now", "env"]);
-    let env = env.trim().to_string();
+    let ctx = cluster.run_now("ctx");
+    let env = cluster.run_now("env");
     cluster
         .wait_until(
             "both runs done",
@@ -689,10 +682,8 @@ async fn chains_start_their_jobs_once_when_a_run_ends_and_a_failure_is_posted_to
     ));
     let _scheduler = cluster.scheduler();
     let _worker = cluster.worker("w1", 2);
-    let first = cluster.run_ok(&["scheduler", "--run-now", "first"]);
-    let first = first.trim().to_string();
-    let broken = cluster.run_ok(&["scheduler", "--run-now", "broken"]);
-    let broken = broken.trim().to_string();
+    let first = cluster.run_now("first");
+    let broken = cluster.run_now("broken");
     cluster
         .wait_until(
             "the chained runs to finish",
@@ -839,21 +830,7 @@ async fn jitter_delays_each_start_by_its_own_share_and_the_views_show_it() {
 }
 
 fn new_run(parent: Option<Uuid>) -> NewRun {
-    NewRun {
-        id: Some(Uuid::new_v4()),
-        job_name: "j".into(),
-        job: "hello_world".into(),
-        job_id: None,
-        trigger: "manual",
-        queue: None,
-        arguments: serde_json::Map::new(),
-        preprocessing: None,
-        postprocessing: None,
-        timeout_seconds: None,
-        max_retries: 3,
-        parent_id: parent,
-        published: false,
-    }
+    crate::util::new_run(Some(Uuid::new_v4()), parent)
 }
 
 async fn status_of(cluster: &Cluster, id: Uuid) -> String {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use jobschleuder::store::{Claim, Finish, NewRun, RunEnd, Store};
+use jobschleuder::store::{Claim, Finish, RunEnd, Store};
 use sqlx::Connection;
 use uuid::Uuid;
 
@@ -359,21 +359,7 @@ async fn sigterm_is_seen_while_every_slot_is_busy() {
 async fn claims_and_inserts_retried_after_a_lost_reply_change_nothing() {
     let cluster = Cluster::new("").await;
     let store = Store::from_pool(cluster.pool.clone()).await.unwrap();
-    let run = |id: Option<Uuid>| NewRun {
-        id,
-        job_name: "j".into(),
-        job: "hello_world".into(),
-        job_id: None,
-        trigger: "manual",
-        queue: None,
-        arguments: serde_json::Map::new(),
-        preprocessing: None,
-        postprocessing: None,
-        timeout_seconds: None,
-        max_retries: 0,
-        parent_id: None,
-        published: false,
-    };
+    let run = |id: Option<Uuid>| crate::util::new_run(id, None);
     // A deterministic id (a fan-out child's): the insert retried creates nothing new.
     let child = Uuid::new_v4();
     let first = store.insert_runs(&[run(Some(child))]).await.unwrap();

@@ -26,10 +26,7 @@ fn python_plugins() -> String {
 }
 
 async fn run(cluster: &Cluster, job: &str) -> String {
-    cluster
-        .run_ok(&["scheduler", "--run-now", job])
-        .trim()
-        .to_string()
+    cluster.run_now(job)
 }
 
 async fn ended(cluster: &Cluster, id: &str) -> (String, Option<String>, Option<Value>) {

@@ -124,6 +124,13 @@ impl Cluster {
         super::success(super::run(self.command().args(args)))
     }
 
+    /// `scheduler --run-now JOB`: the new run's id.
+    pub fn run_now(&self, job: &str) -> String {
+        self.run_ok(&["scheduler", "--run-now", job])
+            .trim()
+            .to_string()
+    }
+
     pub fn import(&self, jobs: &str) {
         let file = self.ws.write("jobs.yaml", jobs);
         super::success(super::run(

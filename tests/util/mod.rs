@@ -167,6 +167,25 @@ pub fn failure(output: Output, code: i32) -> String {
     stderr(&output)
 }
 
+/// A manual run of job `j` (`hello_world`, no arguments) to insert straight into the store.
+pub fn new_run(id: Option<uuid::Uuid>, parent: Option<uuid::Uuid>) -> jobschleuder::store::NewRun {
+    jobschleuder::store::NewRun {
+        id,
+        job_name: "j".into(),
+        job: "hello_world".into(),
+        job_id: None,
+        trigger: "manual",
+        queue: None,
+        arguments: serde_json::Map::new(),
+        preprocessing: None,
+        postprocessing: None,
+        timeout_seconds: None,
+        max_retries: 0,
+        parent_id: parent,
+        published: false,
+    }
+}
+
 pub const SEED_JOBS: &str = r#"---
 jobs:
 - id: hello world

@@ -262,22 +262,10 @@ pub mod abi {
         *mut Buffer,
     ) -> i32;
 
-    /// Version 1's descriptor, which version 2's begins with: a host reads a version 1
-    /// plugin's descriptor as this.
+    /// Version 1's descriptor, which version 2's begins with: a host reads the common part of
+    /// every plugin's descriptor as this.
     #[repr(C)]
     pub struct PluginDescriptorV1 {
-        pub abi_version: u32,
-        pub sdk_version: *const u8,
-        pub sdk_version_len: usize,
-        pub functions: *const FunctionEntry,
-        pub function_count: usize,
-        pub call: unsafe extern "C" fn(*const u8, usize, *const u8, usize, *mut Buffer) -> i32,
-        pub free: unsafe extern "C" fn(Buffer),
-        pub set_logger: unsafe extern "C" fn(LogFn, *const c_void, u32),
-    }
-
-    #[repr(C)]
-    pub struct PluginDescriptor {
         pub abi_version: u32,
         /// The SDK's version, for messages.
         pub sdk_version: *const u8,
@@ -290,7 +278,13 @@ pub mod abi {
         /// `(log, context, max_level)`: where the plugin's log lines go, and the most verbose
         /// level the host wants.
         pub set_logger: unsafe extern "C" fn(LogFn, *const c_void, u32),
-        /// Since version 2: `call`, with the run the call belongs to.
+    }
+
+    /// Version 2's descriptor: version 1's, then `call_in_run`.
+    #[repr(C)]
+    pub struct PluginDescriptor {
+        pub v1: PluginDescriptorV1,
+        /// `call`, with the run the call belongs to.
         pub call_in_run: CallInRunFn,
     }
 }
@@ -548,14 +542,16 @@ fn descriptor() -> &'static Descriptor {
             .collect();
         Descriptor {
             descriptor: abi::PluginDescriptor {
-                abi_version: abi::ABI_VERSION,
-                sdk_version: SDK_VERSION.as_ptr(),
-                sdk_version_len: SDK_VERSION.len(),
-                functions: functions.as_ptr(),
-                function_count: functions.len(),
-                call: boundary_call,
-                free: boundary_free,
-                set_logger: boundary_set_logger,
+                v1: abi::PluginDescriptorV1 {
+                    abi_version: abi::ABI_VERSION,
+                    sdk_version: SDK_VERSION.as_ptr(),
+                    sdk_version_len: SDK_VERSION.len(),
+                    functions: functions.as_ptr(),
+                    function_count: functions.len(),
+                    call: boundary_call,
+                    free: boundary_free,
+                    set_logger: boundary_set_logger,
+                },
                 call_in_run: boundary_call_in_run,
             },
             _functions: functions,

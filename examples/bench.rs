@@ -210,7 +210,11 @@ impl Scratch {
     }
 
     async fn remove(self, bench: &Bench) {
-        self.store.pool().close().await;
+        self.store
+            .pg_pool()
+            .expect("a Postgres store")
+            .close()
+            .await;
         if let Ok(connection) =
             Connection::connect(&bench.amqp, ConnectionProperties::default()).await
         {
@@ -289,7 +293,7 @@ impl Scratch {
 
     async fn count(&self, query: &str) -> Result<i64, Error> {
         Ok(sqlx::query_scalar(query)
-            .fetch_one(self.store.pool())
+            .fetch_one(self.store.pg_pool().expect("a Postgres store"))
             .await?)
     }
 
@@ -311,7 +315,7 @@ impl Scratch {
     /// Percentiles (seconds → milliseconds) of `query`'s one float column.
     async fn percentiles(&self, query: &str) -> Result<(f64, f64, usize), Error> {
         let mut values: Vec<f64> = sqlx::query_scalar(query)
-            .fetch_all(self.store.pool())
+            .fetch_all(self.store.pg_pool().expect("a Postgres store"))
             .await?;
         if values.is_empty() {
             return Err(format!("no values: {query}").into());
@@ -364,7 +368,7 @@ async fn throughput(bench: &Bench, scratch: &Scratch, report: &mut Report) -> Re
     };
     // Rows first (as a scheduler pass creates them), then published with confirms, while the
     // worker consumes, runs the plugin, records and acknowledges.
-    let mut publisher = Publisher::new(&scratch.config, "bench");
+    let mut publisher = Publisher::new(&scratch.config, &scratch.store, "bench");
     for chunk in (0..runs).collect::<Vec<_>>().chunks(5_000) {
         let batch: Vec<NewRun> = chunk.iter().map(|i| bench_run(*i)).collect();
         scratch.store.insert_runs(&batch).await?;
@@ -605,12 +609,17 @@ async fn due(scratch: &Scratch, report: &mut Report) -> Result<(), Error> {
     if summary.runs_created != ENTRIES {
         return Err(format!("created {} of {ENTRIES}", summary.runs_created).into());
     }
-    scratch.store.pool().execute("DELETE FROM job_runs").await?;
+    scratch
+        .store
+        .pg_pool()
+        .expect("a Postgres store")
+        .execute("DELETE FROM job_runs")
+        .await?;
     scratch
         .store
         .replace_schedule(&|_: &EntrySchedule, _| Some(slot))
         .await?;
-    let mut publisher = Publisher::new(&scratch.config, "bench");
+    let mut publisher = Publisher::new(&scratch.config, &scratch.store, "bench");
     let started = Instant::now();
     let (summary, published) =
         scheduler::create_and_publish(&scratch.store, &scratch.config, &mut publisher, true).await;

@@ -45,6 +45,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 async fn run(rows: i64, url: &url::Url, name: &str) -> Result<(), Box<dyn std::error::Error>> {
     let database = DatabaseConfig {
+        sqlite: None,
+        poll_interval: std::time::Duration::from_millis(250),
         url: Some(Secret::new(url.to_string())),
         host: String::new(),
         port: 0,
@@ -72,7 +74,7 @@ async fn run(rows: i64, url: &url::Url, name: &str) -> Result<(), Box<dyn std::e
         .bind(written)
         .bind(written + count - 1)
         .bind(rows as f64)
-        .execute(store.pool())
+        .execute(store.pg_pool().expect("a Postgres store"))
         .await?;
         written += count;
         eprintln!("filling: {written}/{rows} runs");
@@ -85,10 +87,10 @@ async fn run(rows: i64, url: &url::Url, name: &str) -> Result<(), Box<dyn std::e
                 CASE WHEN i % 2 = 0 THEN 'running' ELSE 'queued' END, 1, 4242, now(), now()
          FROM generate_series(1, 200) AS i",
     )
-    .execute(store.pool())
+    .execute(store.pg_pool().expect("a Postgres store"))
     .await?;
     sqlx::raw_sql("VACUUM ANALYZE job_runs")
-        .execute(store.pool())
+        .execute(store.pg_pool().expect("a Postgres store"))
         .await?;
     figure("fill", started.elapsed().as_secs_f64(), "s");
 
@@ -107,7 +109,7 @@ async fn run(rows: i64, url: &url::Url, name: &str) -> Result<(), Box<dyn std::e
         })
         .await?;
     sqlx::query("UPDATE schedule SET next_run = now() - interval '1 second'")
-        .execute(store.pool())
+        .execute(store.pg_pool().expect("a Postgres store"))
         .await?;
     let started = Instant::now();
     let summary = scheduler::create_due_runs(&store, &config, None).await?;

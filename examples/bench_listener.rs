@@ -49,7 +49,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::from_str_with_env(Path::new("bench.yaml"), &text, &|_| None)?;
     let store = Store::connect(&config.database).await?;
     store
-        .pool()
+        .pg_pool()
+        .expect("a Postgres store")
         .execute("INSERT INTO jobs (name, job) VALUES ('backup', 'hello_world')")
         .await?;
     let (stop, shutdown) = Shutdown::manual();
@@ -89,13 +90,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let created: i64 =
         sqlx::query_scalar("SELECT count(*) FROM job_runs WHERE trigger = 'webhook'")
-            .fetch_one(store.pool())
+            .fetch_one(store.pg_pool().expect("a Postgres store"))
             .await?;
     println!("runs recorded: {created}");
 
     stop.stop();
     let _ = server.await;
-    store.pool().close().await;
+    store.pg_pool().expect("a Postgres store").close().await;
     let connection =
         lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;

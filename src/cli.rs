@@ -49,6 +49,24 @@ pub enum Command {
     Listener(ListenerArgs),
     /// Run history: recent runs, one run with its result and fan-out children.
     Runs(RunsArgs),
+    /// Scheduler, worker slots and listener in one process, on one host: with no database and
+    /// no broker configured, everything lives in one SQLite file.
+    Standalone(StandaloneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StandaloneArgs {
+    /// Import this job file first (replacing the registry, as `registry --import` does).
+    #[arg(long, value_name = "FILE")]
+    pub import: Option<PathBuf>,
+
+    /// Number of concurrent job slots.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub workers: usize,
+
+    /// The listener's address and port (default: listener.bind, else 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDR")]
+    pub bind: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]

@@ -1,8 +1,9 @@
 //! jobschleuder: a distributed, cron-style job scheduler.
 //!
-//! Operators describe jobs in a YAML file; `registry --import` loads it into Postgres; a
+//! Operators describe jobs in a YAML file; `registry --import` loads it into the store; a
 //! scheduler fires registry entries on their cron schedules; workers on many hosts run them
-//! through plugins; a listener turns webhooks into runs.
+//! through plugins; a listener turns webhooks into runs. `standalone` runs all of it in one
+//! process on one host, with SQLite and the table queue.
 //!
 //! # Layout
 //! ARCHITECTURE.md (at the repository's top) has the same list as its code map, with what each
@@ -12,10 +13,12 @@
 //! - [`logging`]: level filter, log handlers, the `--uuid` tag.
 //! - [`jobfile`]: the job file: parsing and complete validation.
 //! - [`cron`]: cron expressions and next-run times in a zone, with Vixie cron's DST rules.
-//! - [`store`]: the database: migrations and every query.
+//! - [`store`]: the database behind one interface: [`store::postgres`] and [`store::sqlite`],
+//!   each with its migrations and every query.
 //! - [`plugin`]: the plugin host: loading cdylib plugins and calling them across the C ABI.
 //! - [`python`]: the original's Python plugins, run unchanged in Python processes of their own.
-//! - [`broker`]: RabbitMQ: queues, publishing with confirms, consuming, the message format.
+//! - [`queue`]: the queue behind one interface, and the message format: [`queue::rabbitmq`]
+//!   (publishing with confirms, consuming) and [`queue::table`] (a table in the database).
 //! - [`scheduler`]: due schedule rows become runs; queued runs are published (the outbox).
 //! - [`worker`]: deliveries become plugin calls; results are recorded, then acknowledged.
 //! - [`listener`]: webhooks become runs; the JSON API, `/healthz` and `/metrics`.
@@ -25,7 +28,6 @@
 //! - [`commands`]: one module per subcommand.
 //! - [`error`]: the error type commands return, and exit codes.
 
-pub mod broker;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -38,6 +40,7 @@ pub mod output;
 pub mod plugin;
 pub mod process;
 pub mod python;
+pub mod queue;
 pub mod scheduler;
 pub mod shutdown;
 pub mod store;
@@ -58,7 +61,7 @@ pub fn run(cli: cli::Cli) -> Result<()> {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    tracing::debug!(config = %config.origin(), database = %config.database.describe(), broker = %config.rabbitmq.describe(), "configuration loaded");
+    tracing::debug!(config = %config.origin(), database = %config.database.describe(), queue = %queue::Queue::describe(&config), "configuration loaded");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

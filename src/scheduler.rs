@@ -16,10 +16,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 
-use crate::broker::{Broker, BrokerError, JobMessage, Outgoing, Published};
 use crate::config::Config;
 use crate::cron::CronSchedule;
 use crate::jobfile::{Misfire, MAX_JITTER};
+use crate::queue::{JobMessage, Outgoing, Published, Queue, QueueError};
 use crate::shutdown::Shutdown;
 use crate::store::{ClaimKey, Decision, DueEntry, EntrySchedule, Store, StoreError};
 use std::collections::HashSet;
@@ -100,20 +100,22 @@ pub fn start_of(job_name: &str, slot: DateTime<Utc>, jitter_seconds: Option<f64>
         .unwrap_or(slot)
 }
 
-/// Keeps one broker connection for publishing, reconnecting with backoff when it is lost.
+/// Keeps one queue connection for publishing, reconnecting with backoff when it is lost.
 pub struct Publisher {
-    config: crate::config::RabbitmqConfig,
+    config: Config,
+    store: Store,
     role: String,
-    broker: Option<Broker>,
+    broker: Option<Queue>,
     /// No new connection attempt before this (backoff after a failure).
     retry_at: Option<tokio::time::Instant>,
     backoff: Duration,
 }
 
 impl Publisher {
-    pub fn new(config: &Config, role: &str) -> Publisher {
+    pub fn new(config: &Config, store: &Store, role: &str) -> Publisher {
         Publisher {
-            config: config.rabbitmq.clone(),
+            config: config.clone(),
+            store: store.clone(),
             role: role.to_string(),
             broker: None,
             retry_at: None,
@@ -121,19 +123,31 @@ impl Publisher {
         }
     }
 
+    /// Whether runs go to the table queue (in the store's own database).
+    pub fn is_table(&self) -> bool {
+        self.config.queue.kind == crate::config::QueueKind::Table
+    }
+
+    /// The largest message body published.
+    pub fn max_message_size(&self) -> usize {
+        self.config.rabbitmq.max_message_size
+    }
+
     /// When the next connection attempt is allowed, if one failed recently.
     pub fn retry_at(&self) -> Option<tokio::time::Instant> {
         self.retry_at
     }
 
-    async fn broker(&mut self) -> Result<&Broker, BrokerError> {
+    async fn broker(&mut self) -> Result<&Queue, QueueError> {
         if self.broker.as_ref().is_some_and(|b| !b.is_connected()) {
             self.broker = None;
         }
         if self.broker.is_none() {
-            match Broker::connect(&self.config, &self.role).await {
+            match Queue::connect(&self.config, &self.store, &self.role).await {
                 Ok(broker) => {
-                    tracing::info!(broker = %self.config.describe(), "connected to RabbitMQ");
+                    if let Queue::RabbitMq(_) = broker {
+                        tracing::info!(broker = %self.config.rabbitmq.describe(), "connected to RabbitMQ");
+                    }
                     self.broker = Some(broker);
                     self.retry_at = None;
                     self.backoff = Duration::from_millis(200);
@@ -160,13 +174,13 @@ impl Publisher {
     }
 
     /// Publishes `batch`; on a broker error the connection is dropped and retried later.
-    pub async fn publish(&mut self, batch: &[Outgoing]) -> Result<Vec<Published>, BrokerError> {
+    pub async fn publish(&mut self, batch: &[Outgoing]) -> Result<Vec<Published>, QueueError> {
         let result = match self.broker().await {
             // A broker that stops confirming (a resource alarm) must not hold the outbox.
             Ok(broker) => {
                 match tokio::time::timeout(PUBLISH_TIMEOUT, broker.publish(batch)).await {
                     Ok(result) => result,
-                    Err(_) => Err(BrokerError::Timeout(PUBLISH_TIMEOUT)),
+                    Err(_) => Err(QueueError::Timeout(PUBLISH_TIMEOUT)),
                 }
             }
             Err(e) => return Err(e),
@@ -182,12 +196,12 @@ impl Publisher {
 
     /// Messages ready in `queue`, asked within a few seconds. Only a broken connection counts
     /// against publishing (a queue that cannot be inspected does not).
-    pub async fn queue_depth(&mut self, queue: &str) -> Result<u32, BrokerError> {
+    pub async fn queue_depth(&mut self, queue: &str) -> Result<u32, QueueError> {
         const LIMIT: Duration = Duration::from_secs(5);
         let broker = self.broker().await?;
         let result = match tokio::time::timeout(LIMIT, broker.queue_depth(queue)).await {
             Ok(result) => result,
-            Err(_) => Err(BrokerError::Timeout(LIMIT)),
+            Err(_) => Err(QueueError::Timeout(LIMIT)),
         };
         if result.is_err() && !broker.is_connected() {
             self.failed();
@@ -196,7 +210,7 @@ impl Publisher {
     }
 
     /// Declares `queue` (once per connection), as publishing to it would.
-    pub async fn declare(&mut self, queue: &str) -> Result<(), BrokerError> {
+    pub async fn declare(&mut self, queue: &str) -> Result<(), QueueError> {
         let broker = self.broker().await?;
         let result = broker.declare(queue).await;
         if result.is_err() && !broker.is_connected() {
@@ -217,7 +231,7 @@ pub enum PassError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Broker(#[from] BrokerError),
+    Queue(#[from] QueueError),
 }
 
 /// What one pass did.
@@ -385,6 +399,23 @@ pub async fn publish_queued(
                 message: message_of(run),
             })
             .collect();
+        if publisher.is_table() {
+            // The table queue is in the same database: messages go in with the runs' marks,
+            // in the batch's own transaction.
+            let full = batch.runs.len() == PUBLISH_BATCH as usize;
+            let (ids, dead, messages) =
+                crate::queue::table::prepare(&batch.runs, &outgoing, publisher.max_message_size());
+            for (id, error) in &dead {
+                tracing::error!(run = %id, "run dead: {error}");
+            }
+            batch.settle_into_table(&ids, &dead, &messages).await?;
+            crate::queue::table::wake(messages.iter().map(|m| m.0.as_str()));
+            published += ids.len();
+            if !full {
+                return Ok(published);
+            }
+            continue;
+        }
         // On a broker error the batch is dropped unmarked (its transaction rolls back): the
         // runs stay in the outbox for the next pass.
         let outcomes = publisher.publish(&outgoing).await?;
@@ -409,7 +440,7 @@ pub async fn publish_queued(
         batch.settle(&ids, &dead).await?;
         published += ids.len();
         if nacked > 0 {
-            return Err(BrokerError::Nacked(nacked).into());
+            return Err(QueueError::Nacked(nacked).into());
         }
         if !full {
             return Ok(published);
@@ -567,7 +598,7 @@ pub async fn run(
     once: bool,
     mut shutdown: Shutdown,
 ) -> Result<PassSummary, PassError> {
-    let mut publisher = Publisher::new(config, "scheduler");
+    let mut publisher = Publisher::new(config, store, "scheduler");
     let mut listener = match store.notifications().await {
         Ok(listener) => {
             tracing::info!("listening for registry changes and new runs");

@@ -51,7 +51,7 @@ async fn slots(store: &Store, job: &str) -> Vec<DateTime<Utc>> {
         "SELECT scheduled_for FROM job_runs WHERE job_name = $1 ORDER BY scheduled_for",
     )
     .bind(job)
-    .fetch_all(store.pool())
+    .fetch_all(store.pg_pool().expect("a Postgres store"))
     .await
     .unwrap()
 }

@@ -305,10 +305,12 @@ async fn history_that_holds_a_slot_twice_is_migrated_without_losing_a_row() {
     let pool = db.pool().await;
     // The schema before run identity by job name, with a slot that ran twice (under two
     // registry ids, as re-imports made possible).
-    sqlx::raw_sql(include_str!("../migrations/20261127000001_registry.sql"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(include_str!(
+        "../migrations/postgres/20261127000001_registry.sql"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
     sqlx::raw_sql(
         "INSERT INTO job_runs (id, job_name, job, registry_id, trigger, status, scheduled_for, created_at) VALUES
            (gen_random_uuid(), 'nightly', 'x', 1, 'schedule', 'succeeded', '2026-01-01 03:00+00', '2026-01-01 03:00:01+00'),

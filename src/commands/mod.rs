@@ -4,6 +4,7 @@ pub mod listener;
 pub mod registry;
 pub mod runs;
 pub mod scheduler;
+pub mod standalone;
 pub mod worker;
 
 use crate::cli::Command;
@@ -17,5 +18,6 @@ pub async fn dispatch(config: &Config, command: &Command) -> Result<()> {
         Command::Worker(args) => worker::run(config, args).await,
         Command::Listener(args) => listener::run(config, args).await,
         Command::Runs(args) => runs::run(config, args).await,
+        Command::Standalone(args) => standalone::run(config, args).await,
     }
 }

@@ -77,7 +77,7 @@ pub async fn run(config: &Config, args: &SchedulerArgs) -> Result<()> {
         })?;
         let job_name = job.name.clone().unwrap_or_else(|| job.id.to_string());
         let ids = store.insert_runs(&[NewRun::of_job(&job, "manual")]).await?;
-        let mut publisher = Publisher::new(config, "scheduler --run-now");
+        let mut publisher = Publisher::new(config, &store, "scheduler --run-now");
         match sched::publish_queued(&store, &mut publisher, &config.rabbitmq.queue, Some(&ids))
             .await
         {

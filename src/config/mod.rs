@@ -93,6 +93,8 @@ pub struct Config {
     pub path: Option<PathBuf>,
     pub database: DatabaseConfig,
     pub rabbitmq: RabbitmqConfig,
+    /// Which queue runs travel through, and the table queue's settings.
+    pub queue: QueueConfig,
     /// Job name → the library that provides it (`plugins:` in the file).
     pub plugins: BTreeMap<String, PluginLocation>,
     /// Preprocessing function name → library (`preprocessing:` in the file).
@@ -115,6 +117,9 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
+    /// The SQLite file, when the store is SQLite (`database.path`, a `sqlite:` URL, or the
+    /// default when the config names no database and no broker); `None`: Postgres.
+    pub sqlite: Option<PathBuf>,
     /// A full URL (file `database.url` or `JOBSCHLEUDER_DATABASE_URL`); wins over the parts.
     pub url: Option<Secret>,
     pub host: String,
@@ -123,6 +128,8 @@ pub struct DatabaseConfig {
     pub password: Option<Secret>,
     pub database: String,
     pub max_connections: u32,
+    /// How often a SQLite store looks for other processes' writes (`queue.poll_interval`).
+    pub poll_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -145,6 +152,26 @@ pub struct RabbitmqConfig {
     /// of closing the channel for the whole batch. Keep it at or below the broker's own
     /// `max_message_size` (128 MiB by default).
     pub max_message_size: usize,
+}
+
+/// Which queue runs travel through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueKind {
+    RabbitMq,
+    /// The table queue in the store's own database.
+    Table,
+}
+
+/// `queue:` settings.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub kind: QueueKind,
+    /// How often a table-queue consumer on SQLite looks for messages other processes
+    /// published (within one process it is woken at once).
+    pub poll_interval: Duration,
+    /// How long a table-queue delivery stays hidden from other consumers without a renewal:
+    /// how soon a dead worker's deliveries are handed out again.
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,6 +339,9 @@ impl DatabaseConfig {
 
     /// Where it connects, for messages: never the password.
     pub fn describe(&self) -> String {
+        if let Some(path) = &self.sqlite {
+            return format!("sqlite://{}", path.display());
+        }
         match &self.url {
             Some(url) => redact_url(url.expose()),
             None => format!(
@@ -489,6 +519,26 @@ struct RawConfig {
     worker: Option<RawWorker>,
     runs: Option<RawRuns>,
     listener: Option<listener::RawListener>,
+    queue: Option<RawQueue>,
+}
+
+/// `queue: rabbitmq | postgres | sqlite | table`, or a mapping with `type` and settings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawQueue {
+    Kind(String),
+    Settings(RawQueueSettings),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueueSettings {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    name: Option<String>,
+    delivery_limit: Option<u32>,
+    poll_interval: Option<f64>,
+    lease: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -519,6 +569,8 @@ struct RawRuns {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDatabase {
+    /// A SQLite file (relative paths: to the working directory).
+    path: Option<PathBuf>,
     url: Option<Secret>,
     host: Option<String>,
     port: Option<u16>,
@@ -701,8 +753,14 @@ fn build(
         ));
     }
 
+    let has_rabbitmq = raw.rabbitmq.is_some();
+    let names_a_server = raw.database.is_some()
+        || raw.rabbitmq.is_some()
+        || env(ENV_DATABASE_URL).is_some_and(|v| !v.is_empty())
+        || env(ENV_AMQP_URL).is_some_and(|v| !v.is_empty());
     let db = raw.database;
     let mut database = DatabaseConfig {
+        sqlite: db.as_ref().and_then(|d| d.path.clone()),
         url: db.as_ref().and_then(|d| d.url.clone()),
         host: db
             .as_ref()
@@ -719,6 +777,7 @@ fn build(
             .and_then(|d| d.database.clone())
             .unwrap_or_else(|| "jobschleuder".into()),
         max_connections: db.as_ref().and_then(|d| d.max_connections).unwrap_or(8),
+        poll_interval: Duration::from_millis(250),
     };
     if database.max_connections == 0 {
         return Err(ConfigError::Invalid {
@@ -734,19 +793,30 @@ fn build(
         database.url = database.url.map(|url| with_password(url, &password));
         database.password = Some(Secret(password));
     }
+    if let Some(path) = database.url.as_ref().and_then(|u| sqlite_path(u.expose())) {
+        database.sqlite = Some(path);
+    } else if database.url.is_some() {
+        // A Postgres URL (from the environment) wins over a file's `database.path`.
+        database.sqlite = None;
+    }
+    if database.sqlite.is_none() && !names_a_server {
+        database.sqlite = Some(default_sqlite_path(path.as_deref(), env));
+    }
     // Validate the URL now so that a typo is reported at start, not at first use.
-    database.connect_options().map_err(|e| match e {
-        ConfigError::Invalid { message, .. } => ConfigError::Invalid {
-            origin: if env(ENV_DATABASE_URL).is_some() {
-                ENV_DATABASE_URL.into()
-            } else {
-                origin.clone()
+    if database.sqlite.is_none() {
+        database.connect_options().map_err(|e| match e {
+            ConfigError::Invalid { message, .. } => ConfigError::Invalid {
+                origin: if env(ENV_DATABASE_URL).is_some() {
+                    ENV_DATABASE_URL.into()
+                } else {
+                    origin.clone()
+                },
+                key: "database.url".into(),
+                message,
             },
-            key: "database.url".into(),
-            message,
-        },
-        other => other,
-    })?;
+            other => other,
+        })?;
+    }
 
     let mq = raw.rabbitmq;
     let mut rabbitmq = RabbitmqConfig {
@@ -966,10 +1036,79 @@ fn build(
 
     let listener = listener::build(raw.listener, &origin, &base_dir, env)?;
 
+    let settings = match raw.queue {
+        None => RawQueueSettings::default(),
+        Some(RawQueue::Kind(kind)) => RawQueueSettings {
+            kind: Some(kind),
+            ..RawQueueSettings::default()
+        },
+        Some(RawQueue::Settings(settings)) => settings,
+    };
+    let store_kind = if database.sqlite.is_some() {
+        "sqlite"
+    } else {
+        "postgres"
+    };
+    let kind = match settings.kind.as_deref() {
+        // The embedded default: a store in a SQLite file takes its queue along; a config that
+        // names a Postgres database keeps RabbitMQ, as the original did.
+        None if database.sqlite.is_some() && !has_rabbitmq && env(ENV_AMQP_URL).is_none() => {
+            QueueKind::Table
+        }
+        None | Some("rabbitmq") => QueueKind::RabbitMq,
+        Some("table") => QueueKind::Table,
+        Some(named @ ("postgres" | "sqlite")) if named == store_kind => QueueKind::Table,
+        Some(named @ ("postgres" | "sqlite")) => {
+            return Err(ConfigError::Invalid {
+                origin,
+                key: "queue".into(),
+                message: format!(
+                    "{named:?} puts the queue in the {named} database, but the database is {} ({}): name a {named} database in `database:`, or use `queue: table` (the queue in whichever database is configured)",
+                    store_kind,
+                    database.describe()
+                ),
+            })
+        }
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                origin,
+                key: "queue".into(),
+                message: format!(
+                    "{other:?}: use rabbitmq, postgres (a table queue in the Postgres database), sqlite (a table queue in the SQLite file) or table (in whichever database is configured)"
+                ),
+            })
+        }
+    };
+    if kind == QueueKind::RabbitMq && database.sqlite.is_some() {
+        return Err(ConfigError::Invalid {
+            origin,
+            key: "queue".into(),
+            message: format!(
+                "the database is a SQLite file ({}), which serves one host, while RabbitMQ is for workers on many hosts: use `queue: sqlite` (the table queue in the same file), or name a Postgres database in `database:` to use RabbitMQ",
+                database.describe()
+            ),
+        });
+    }
+    if let Some(name) = settings.name {
+        rabbitmq.queue = name;
+    }
+    let queue_poll = seconds(settings.poll_interval, 0.25, "queue.poll_interval")?
+        .max(Duration::from_millis(10));
+    if let Some(limit) = settings.delivery_limit {
+        rabbitmq.delivery_limit = limit.max(1);
+    }
+    database.poll_interval = queue_poll;
+    let queue = QueueConfig {
+        kind,
+        poll_interval: queue_poll,
+        lease: seconds(settings.lease, 30.0, "queue.lease")?.max(Duration::from_secs(1)),
+    };
+
     Ok(Config {
         path,
         database,
         rabbitmq,
+        queue,
         plugins,
         preprocessing,
         loglevel,
@@ -981,6 +1120,39 @@ fn build(
         listener,
         warnings,
     })
+}
+
+/// The SQLite file a `sqlite:` URL names (`sqlite://jobs.db`, `sqlite:///var/lib/jobs.db`,
+/// `sqlite:jobs.db`); `None` for other URLs.
+pub fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let rest = rest.split('?').next().unwrap_or(rest);
+    Some(PathBuf::from(rest))
+}
+
+/// Where the store lives when the config names no database and no broker: `jobschleuder.db`
+/// in the working directory when the config file in use sits there (a project folder), else
+/// `$XDG_DATA_HOME/jobschleuder/jobschleuder.db` (`~/.local/share/jobschleuder/` when
+/// XDG_DATA_HOME is not set).
+pub fn default_sqlite_path(config: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    let local = PathBuf::from("jobschleuder.db");
+    let in_working_directory = config
+        .and_then(|p| std::path::absolute(p).ok())
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .zip(std::env::current_dir().ok())
+        .is_some_and(|(dir, cwd)| dir == cwd);
+    if in_working_directory {
+        return local;
+    }
+    let data_home = env("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| env("HOME").map(|home| Path::new(&home).join(".local").join("share")));
+    match data_home {
+        Some(dir) => dir.join("jobschleuder").join("jobschleuder.db"),
+        None => local,
+    }
 }
 
 /// Parses an IANA zone name, with a message that says what to write instead.
@@ -1197,12 +1369,18 @@ mod tests {
 
     #[test]
     fn empty_file_means_defaults() {
+        // No database and no broker: the embedded store and the table queue in it.
         let config = load("# nothing here\n").unwrap();
+        assert!(config.database.sqlite.is_some());
+        assert_eq!(config.queue.kind, QueueKind::Table);
+        assert_eq!(config.rabbitmq.queue, "jobschleuder");
+        // A database section keeps Postgres and RabbitMQ, as the original's configs expect.
+        let config = load("database:\n  host: 127.0.0.1\n").unwrap();
         assert_eq!(
             config.database.describe(),
             "postgres://postgres@127.0.0.1:5432/jobschleuder"
         );
-        assert_eq!(config.rabbitmq.queue, "jobschleuder");
+        assert_eq!(config.queue.kind, QueueKind::RabbitMq);
         assert!(config
             .rabbitmq
             .amqp_url()

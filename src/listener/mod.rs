@@ -302,12 +302,13 @@ impl IntoResponse for Refusal {
 /// which end with `shutdown`.
 pub async fn start(config: &Config, store: Store, shutdown: Shutdown) -> Arc<State> {
     let (sender, receiver) = mpsc::unbounded_channel();
+    let publisher = Publisher::new(config, &store, "listener");
     let state = Arc::new(State {
         store,
         config_path: config.path.clone(),
         default_queue: config.rabbitmq.queue.clone(),
         hooks: RwLock::new(Arc::new(Hooks::new(config.listener.clone()))),
-        publisher: tokio::sync::Mutex::new(Publisher::new(config, "listener")),
+        publisher: tokio::sync::Mutex::new(publisher),
         broker_up: AtomicBool::new(false),
         publish: sender,
         metrics: Metrics::new(),
@@ -448,7 +449,7 @@ async fn publishing(state: Arc<State>, mut receiver: mpsc::UnboundedReceiver<Pen
                 count
             }
             Err(e) => {
-                if matches!(e, sched::PassError::Broker(_)) {
+                if matches!(e, sched::PassError::Queue(_)) {
                     state.set_broker_up(false);
                 }
                 tracing::warn!(runs = ids.len(), error = %e, "publishing webhook runs failed; trying again");

@@ -10,9 +10,9 @@ use uuid::Uuid;
 
 use super::batch::{until_ok, Recording};
 use super::{Context, InFlight};
-use crate::broker::{self, Delivery, JobMessage};
 use crate::jobfile::{MAX_JOB, MAX_NAME};
 use crate::plugin::{Args, Outcome, PluginError, RunCall};
+use crate::queue::{Delivery, JobMessage};
 use crate::scheduler::publish_queued;
 use crate::store::{Claim, ClaimedRun, Finish, NewRun, RunEnd};
 
@@ -151,7 +151,7 @@ pub(super) async fn handle(context: &Context, delivery: Delivery) {
                     }
                 }
             }
-            if let Err(e) = broker::dead_letter(&delivery).await {
+            if let Err(e) = delivery.acker.dead_letter().await {
                 tracing::warn!(error = %e, "dead-lettering failed; the message returns to the queue");
             }
             return;
@@ -161,7 +161,7 @@ pub(super) async fn handle(context: &Context, delivery: Delivery) {
         adopt_bare_message(context, &delivery, &message).await;
         return;
     };
-    let previous = broker::previous_deliveries(&delivery);
+    let previous = delivery.previous_deliveries;
     let limit = u64::from(
         context
             .config
@@ -185,12 +185,12 @@ pub(super) async fn handle(context: &Context, delivery: Delivery) {
         }) => (attempt, trigger, run),
         Some(Claim::Finished(status)) => {
             tracing::debug!(run = %run_id, status = %status, "delivery of a finished run: skipped");
-            let _ = broker::ack(&delivery).await;
+            let _ = delivery.acker.ack().await;
             return;
         }
         Some(Claim::Running) => {
             tracing::debug!(run = %run_id, "duplicate delivery of a running run: skipped");
-            let _ = broker::ack(&delivery).await;
+            let _ = delivery.acker.ack().await;
             return;
         }
         Some(Claim::Refused(error)) => {
@@ -204,13 +204,13 @@ pub(super) async fn handle(context: &Context, delivery: Delivery) {
                     tracing::error!(run = %run_id, error = %e, "recording an unclaimable run failed")
                 }
             }
-            let _ = broker::dead_letter(&delivery).await;
+            let _ = delivery.acker.dead_letter().await;
             return;
         }
         Some(Claim::Unavailable) => return, // not reached: waited for above
         Some(Claim::Unknown) => {
             tracing::error!(run = %run_id, job = %message.cmd, "message for a run that does not exist: dead-lettered");
-            let _ = broker::dead_letter(&delivery).await;
+            let _ = delivery.acker.dead_letter().await;
             return;
         }
         None => return, // shutting down
@@ -288,7 +288,7 @@ fn settled(context: &Context, run_id: Uuid, attempt: i32) {
 /// re-delivery creates nothing new; without one, a worker that dies between recording the run
 /// and acknowledging the delivery leaves a second run to be created from the re-delivery.
 async fn adopt_bare_message(context: &Context, delivery: &Delivery, message: &JobMessage) {
-    let message_id = broker::message_id(delivery);
+    let message_id = delivery.message_id.clone();
     // Fixed before the first try: an insert retried after a lost reply creates nothing new.
     let id = match &message_id {
         Some(m) => derived_run_id(format!("{}:{m}", context.queue).as_bytes()),
@@ -325,7 +325,7 @@ async fn adopt_bare_message(context: &Context, delivery: &Delivery, message: &Jo
         Ok(inserted) => inserted,
         Err(e) => {
             tracing::error!(error = %e, job = %message.cmd, "a message cannot be recorded as a run: dead-lettered");
-            let _ = broker::dead_letter(delivery).await;
+            let _ = delivery.acker.dead_letter().await;
             return;
         }
     };
@@ -340,7 +340,7 @@ async fn adopt_bare_message(context: &Context, delivery: &Delivery, message: &Jo
         }
         (_, None) => {}
     }
-    let _ = broker::ack(delivery).await;
+    let _ = delivery.acker.ack().await;
 }
 
 /// A run id derived from what the run comes from (a parent and an index, a message id).
@@ -378,7 +378,7 @@ async fn run_claimed(
         );
         tracing::info!(run = %run_id, job = %job_name, attempt, "run dead: {error}");
         if record(context, finish(RunEnd::Dead, None, Some(error))).await {
-            let _ = broker::dead_letter(delivery).await;
+            let _ = delivery.acker.dead_letter().await;
         }
         return;
     }
@@ -428,9 +428,9 @@ async fn run_claimed(
         return;
     }
     let settled = if dead {
-        broker::dead_letter(delivery).await
+        delivery.acker.dead_letter().await
     } else {
-        broker::ack(delivery).await
+        delivery.acker.ack().await
     };
     if let Err(e) = settled {
         // Recorded already: a re-delivery will be skipped as finished.

@@ -32,14 +32,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-use crate::broker::{self, Broker, BrokerError};
 use crate::config::Config;
 use crate::plugin::PluginHost;
+use crate::queue::{Queue, QueueError};
 use crate::scheduler::Publisher;
 use crate::shutdown::Shutdown;
 use crate::store::{Claim, Finish, Store};
@@ -137,7 +136,7 @@ pub async fn run(
     config: &Config,
     options: WorkerOptions,
     mut shutdown: Shutdown,
-) -> Result<Stopped, BrokerError> {
+) -> Result<Stopped, QueueError> {
     let host = PluginHost::new(config);
     {
         let host = host.clone();
@@ -223,7 +222,7 @@ pub async fn run(
         })
     };
     let context = Arc::new(Context {
-        store,
+        store: store.clone(),
         host,
         config: config.clone(),
         worker_id: options.id.clone(),
@@ -233,6 +232,7 @@ pub async fn run(
         finishes,
         publisher: Mutex::new(Publisher::new(
             config,
+            &store,
             &format!("worker {} fan-out", options.id),
         )),
         in_flight: std::sync::Mutex::new(HashMap::new()),
@@ -245,15 +245,15 @@ pub async fn run(
     let mut tasks: JoinSet<()> = JoinSet::new();
     let tag = format!("jobschleuder-{}-{}", options.id, std::process::id());
     let mut backoff = Duration::from_millis(200);
-    let mut broker: Option<Broker> = None;
+    let mut broker: Option<Queue> = None;
 
-    let stopped: Result<Stopped, BrokerError> = 'session: loop {
+    let stopped: Result<Stopped, QueueError> = 'session: loop {
         if shutdown.requested() {
             break Ok(drain(&mut tasks, config.worker.grace_period, &mut shutdown).await);
         }
         let role = format!("worker {}", options.id);
         let session = async {
-            let broker = Broker::connect(&config.rabbitmq, &role).await?;
+            let broker = Queue::connect(config, &store, &role).await?;
             let consumer = broker
                 .consume(
                     &options.queue,
@@ -261,7 +261,7 @@ pub async fn run(
                     &tag,
                 )
                 .await?;
-            Ok::<_, BrokerError>((broker, consumer))
+            Ok::<_, QueueError>((broker, consumer))
         };
         // Jobs may be running meanwhile (the connection was lost under them): a stop signal
         // while connecting gives them their grace period too.
@@ -276,7 +276,7 @@ pub async fn run(
                 broker = Some(connected);
                 consumer
             }
-            Err(e @ BrokerError::QueueMismatch { .. }) => {
+            Err(e @ QueueError::QueueMismatch { .. }) => {
                 // It cannot consume as configured; what runs finishes first.
                 match drain(&mut tasks, config.worker.grace_period, &mut shutdown).await {
                     Stopped::Forced => break 'session Ok(Stopped::Forced),
@@ -305,7 +305,7 @@ pub async fn run(
             tokio::select! {
                 _ = shutdown.wait() => {
                     if let Some(broker) = &broker {
-                        if let Err(e) = broker.cancel(&tag).await {
+                        if let Err(e) = broker.cancel(&mut consumer, &tag).await {
                             tracing::debug!(error = %e, "cancelling the consumer failed");
                         }
                     }
@@ -325,7 +325,7 @@ pub async fn run(
                     }
                     Some(Err(e)) => {
                         let text = e.to_string();
-                        if broker::is_consumer_timeout(&e) {
+                        if e.is_consumer_timeout() {
                             // RabbitMQ closes a channel whose delivery stays unacknowledged longer
                             // than its consumer_timeout (30 min by default). The running job goes
                             // on and records its result; its re-delivered message is skipped.
@@ -355,7 +355,7 @@ pub async fn run(
         interrupt(&context, &mut tasks).await;
     }
     cancel_watch.abort();
-    // Let the last acknowledgements reach the broker before the channel closes.
+    // Let the last acknowledgements reach the queue before the channel closes.
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Everything this process ran is recorded: the lease may go. Deliveries that return to
     // the queue with the channel are then taken over by the next worker at once.

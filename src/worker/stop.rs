@@ -10,7 +10,6 @@ use uuid::Uuid;
 use super::batch::until_ok;
 use super::delivery::retry_delay;
 use super::{Context, Stopped};
-use crate::broker;
 use crate::shutdown::Shutdown;
 use crate::store::{Finish, RunEnd};
 
@@ -21,7 +20,7 @@ const INTERRUPT_RECORD_LIMIT: Duration = Duration::from_secs(10);
 /// A run this process claimed and has not handed to the recorder yet.
 pub(super) struct InFlight {
     pub(super) attempt: i32,
-    pub(super) acker: broker::Acker,
+    pub(super) acker: crate::queue::Acker,
     pub(super) max_retries: i32,
     /// Its plugin call outlived the job's timeout and has not returned.
     pub(super) hung_after: Option<Duration>,
@@ -136,7 +135,7 @@ pub(super) async fn interrupt(context: &Context, tasks: &mut JoinSet<()>) {
         Ok(Ok(_)) => {
             for ((id, run), finish) in in_flight.iter().zip(&finishes) {
                 tracing::info!(run = %id, attempt = run.attempt, "run interrupted: {}", finish.error.as_deref().unwrap_or_default());
-                let _ = broker::acknowledge(&run.acker).await;
+                let _ = run.acker.ack().await;
             }
         }
         Ok(Err(e)) => {

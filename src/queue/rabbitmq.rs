@@ -1,5 +1,5 @@
-//! RabbitMQ through lapin: connecting, declaring queues, publishing with confirms, consuming.
-//! No other module speaks AMQP.
+//! The RabbitMQ queue, through lapin: connecting, declaring queues, publishing with confirms,
+//! consuming. No other module speaks AMQP.
 //!
 //! Queues are durable, on the default exchange with the queue name as routing key. By default a
 //! queue is a quorum queue with a delivery limit, and dead-letters through the direct exchange
@@ -19,135 +19,16 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
-use uuid::Uuid;
 
+use super::{Acker, Delivery, Outgoing, Published, QueueError};
 use crate::config::{QueueType, RabbitmqConfig};
-
-pub use lapin::message::Delivery;
-pub use lapin::{Acker, Consumer};
 
 /// The largest AMQP frame this side asks for (unless the URL says `frame_max`).
 const FRAME_MAX: u32 = 32 * 1024;
 
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    #[error("cannot connect to RabbitMQ at {target}: {source}")]
-    Connect {
-        target: String,
-        source: lapin::Error,
-    },
-    #[error("queue {queue:?} exists on the broker with other settings than configured (type {queue_type}, delivery limit {delivery_limit}, dead-letter queue {queue:?}.dead): set rabbitmq.queue_type to match it, or delete the queue so it is declared anew ({source})")]
-    QueueMismatch {
-        queue: String,
-        queue_type: &'static str,
-        delivery_limit: u32,
-        source: lapin::Error,
-    },
-    #[error("the RabbitMQ URL of {target} cannot be used: {message}")]
-    Url { target: String, message: String },
-    #[error("RabbitMQ error while {context}: {source}")]
-    Amqp {
-        context: &'static str,
-        source: lapin::Error,
-    },
-    #[error("the broker refused (nacked) {0} message(s)")]
-    Nacked(usize),
-    #[error("the broker did not confirm published messages within {0:?}")]
-    Timeout(Duration),
-}
-
-impl BrokerError {
-    /// Whether the broker refused for good what was asked (in any declaration step): a queue
-    /// or exchange that exists with other settings, one this user may not access, one another
-    /// connection holds exclusively. Retrying cannot help.
-    pub fn is_refusal(&self) -> bool {
-        match self {
-            BrokerError::QueueMismatch { .. } => true,
-            BrokerError::Amqp { source, .. } => {
-                let text = source.to_string();
-                [
-                    "ACCESS_REFUSED",
-                    "PRECONDITION_FAILED",
-                    "RESOURCE_LOCKED",
-                    "NOT_ALLOWED",
-                ]
-                .iter()
-                .any(|code| text.contains(code))
-            }
-            _ => false,
-        }
-    }
-}
-
-fn amqp(context: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
-    move |source| BrokerError::Amqp { context, source }
-}
-
-/// A job on the wire: `{"cmd": "<job>", "args": {...}}` plus what this version adds. A message
-/// with only `cmd` and `args` (as the original scheduler sends) is a valid job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JobMessage {
-    pub cmd: String,
-    #[serde(default)]
-    pub args: serde_json::Map<String, serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub run_id: Option<Uuid>,
-    /// The job's stable name (the job file's `id`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub job_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub preprocessing: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub postprocessing: Option<String>,
-    /// Seconds a run may take.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retries: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attempt: Option<i32>,
-}
-
-impl JobMessage {
-    pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
-    }
-
-    pub fn parse(bytes: &[u8]) -> Result<JobMessage, String> {
-        let message: JobMessage = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if message.cmd.trim().is_empty() {
-            return Err("`cmd` is empty".into());
-        }
-        if let Some(timeout) = message.timeout {
-            if !(timeout > 0.0 && timeout < 1e9) {
-                return Err(format!(
-                    "`timeout` {timeout} is not a number of seconds between 0 and 1e9"
-                ));
-            }
-        }
-        Ok(message)
-    }
-}
-
-/// What became of one published message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Published {
-    /// The broker confirmed it.
-    Acked,
-    /// The broker refused it for now (a nack, or it came back unroutable): try again later.
-    Nacked,
-    /// It can never be published as it is (its queue cannot be declared as configured, or it
-    /// is too large): the reason, for the run's record.
-    Refused(String),
-}
-
-/// One message to publish: the queue (routing key on the default exchange) and the job.
-#[derive(Debug, Clone)]
-pub struct Outgoing {
-    pub queue: String,
-    pub message: JobMessage,
+fn amqp(context: &'static str) -> impl FnOnce(lapin::Error) -> QueueError {
+    move |source| QueueError::Amqp { context, source }
 }
 
 /// A connection with one channel in confirm mode.
@@ -164,7 +45,7 @@ pub struct Broker {
 impl Broker {
     /// Connects; `role` names the connection in the broker's management view, e.g.
     /// "scheduler" or "worker host1".
-    pub async fn connect(config: &RabbitmqConfig, role: &str) -> Result<Broker, BrokerError> {
+    pub async fn connect(config: &RabbitmqConfig, role: &str) -> Result<Broker, QueueError> {
         let target = config.describe();
         let name = format!(
             "jobschleuder {role} queue={} pid={}",
@@ -177,7 +58,7 @@ impl Broker {
         let mut uri: lapin::uri::AMQPUri =
             url.expose()
                 .parse()
-                .map_err(|message: String| BrokerError::Url {
+                .map_err(|message: String| QueueError::Url {
                     target: target.clone(),
                     message,
                 })?;
@@ -190,13 +71,13 @@ impl Broker {
             Connection::connect_uri(uri, properties),
         )
         .await
-        .map_err(|_| BrokerError::Connect {
+        .map_err(|_| QueueError::Connect {
             target: target.clone(),
             source: lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
                 lapin::ConnectionState::Closed,
             )),
         })?
-        .map_err(|source| BrokerError::Connect {
+        .map_err(|source| QueueError::Connect {
             target: target.clone(),
             source,
         })?;
@@ -234,7 +115,7 @@ impl Broker {
     /// Declares `queue` (and its dead-letter queue) as configured, once per connection. The
     /// declarations use a channel of their own: a refused declaration closes its channel, and
     /// must not take the publishing channel (and every other run of its batch) with it.
-    pub async fn declare(&self, queue: &str) -> Result<(), BrokerError> {
+    pub async fn declare(&self, queue: &str) -> Result<(), QueueError> {
         let mut declared = self.declared.lock().await;
         if declared.contains(queue) {
             return Ok(());
@@ -253,7 +134,7 @@ impl Broker {
         Ok(())
     }
 
-    async fn declare_on(&self, channel: &Channel, queue: &str) -> Result<(), BrokerError> {
+    async fn declare_on(&self, channel: &Channel, queue: &str) -> Result<(), QueueError> {
         let dead = Self::dead_letter_queue(queue);
         let exchange = Self::dead_letter_exchange(queue);
         channel
@@ -315,14 +196,14 @@ impl Broker {
             .map_err(|source| {
                 let text = source.to_string();
                 if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
-                    BrokerError::QueueMismatch {
+                    QueueError::QueueMismatch {
                         queue: queue.to_string(),
                         queue_type: self.config.queue_type.as_str(),
                         delivery_limit: self.config.delivery_limit,
                         source,
                     }
                 } else {
-                    BrokerError::Amqp {
+                    QueueError::Amqp {
                         context: "declaring the queue",
                         source,
                     }
@@ -335,7 +216,7 @@ impl Broker {
     /// Returns what became of each message. A message that can never be published (its queue
     /// is refused, it is too large) is `Refused` without affecting the others; an error means
     /// the connection failed and nothing of the batch is known to be published.
-    pub async fn publish(&self, batch: &[Outgoing]) -> Result<Vec<Published>, BrokerError> {
+    pub async fn publish(&self, batch: &[Outgoing]) -> Result<Vec<Published>, QueueError> {
         let _one_publisher = self.publishing.lock().await;
         // Per queue that cannot be used now: `Some(reason)` for good, `None` for this time.
         let mut refused_queues: HashMap<&str, Option<String>> = HashMap::new();
@@ -426,7 +307,7 @@ impl Broker {
 
     /// Messages ready in `queue` (0 if it does not exist), asked on a channel of its own: a
     /// passive declaration of a missing queue closes its channel.
-    pub async fn queue_depth(&self, queue: &str) -> Result<u32, BrokerError> {
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, QueueError> {
         let channel = self
             .connection
             .create_channel()
@@ -448,7 +329,7 @@ impl Broker {
         match declared {
             Ok(declared) => Ok(declared.message_count()),
             Err(e) if e.to_string().contains("NOT_FOUND") => Ok(0),
-            Err(e) => Err(BrokerError::Amqp {
+            Err(e) => Err(QueueError::Amqp {
                 context: "inspecting a queue",
                 source: e,
             }),
@@ -461,7 +342,7 @@ impl Broker {
         queue: &str,
         prefetch: u16,
         tag: &str,
-    ) -> Result<Consumer, BrokerError> {
+    ) -> Result<lapin::Consumer, QueueError> {
         self.declare(queue).await?;
         self.channel
             .basic_qos(prefetch, BasicQosOptions::default())
@@ -479,7 +360,7 @@ impl Broker {
     }
 
     /// Stops a consumer: the broker sends it nothing more; unacked deliveries stay with it.
-    pub async fn cancel(&self, tag: &str) -> Result<(), BrokerError> {
+    pub async fn cancel(&self, tag: &str) -> Result<(), QueueError> {
         self.channel
             .basic_cancel(ShortString::from(tag), BasicCancelOptions::default())
             .await
@@ -493,13 +374,22 @@ impl Broker {
     }
 }
 
-/// Acknowledges a delivery: the job's result is recorded.
-pub async fn ack(delivery: &Delivery) -> Result<(), BrokerError> {
-    acknowledge(&delivery.acker).await
+/// A lapin delivery as the queue interface hands it out.
+pub(super) fn delivery(delivery: lapin::message::Delivery) -> Delivery {
+    Delivery {
+        redelivered: delivery.redelivered,
+        previous_deliveries: previous_deliveries(&delivery),
+        message_id: delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_string()),
+        data: delivery.data,
+        acker: Acker::RabbitMq(delivery.acker),
+    }
 }
 
-/// Acknowledges the delivery `acker` belongs to (kept apart from its delivery).
-pub async fn acknowledge(acker: &Acker) -> Result<(), BrokerError> {
+pub(super) async fn ack(acker: &lapin::Acker) -> Result<(), QueueError> {
     acker
         .ack(BasicAckOptions::default())
         .await
@@ -507,19 +397,8 @@ pub async fn acknowledge(acker: &Acker) -> Result<(), BrokerError> {
         .map_err(amqp("acknowledging a delivery"))
 }
 
-/// The AMQP `message_id` a sender gave the message, if any.
-pub fn message_id(delivery: &Delivery) -> Option<String> {
-    delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|id| id.as_str().to_string())
-}
-
-/// Puts a delivery back in the queue, to be delivered again.
-pub async fn requeue(delivery: &Delivery) -> Result<(), BrokerError> {
-    delivery
-        .acker
+pub(super) async fn requeue(acker: &lapin::Acker) -> Result<(), QueueError> {
+    acker
         .nack(BasicNackOptions {
             requeue: true,
             ..BasicNackOptions::default()
@@ -529,26 +408,17 @@ pub async fn requeue(delivery: &Delivery) -> Result<(), BrokerError> {
         .map_err(amqp("returning a delivery to the queue"))
 }
 
-/// Rejects a delivery without requeueing: it goes to the dead-letter queue.
-pub async fn dead_letter(delivery: &Delivery) -> Result<(), BrokerError> {
-    delivery
-        .acker
+pub(super) async fn dead_letter(acker: &lapin::Acker) -> Result<(), QueueError> {
+    acker
         .reject(BasicRejectOptions { requeue: false })
         .await
         .map(|_| ())
         .map_err(amqp("dead-lettering a delivery"))
 }
 
-/// Whether a consumer's error is RabbitMQ closing the channel because a delivery stayed
-/// unacknowledged longer than its `consumer_timeout`.
-pub fn is_consumer_timeout(error: &lapin::Error) -> bool {
-    let text = error.to_string();
-    text.contains("acknowledgement timed out") || text.contains("consumer_timeout")
-}
-
 /// How often the broker has handed this message out before (quorum queues count deliveries
 /// that were not acknowledged); 0 for a first delivery.
-pub fn previous_deliveries(delivery: &Delivery) -> u64 {
+fn previous_deliveries(delivery: &lapin::message::Delivery) -> u64 {
     let Some(headers) = delivery.properties.headers() else {
         return 0;
     };
@@ -561,43 +431,5 @@ pub fn previous_deliveries(delivery: &Delivery) -> u64 {
         Some(AMQPValue::ShortUInt(n)) => u64::from(*n),
         Some(AMQPValue::ShortShortUInt(n)) => u64::from(*n),
         _ => 0,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_originals_bare_message_is_a_job() {
-        let message =
-            JobMessage::parse(br#"{"cmd": "hello_world", "args": {"hello": "world"}}"#).unwrap();
-        assert_eq!(message.cmd, "hello_world");
-        assert_eq!(message.run_id, None);
-        assert_eq!(message.args["hello"], "world");
-        assert!(JobMessage::parse(b"not json").is_err());
-        assert!(JobMessage::parse(br#"{"args": {}}"#).is_err());
-        assert!(JobMessage::parse(br#"{"cmd": " "}"#).is_err());
-    }
-
-    #[test]
-    fn extra_fields_round_trip_and_stay_compatible() {
-        let message = JobMessage {
-            cmd: "command".into(),
-            args: serde_json::Map::new(),
-            run_id: Some(Uuid::nil()),
-            job_name: Some("backup".into()),
-            preprocessing: None,
-            postprocessing: None,
-            timeout: Some(5.0),
-            retries: None,
-            attempt: None,
-        };
-        let bytes = message.to_bytes();
-        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(value["cmd"], "command");
-        assert!(value["args"].is_object());
-        assert!(value.get("preprocessing").is_none());
-        assert_eq!(JobMessage::parse(&bytes).unwrap(), message);
     }
 }

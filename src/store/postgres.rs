@@ -1,11 +1,7 @@
-//! The database: connecting (creating the database on first use), migrations, and every query.
-//! No other module writes SQL.
-//!
-//! # Transactions, locks, and timeouts
-//! A registry import is one transaction: it deletes the old registry and inserts the new one, so a
-//! concurrent reader sees either the old registry or the new one, never a mix, and a failure
-//! leaves the old one in place. Pool acquisition times out after 10 seconds with an error that
-//! names the server.
+//! The Postgres store: connecting (creating the database on first use), migrations, and every
+//! query, for installations on many hosts. Row locks (`FOR UPDATE SKIP LOCKED`) let schedulers
+//! and workers on any number of hosts share the work; a worker's lease is an advisory lock held
+//! by its session; notifications travel by LISTEN/NOTIFY.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -13,196 +9,28 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use serde::Serialize;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor, PgConnection};
 
+use super::*;
 use crate::config::DatabaseConfig;
 use crate::jobfile::JobDefinition;
 
 /// Embedded migrations: every subcommand that uses the database applies them on connect.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// The channel scheduler processes listen on; the payload says what changed.
 pub const NOTIFY_CHANNEL: &str = "jobschleuder";
 
-/// Rows written per statement during an import: large enough to be fast, small enough to report
-/// progress on big files.
-const IMPORT_CHUNK: usize = 10_000;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("cannot connect to the database at {target}: {source}")]
-    Connect { target: String, source: sqlx::Error },
-    #[error("database {database:?} does not exist at {target} and could not be created: {source} (create it with `createdb {database}` or set database.database)")]
-    Create {
-        database: String,
-        target: String,
-        source: sqlx::Error,
-    },
-    #[error("cannot migrate the database at {target}: {source}")]
-    Migrate {
-        target: String,
-        source: sqlx::migrate::MigrateError,
-    },
-    #[error("database error while {context}: {source}")]
-    Query {
-        context: &'static str,
-        source: sqlx::Error,
-    },
-}
-
-impl StoreError {
-    /// Whether the same statement may succeed later: the connection broke, the server is
-    /// restarting, a lock conflict. Anything else (bad data) fails again the same way.
-    pub fn is_transient(&self) -> bool {
-        let source = match self {
-            StoreError::Query { source, .. } => source,
-            StoreError::Connect { .. } => return true,
-            _ => return false,
-        };
-        match source {
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::Protocol(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => true,
-            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-                // 08: connection exception; 57P0x: server shutting down or sessions terminated;
-                // 53: insufficient resources; 40001/40P01: serialization failure, deadlock.
-                code.starts_with("08")
-                    || code.starts_with("57P")
-                    || code == "57014"
-                    || code == "55P03"
-                    || code == "25006"
-                    || code.starts_with("53")
-                    || code == "40001"
-                    || code == "40P01"
-            }),
-            _ => false,
-        }
-    }
-}
-
-/// JSON text for a jsonb column: serialized once; rebuilt without NUL characters only when the
-/// text shows one (`\u0000`), which is rare.
-fn jsonb_text(value: &impl Serialize) -> String {
-    let text = serde_json::to_string(value).unwrap_or_else(|_| "null".into());
-    if !text.contains("\\u0000") {
-        return text;
-    }
-    serde_json::to_value(value)
-        .map(|v| without_nul(&v).to_string())
-        .unwrap_or(text)
-}
-
-/// Postgres text and jsonb cannot hold NUL characters; plugin output can. They become U+FFFD.
-fn without_nul(value: &serde_json::Value) -> serde_json::Value {
-    match value {
-        serde_json::Value::String(s) if s.contains('\0') => {
-            serde_json::Value::String(s.replace('\0', "\u{fffd}"))
-        }
-        serde_json::Value::Array(items) => {
-            serde_json::Value::Array(items.iter().map(without_nul).collect())
-        }
-        serde_json::Value::Object(map) => serde_json::Value::Object(
-            map.iter()
-                .map(|(k, v)| (k.replace('\0', "\u{fffd}"), without_nul(v)))
-                .collect(),
-        ),
-        other => other.clone(),
-    }
-}
-
-fn text_without_nul(text: &str) -> String {
-    text.replace('\0', "\u{fffd}")
-}
-
-trait Context<T> {
-    fn context(self, context: &'static str) -> Result<T, StoreError>;
-}
-
-impl<T> Context<T> for Result<T, sqlx::Error> {
-    fn context(self, context: &'static str) -> Result<T, StoreError> {
-        self.map_err(|source| StoreError::Query { context, source })
-    }
-}
-
 /// The Postgres store; cheap to clone (a pool).
 #[derive(Debug, Clone)]
-pub struct Store {
+pub struct PgStore {
     pool: PgPool,
 }
 
-/// A row of `jobs`, as shown by `registry --show-jobs`.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct JobRow {
-    pub id: i32,
-    /// `None` for rows made by the original, which had no names.
-    pub name: Option<String>,
-    pub job: String,
-    pub description: Option<String>,
-    pub preprocessing: Option<String>,
-    pub postprocessing: Option<String>,
-    pub arguments: Option<serde_json::Value>,
-    pub timeout_seconds: Option<f64>,
-    pub retries: i32,
-    pub queue: Option<String>,
-    pub concurrency: String,
-    /// JSON lists of job names (NULL: none).
-    pub on_success: Option<serde_json::Value>,
-    pub on_failure: Option<serde_json::Value>,
-    pub jitter_seconds: Option<f64>,
-    /// Whether its registry entry is paused (`false` without one).
-    pub paused: bool,
-    pub paused_note: Option<String>,
-}
-
-/// A row of `registry` with its job, as shown by `registry --show-registry`.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct RegistryRow {
-    pub id: i32,
-    /// The `jobs.id` this entry schedules.
-    pub job: i32,
-    pub name: Option<String>,
-    pub description: Option<String>,
-    pub schedule: String,
-    pub timezone: Option<String>,
-    pub misfire: String,
-    pub concurrency: Option<String>,
-    pub jitter_seconds: Option<f64>,
-    pub paused: bool,
-    pub paused_note: Option<String>,
-    pub paused_at: Option<DateTime<Utc>>,
-}
-
-/// What pausing or resuming did to one registry entry.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct PauseChange {
-    pub name: String,
-    /// Its state before.
-    pub was_paused: bool,
-}
-
-/// What an import changed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ImportSummary {
-    /// Jobs in the file, now the whole registry.
-    pub imported: usize,
-    /// Of those, names that were not there before.
-    pub added: usize,
-    /// Of those, names that were there before (their rows are replaced).
-    pub replaced: usize,
-    /// Jobs that were there before and are not in the file: removed.
-    pub removed: usize,
-    /// Of the imported jobs, those with a schedule (registry entries).
-    pub scheduled: usize,
-}
-
-impl Store {
+impl PgStore {
     /// Connects, creating the database if it does not exist yet, and applies the migrations.
-    pub async fn connect(config: &DatabaseConfig) -> Result<Store, StoreError> {
+    pub async fn connect(config: &DatabaseConfig) -> Result<PgStore, StoreError> {
         let target = config.describe();
         let options = config.connect_options().map_err(|e| StoreError::Connect {
             target: target.clone(),
@@ -236,14 +64,14 @@ impl Store {
                     target: target.clone(),
                     source,
                 })?;
-        let store = Store { pool };
+        let store = PgStore { pool };
         store.migrate(&target).await?;
         Ok(store)
     }
 
     /// Wraps an existing pool and applies the migrations.
-    pub async fn from_pool(pool: PgPool) -> Result<Store, StoreError> {
-        let store = Store { pool };
+    pub async fn from_pool(pool: PgPool) -> Result<PgStore, StoreError> {
+        let store = PgStore { pool };
         store.migrate("the given pool").await?;
         Ok(store)
     }
@@ -370,41 +198,11 @@ impl Store {
         .fetch_all(&mut *tx)
         .await
         .context("reading the entries to pause")?;
-        let targets: Vec<(i32, String, bool)> = match names {
-            None => entries
-                .into_iter()
-                .map(|(entry, name, paused, id)| {
-                    (entry, name.unwrap_or_else(|| id.to_string()), paused)
-                })
-                .collect(),
-            Some(names) => {
-                let mut targets = Vec::new();
-                let mut missing = Vec::new();
-                for key in names {
-                    let by_name: Vec<_> = entries
-                        .iter()
-                        .filter(|e| e.1.as_deref() == Some(key.as_str()))
-                        .collect();
-                    let found = if by_name.is_empty() {
-                        entries.iter().filter(|e| e.3.to_string() == *key).collect()
-                    } else {
-                        by_name
-                    };
-                    if found.is_empty() {
-                        missing.push(key.clone());
-                    }
-                    for (entry, name, paused, id) in found {
-                        if !targets.iter().any(|t: &(i32, String, bool)| t.0 == *entry) {
-                            let name = name.clone().unwrap_or_else(|| id.to_string());
-                            targets.push((*entry, name, *paused));
-                        }
-                    }
-                }
-                if !missing.is_empty() {
-                    tx.rollback().await.context("ending the pause")?;
-                    return Ok(Err(missing));
-                }
-                targets
+        let targets = match pause_targets(&entries, names) {
+            Ok(targets) => targets,
+            Err(missing) => {
+                tx.rollback().await.context("ending the pause")?;
+                return Ok(Err(missing));
             }
         };
         let ids: Vec<i32> = targets.iter().map(|t| t.0).collect();
@@ -664,51 +462,6 @@ async fn create_database(
 
 // ---- scheduling ----
 
-/// A schedule row that is due, with its registry entry and job.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct DueEntry {
-    pub schedule_id: i32,
-    pub registry_id: i32,
-    pub next_run: DateTime<Utc>,
-    pub schedule: String,
-    pub timezone: Option<String>,
-    pub misfire: String,
-    pub job_id: i32,
-    pub job_name: String,
-    pub job: String,
-    pub arguments: Option<serde_json::Value>,
-    pub preprocessing: Option<String>,
-    pub postprocessing: Option<String>,
-    pub timeout_seconds: Option<f64>,
-    pub retries: i32,
-    pub queue: Option<String>,
-    pub concurrency: String,
-    pub jitter_seconds: Option<f64>,
-}
-
-/// What to do with a due entry: the run to create (its scheduled time), and the entry's next run
-/// (`None`: it never runs again, and its schedule row goes).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
-    pub run_for: Option<DateTime<Utc>>,
-    /// When that run may start, if later than its slot (the job's jitter).
-    pub starts_at: Option<DateTime<Utc>>,
-    pub next_run: Option<DateTime<Utc>>,
-}
-
-/// A run created by the scheduler, for its log line.
-#[derive(Debug, Clone)]
-pub struct CreatedRun {
-    pub id: Uuid,
-    pub job_name: String,
-    pub scheduled_for: Option<DateTime<Utc>>,
-    /// Recorded `skipped` at once (`concurrency: forbid`), with the reason.
-    pub skipped: Option<String>,
-}
-
-/// Computes a registry entry's next run after `now` (the database's clock).
-pub type NextRun<'a> = dyn Fn(&EntrySchedule, DateTime<Utc>) -> Option<DateTime<Utc>> + 'a;
-
 /// The database's clock: the one clock every host's due checks and retry times use, so hosts
 /// with skewed clocks still fire each slot once and on time.
 async fn db_now(conn: &mut PgConnection) -> Result<DateTime<Utc>, StoreError> {
@@ -718,115 +471,22 @@ async fn db_now(conn: &mut PgConnection) -> Result<DateTime<Utc>, StoreError> {
         .context("reading the database's clock")
 }
 
-/// A registry entry's schedule, for computing its next run.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct EntrySchedule {
-    pub registry_id: i32,
-    pub schedule: String,
-    pub timezone: Option<String>,
-}
-
-/// A row of `schedule` with its job, as `scheduler --show-*` shows it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct ScheduledRow {
-    pub registry_id: i32,
-    pub job_id: i32,
-    pub job_name: String,
-    pub job: String,
-    pub schedule: String,
-    pub timezone: Option<String>,
-    pub next_run: DateTime<Utc>,
-    pub jitter_seconds: Option<f64>,
-    /// When the next run starts: its slot plus the job's jitter offset (filled in by the
-    /// scheduler's rule, not by the query).
-    #[sqlx(skip)]
-    pub starts_at: Option<DateTime<Utc>>,
-    pub paused: bool,
-    pub paused_note: Option<String>,
-}
-
-/// A run to insert (manual, webhook, fan-out child, or a bare message of the original).
-#[derive(Debug, Clone)]
-pub struct NewRun {
-    /// A deterministic id (fan-out children, bare messages with a message id), so that an
-    /// insert retried after a lost reply creates no second run; `None`: a fresh one.
-    pub id: Option<Uuid>,
-    pub job_name: String,
-    pub job: String,
-    pub job_id: Option<i32>,
-    pub trigger: &'static str,
-    pub queue: Option<String>,
-    pub arguments: serde_json::Map<String, serde_json::Value>,
-    pub preprocessing: Option<String>,
-    pub postprocessing: Option<String>,
-    pub timeout_seconds: Option<f64>,
-    pub max_retries: i32,
-    pub parent_id: Option<Uuid>,
-    /// Already on the broker (a bare message a worker received): never published again.
-    pub published: bool,
-}
-
-impl NewRun {
-    /// A run of `job` (manual or webhook) with the job's arguments and settings.
-    pub fn of_job(job: &JobRow, trigger: &'static str) -> NewRun {
-        NewRun {
-            id: None,
-            job_name: job.name.clone().unwrap_or_else(|| job.id.to_string()),
-            job: job.job.clone(),
-            job_id: Some(job.id),
-            trigger,
-            queue: job.queue.clone(),
-            arguments: object_or_empty(job.arguments.as_ref()),
-            preprocessing: job.preprocessing.clone(),
-            postprocessing: job.postprocessing.clone(),
-            timeout_seconds: job.timeout_seconds,
-            max_retries: job.retries,
-            parent_id: None,
-            published: false,
-        }
-    }
-}
-
-/// A JSON object's entries; anything else (NULL arguments of the original, a stray value) is
-/// no arguments.
-pub fn object_or_empty(
-    value: Option<&serde_json::Value>,
-) -> serde_json::Map<String, serde_json::Value> {
-    match value {
-        Some(serde_json::Value::Object(map)) => map.clone(),
-        _ => serde_json::Map::new(),
-    }
-}
-
-/// A queued run not yet confirmed by the broker: all that is needed to publish it.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct OutboxRun {
-    pub id: Uuid,
-    pub job_name: String,
-    pub job: String,
-    pub arguments: serde_json::Value,
-    pub preprocessing: Option<String>,
-    pub postprocessing: Option<String>,
-    pub timeout_seconds: Option<f64>,
-    pub max_retries: i32,
-    pub attempt: i32,
-    pub queue: Option<String>,
-}
-
-/// Runs locked for publishing. Other schedulers skip them until this batch commits or drops.
-pub struct OutboxBatch {
+/// The transaction that holds an outbox batch's rows (`FOR UPDATE SKIP LOCKED`).
+pub(super) struct Outbox {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
-    pub runs: Vec<OutboxRun>,
 }
 
-impl OutboxBatch {
-    /// Marks the runs the broker confirmed as published and records the runs that can never
-    /// be published dead (with the reason), and releases the batch.
-    pub async fn settle(
+impl Outbox {
+    /// See [`OutboxBatch::settle`].
+    pub(super) async fn settle(
         mut self,
         published: &[Uuid],
         dead: &[(Uuid, String)],
+        messages: &[(String, Vec<u8>)],
     ) -> Result<(), StoreError> {
+        if !messages.is_empty() {
+            insert_messages(&mut self.tx, messages).await?;
+        }
         if !published.is_empty() {
             sqlx::query("UPDATE job_runs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL")
                 .bind(published)
@@ -856,117 +516,6 @@ impl OutboxBatch {
     }
 }
 
-/// Every status a run can have (`job_runs.status`).
-pub const RUN_STATUSES: [&str; 7] = [
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "dead",
-    "skipped",
-    "cancelled",
-];
-/// The statuses of a run that has ended for good.
-pub const ENDED_STATUSES: [&str; 5] = ["succeeded", "failed", "dead", "skipped", "cancelled"];
-/// Every trigger a run can have (`job_runs.trigger`).
-pub const RUN_TRIGGERS: [&str; 5] = ["schedule", "manual", "webhook", "chain", "backfill"];
-
-/// The outcome of claiming a delivered run for execution.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    /// This worker runs it now; `attempt` counts from 1.
-    Claimed {
-        attempt: i32,
-        trigger: String,
-        run: ClaimedRun,
-    },
-    /// It already finished (a re-delivered or re-published message): skip it.
-    Finished(String),
-    /// Another worker runs it (a duplicate message): skip it.
-    Running,
-    /// No such run.
-    Unknown,
-    /// Not now: the worker does not hold its lease. Try again once it does.
-    Unavailable,
-    /// The database refused the claim for good (the error): the run cannot be claimed.
-    Refused(String),
-}
-
-/// What a claimed run's plugin may know of it besides its arguments.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClaimedRun {
-    /// Its slot (scheduled and backfilled runs), else when it was created.
-    pub scheduled_for: Option<DateTime<Utc>>,
-    /// The run that fanned it out or whose end chained it.
-    pub parent: Option<Uuid>,
-    /// Its job's zone, when the job has its own.
-    pub timezone: Option<String>,
-}
-
-/// How a run ended, for recording.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RunEnd {
-    Succeeded,
-    Failed,
-    Dead,
-    /// Stopped because an operator cancelled it (or a newer run replaced it).
-    Cancelled,
-    /// Failed (or was interrupted), and is queued again, to be published after this delay —
-    /// counted on the database's clock.
-    Retry(Duration),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Finish {
-    pub id: Uuid,
-    /// The claim this result belongs to: a worker whose run was taken over meanwhile (its
-    /// lease was lost) does not overwrite the new attempt.
-    pub token: i32,
-    pub attempt: i32,
-    pub end: RunEnd,
-    pub result: Option<serde_json::Value>,
-    pub error: Option<String>,
-}
-
-/// What `runs --cancel` did.
-#[derive(Debug, Clone, Serialize)]
-pub struct Cancelled {
-    /// The run's status when it was asked.
-    pub status: String,
-    /// Its worker, if it was claimed.
-    pub worker: Option<String>,
-    /// A cancel was asked for before (it is running, and being stopped).
-    pub already_asked: bool,
-    /// Recorded `cancelled` now (the run, if it was queued, and its queued children).
-    pub cancelled: Vec<Uuid>,
-    /// Running: their workers stop them and record them `cancelled`.
-    pub asked: Vec<Uuid>,
-}
-
-/// One row of `runs`, for listing.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct RunRow {
-    pub id: Uuid,
-    pub job_name: String,
-    pub job: String,
-    pub trigger: String,
-    pub status: String,
-    pub attempt: i32,
-    pub max_retries: i32,
-    pub worker: Option<String>,
-    pub queue: Option<String>,
-    pub arguments: serde_json::Value,
-    pub scheduled_for: Option<DateTime<Utc>>,
-    pub not_before: Option<DateTime<Utc>>,
-    pub created_at: DateTime<Utc>,
-    pub published_at: Option<DateTime<Utc>>,
-    pub started_at: Option<DateTime<Utc>>,
-    pub finished_at: Option<DateTime<Utc>>,
-    pub result: Option<serde_json::Value>,
-    pub error: Option<String>,
-    pub parent_id: Option<Uuid>,
-}
-
 const JOB_COLUMNS: &str = "id, name, job, description, preprocessing, postprocessing, arguments,
     timeout_seconds, retries, queue, concurrency, on_success, on_failure, jitter_seconds,
     COALESCE((SELECT bool_or(r.paused) FROM registry r WHERE r.job = j.id), false) AS paused,
@@ -975,21 +524,15 @@ const JOB_COLUMNS: &str = "id, name, job, description, preprocessing, postproces
 const RUN_COLUMNS: &str = "id, job_name, job, trigger, status, attempt, max_retries, worker, queue, arguments,
     scheduled_for, not_before, created_at, published_at, started_at, finished_at, result, error, parent_id";
 
-/// Notifications on [`NOTIFY_CHANNEL`]: registry changes and new runs.
-pub struct Notifications {
-    listener: sqlx::postgres::PgListener,
-}
-
-impl Notifications {
-    /// The next notification's payload. After a lost connection this errs once; the next call
-    /// connects again.
-    pub async fn next(&mut self) -> Result<String, StoreError> {
-        self.listener
-            .recv()
-            .await
-            .map(|n| n.payload().to_string())
-            .context("waiting for notifications")
-    }
+/// The next notification on [`NOTIFY_CHANNEL`].
+pub(super) async fn next_notification(
+    listener: &mut sqlx::postgres::PgListener,
+) -> Result<String, StoreError> {
+    listener
+        .recv()
+        .await
+        .map(|n| n.payload().to_string())
+        .context("waiting for notifications")
 }
 
 /// First key of worker leases (`pg_advisory_lock(LEASE_CLASS, token)`).
@@ -1003,27 +546,10 @@ const LEASE_GONE: &str = "NOT EXISTS (
       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
       AND l.classid = $1::oid AND l.objid = r.claim_token::oid AND l.objsubid = 2)";
 
-/// A worker process's lease: an advisory lock held on a connection of its own for as long as
-/// the process lives. Dropping it (or the process dying) releases it.
-pub struct WorkerLease {
-    pub token: i32,
-    /// Whether the lock is held right now: false from a lost lease connection until the lock
-    /// is taken again. A worker claims nothing meanwhile (a sweeper may already be handing its
-    /// runs to others).
-    pub held: tokio::sync::watch::Receiver<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for WorkerLease {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// Lock that serializes writers of the `schedule` table (init and filling in new entries).
 const SCHEDULE_LOCK: i64 = 0x6a6f_6273_6368_6564; // "jobsched"
 
-impl Store {
+impl PgStore {
     /// The database's clock.
     pub async fn now(&self) -> Result<DateTime<Utc>, StoreError> {
         let mut conn = self
@@ -1043,7 +569,9 @@ impl Store {
             .listen(NOTIFY_CHANNEL)
             .await
             .context("listening for notifications")?;
-        Ok(Notifications { listener })
+        Ok(Notifications {
+            inner: NotificationsInner::Postgres(listener),
+        })
     }
 
     /// Sends a notification to listening schedulers (`registry` or `run`).
@@ -1392,7 +920,10 @@ impl Store {
         .fetch_all(&mut *tx)
         .await
         .context("reading runs to publish")?;
-        Ok(OutboxBatch { tx, runs })
+        Ok(OutboxBatch {
+            runs,
+            inner: OutboxInner::Postgres(Outbox { tx }),
+        })
     }
 
     /// When the scheduler must look next (see [`Wakeup`]).
@@ -2067,48 +1598,6 @@ impl Store {
 
 // ---- webhooks ----
 
-/// A key that makes a webhook's repeats or bursts one run: the hook's rendered key and how
-/// long it holds.
-#[derive(Debug, Clone)]
-pub struct WebhookKey {
-    pub key: String,
-    pub hold: Duration,
-}
-
-/// One run a webhook asks for; with a debounce key, a burst of such requests within the
-/// window shares one run, which starts when the window ends.
-#[derive(Debug, Clone)]
-pub struct WebhookRun {
-    pub run: NewRun,
-    pub debounce: Option<WebhookKey>,
-}
-
-/// What a webhook's runs came to.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct WebhookOutcome {
-    /// One id per run asked for (a debounced run's id is shared by its burst), or the ids
-    /// the first request with the same dedupe key got.
-    pub run_ids: Vec<Uuid>,
-    /// The dedupe key was seen before: nothing was created.
-    pub duplicate: bool,
-    /// Runs this request created, and the time they may be published (`None`: now).
-    pub created: Vec<(Uuid, Option<DateTime<Utc>>)>,
-}
-
-/// Database keys can be long templates' output (a whole payload): long ones are stored as
-/// their SHA-256.
-fn stored_key(key: &str) -> String {
-    use sha2::Digest;
-    if key.len() <= 200 {
-        key.to_string()
-    } else {
-        format!(
-            "sha256:{}",
-            hex::encode(sha2::Sha256::digest(key.as_bytes()))
-        )
-    }
-}
-
 /// Takes `key` of `hook` for `hold` if it is free or expired (returns `None`), else answers
 /// the run ids stored under it. Either way the key's row stays locked until the transaction
 /// ends, so that concurrent requests with one key are answered one after the other.
@@ -2152,7 +1641,7 @@ async fn take_key(
     Ok(Some(held))
 }
 
-impl Store {
+impl PgStore {
     /// Creates a webhook's runs in one transaction (rows first: publishing follows). With a
     /// dedupe key seen within its hold, creates nothing and answers the first request's runs;
     /// a debounced run whose key is live is shared (and takes this request's arguments while
@@ -2391,84 +1880,14 @@ impl Store {
     }
 }
 
-/// A finished run, for metrics: its duration and how late it was published (seconds).
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct FinishedRun {
-    pub job_name: String,
-    pub status: String,
-    pub finished_at: DateTime<Utc>,
-    pub duration: Option<f64>,
-    pub lag: Option<f64>,
-}
-
-/// What the scheduler's sleep depends on, all read in one statement: the earliest next run;
-/// the earliest time a queued run becomes publishable (now, for runs waiting to be
-/// published); when the oldest published, still unclaimed run was published; whether any run
-/// is running (the orphan sweep has something to watch); and the database's clock to measure
-/// them against.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct Wakeup {
-    pub next_run: Option<DateTime<Utc>>,
-    pub next_publish: Option<DateTime<Utc>>,
-    pub oldest_unclaimed: Option<DateTime<Utc>>,
-    pub any_running: bool,
-    pub now: DateTime<Utc>,
-}
-
-/// The columns a statement that ends runs returns (`job_runs` as `r`): what a chain needs.
-/// `chain` holds the job names to start: the job's `on_success` for a success, its
-/// `on_failure` for a failure or a dead run — for top-level and chained runs only (fan-out
-/// children end as part of their parent).
-const ENDED: &str = "r.id, r.status, r.job_name, r.error, r.result,
-    CASE WHEN r.parent_id IS NULL OR r.trigger = 'chain' THEN
-        CASE WHEN r.status = 'succeeded' THEN (SELECT j.on_success FROM jobs j WHERE j.name = r.job_name)
-             WHEN r.status IN ('failed', 'dead') THEN (SELECT j.on_failure FROM jobs j WHERE j.name = r.job_name)
-        END
-    END AS chain";
-
-/// A run a statement ended (see [`ENDED`]).
-#[derive(Debug, Clone, sqlx::FromRow)]
-struct EndedRun {
-    id: Uuid,
-    status: String,
-    job_name: String,
-    error: Option<String>,
-    result: Option<serde_json::Value>,
-    chain: Option<serde_json::Value>,
-}
-
-#[derive(Debug, sqlx::FromRow)]
-struct OrphanRow {
-    attempt: i32,
-    #[sqlx(flatten)]
-    ended: EndedRun,
-}
-
-/// Namespace of chained runs' ids: a run's id and the chained job's name give the id, so the
-/// chain link is created once whatever retries the statement.
-const CHAIN_NAMESPACE: Uuid = Uuid::from_u128(0x6a73_6368_6169_6e2d_6c69_6e6b_2d69_6400);
-
 /// Creates, within the transaction that recorded `ended`, the runs their jobs chain (trigger
 /// `chain`, parent = the ended run, the ended run under `trigger_run` in the arguments).
 /// Returns how many were created.
 async fn chain_in(tx: &mut PgConnection, ended: &[EndedRun]) -> Result<usize, StoreError> {
-    let links: Vec<(&EndedRun, String)> = ended
-        .iter()
-        .flat_map(|run| {
-            let names = match &run.chain {
-                Some(serde_json::Value::Array(names)) => names.clone(),
-                _ => Vec::new(),
-            };
-            names
-                .into_iter()
-                .filter_map(|n| n.as_str().map(str::to_string))
-                .map(move |name| (run, name))
-        })
-        .collect();
-    if links.is_empty() {
+    let names = chained_names(ended);
+    if names.is_empty() {
         return Ok(0);
     }
-    let names: Vec<&str> = links.iter().map(|(_, n)| n.as_str()).collect();
     let jobs: Vec<JobRow> = sqlx::query_as(&format!(
         "SELECT {JOB_COLUMNS} FROM jobs j WHERE name = ANY($1)"
     ))
@@ -2476,54 +1895,17 @@ async fn chain_in(tx: &mut PgConnection, ended: &[EndedRun]) -> Result<usize, St
     .fetch_all(&mut *tx)
     .await
     .context("reading chained jobs")?;
-    let mut columns = RunColumns::default();
-    let mut after: HashMap<Uuid, Uuid> = HashMap::new();
-    for (run, name) in &links {
-        let Some(job) = jobs
-            .iter()
-            .find(|j| j.name.as_deref() == Some(name.as_str()))
-        else {
-            tracing::warn!(run = %run.id, job = %run.job_name, chained = %name, "a chained job is no longer in the registry: not started");
-            continue;
-        };
-        let mut new = NewRun::of_job(job, "chain");
-        let mut source = run.id.as_bytes().to_vec();
-        source.extend_from_slice(name.as_bytes());
-        new.id = Some(Uuid::new_v5(&CHAIN_NAMESPACE, &source));
-        new.parent_id = Some(run.id);
-        after.extend(new.id.map(|id| (id, run.id)));
-        new.arguments.insert(
-            "trigger_run".into(),
-            serde_json::json!({
-                "id": run.id,
-                "job": run.job_name,
-                "status": run.status,
-                "error": run.error,
-                "result": run.result,
-            }),
-        );
-        columns.push(&new, None);
-    }
-    if columns.ids.is_empty() {
+    let planned = plan_chain(ended, &jobs);
+    if planned.is_empty() {
         return Ok(0);
     }
-    let created = columns.insert(tx).await?;
-    for run in &created {
-        let parent = after.get(&run.id).map(Uuid::to_string).unwrap_or_default();
-        tracing::info!(run = %run.id, job = %run.job_name, trigger = "chain", after = %parent, "run queued");
+    let mut columns = RunColumns::default();
+    for run in &planned {
+        columns.push(run, None);
     }
+    let created = columns.insert(tx).await?;
+    log_chained(&planned, created.iter().map(|run| run.id));
     Ok(created.len())
-}
-
-/// A run still queued or running, for a job's overlap policy.
-#[derive(Debug, sqlx::FromRow)]
-struct LiveRun {
-    id: Uuid,
-    job_name: String,
-    status: String,
-    scheduled_for: Option<DateTime<Utc>>,
-    parent_id: Option<Uuid>,
-    trigger: String,
 }
 
 /// Cancels runs (and their fan-out children) within `tx`: queued ones are recorded
@@ -2578,9 +1960,6 @@ async fn cancel_in(
         later.into_iter().map(|r| r.0).collect(),
     ))
 }
-
-/// One claim of a run: (run, claim token, attempt).
-pub type ClaimKey = (Uuid, i32, i32);
 
 /// A claim's answer row: run id, attempt if claimed, status before, trigger if claimed,
 /// whether the worker's lease is held, and what the run's plugin may know (slot or creation,
@@ -2712,5 +2091,235 @@ impl RunColumns {
                 skipped: (status == "skipped").then(|| error.unwrap_or_default()),
             })
             .collect())
+    }
+}
+
+/// The channel table-queue consumers listen on; the payload is the queue's name.
+const QUEUE_CHANNEL: &str = "jobschleuder_queue";
+
+// ---- the table queue (see `queue::table`) ----
+
+/// Inserts table-queue messages (queue, body) within `tx`, and wakes their consumers in other
+/// processes at its commit.
+async fn insert_messages(
+    tx: &mut PgConnection,
+    messages: &[(String, Vec<u8>)],
+) -> Result<(), StoreError> {
+    let queues: Vec<&str> = messages.iter().map(|m| m.0.as_str()).collect();
+    let bodies: Vec<&[u8]> = messages.iter().map(|m| m.1.as_slice()).collect();
+    sqlx::query(
+        "INSERT INTO queue_messages (queue, body)
+         SELECT * FROM UNNEST($1::text[], $2::bytea[])",
+    )
+    .bind(&queues)
+    .bind(&bodies)
+    .execute(&mut *tx)
+    .await
+    .context("publishing to the table queue")?;
+    let mut distinct = queues;
+    distinct.sort_unstable();
+    distinct.dedup();
+    sqlx::query("SELECT pg_notify($1, q) FROM UNNEST($2::text[]) AS q")
+        .bind(QUEUE_CHANNEL)
+        .bind(&distinct)
+        .execute(&mut *tx)
+        .await
+        .context("waking table-queue consumers")?;
+    Ok(())
+}
+
+impl PgStore {
+    pub async fn queue_publish(&self, messages: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("publishing to the table queue")?;
+        insert_messages(&mut tx, messages).await?;
+        tx.commit().await.context("publishing to the table queue")
+    }
+
+    pub async fn queue_take(
+        &self,
+        queue: &str,
+        consumer: &str,
+        limit: u32,
+        lease: Duration,
+        delivery_limit: u32,
+    ) -> Result<Vec<QueueMessage>, StoreError> {
+        let mut tx = self.pool.begin().await.context("taking queued messages")?;
+        // Handed out as often as allowed and still not acknowledged: dead-lettered.
+        sqlx::query(
+            "WITH dead AS (
+                 DELETE FROM queue_messages
+                 WHERE id IN (SELECT id FROM queue_messages
+                              WHERE queue = $1 AND visible_at <= now() AND deliveries >= $2
+                              FOR UPDATE SKIP LOCKED)
+                 RETURNING *)
+             INSERT INTO queue_dead_letters (id, queue, body, message_id, deliveries, reason, created_at)
+             SELECT id, queue, body, message_id, deliveries,
+                    'handed out ' || deliveries || ' times without being acknowledged', created_at
+             FROM dead",
+        )
+        .bind(queue)
+        .bind(i32::try_from(delivery_limit.max(1)).unwrap_or(i32::MAX))
+        .execute(&mut *tx)
+        .await
+        .context("dead-lettering exhausted messages")?;
+        let taken: Vec<QueueMessage> = sqlx::query_as(
+            "UPDATE queue_messages m
+             SET deliveries = m.deliveries + 1, consumer = $3,
+                 visible_at = now() + $4 * interval '1 second'
+             FROM (SELECT id FROM queue_messages
+                   WHERE queue = $1 AND visible_at <= now()
+                   ORDER BY visible_at, id LIMIT $2
+                   FOR UPDATE SKIP LOCKED) picked
+             WHERE m.id = picked.id
+             RETURNING m.id, m.body, m.message_id, m.deliveries",
+        )
+        .bind(queue)
+        .bind(i64::from(limit))
+        .bind(consumer)
+        .bind(lease.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await
+        .context("taking queued messages")?;
+        tx.commit().await.context("taking queued messages")?;
+        let mut taken = taken;
+        taken.sort_by_key(|m| m.id);
+        Ok(taken)
+    }
+
+    pub async fn queue_ack(&self, ids: &[i64]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM queue_messages WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .context("acknowledging messages")?;
+        Ok(())
+    }
+
+    pub async fn queue_release(&self, ids: &[i64]) -> Result<(), StoreError> {
+        self.release(Some(ids), None).await
+    }
+
+    pub async fn queue_release_consumer(&self, consumer: &str) -> Result<(), StoreError> {
+        self.release(None, Some(consumer)).await
+    }
+
+    /// Makes messages ready again at once (by id, or all a consumer holds).
+    async fn release(&self, ids: Option<&[i64]>, consumer: Option<&str>) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.context("returning messages")?;
+        let queues: Vec<String> = sqlx::query_scalar(
+            "UPDATE queue_messages SET visible_at = now(), consumer = NULL
+             WHERE id = ANY($1) OR consumer = $2
+             RETURNING queue",
+        )
+        .bind(ids)
+        .bind(consumer)
+        .fetch_all(&mut *tx)
+        .await
+        .context("returning messages to the queue")?;
+        let mut distinct = queues;
+        distinct.sort_unstable();
+        distinct.dedup();
+        sqlx::query("SELECT pg_notify($1, q) FROM UNNEST($2::text[]) AS q")
+            .bind(QUEUE_CHANNEL)
+            .bind(&distinct)
+            .execute(&mut *tx)
+            .await
+            .context("waking table-queue consumers")?;
+        tx.commit().await.context("returning messages to the queue")
+    }
+
+    pub async fn queue_dead_letter(&self, ids: &[i64], reason: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "WITH dead AS (DELETE FROM queue_messages WHERE id = ANY($1) RETURNING *)
+             INSERT INTO queue_dead_letters (id, queue, body, message_id, deliveries, reason, created_at)
+             SELECT id, queue, body, message_id, deliveries, $2, created_at FROM dead
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(ids)
+        .bind(reason)
+        .execute(&self.pool)
+        .await
+        .context("dead-lettering messages")?;
+        Ok(())
+    }
+
+    pub async fn queue_extend(&self, consumer: &str, lease: Duration) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE queue_messages SET visible_at = now() + $2 * interval '1 second'
+             WHERE consumer = $1",
+        )
+        .bind(consumer)
+        .bind(lease.as_secs_f64())
+        .execute(&self.pool)
+        .await
+        .context("renewing the lease of held messages")?;
+        Ok(())
+    }
+
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, StoreError> {
+        let depth: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM queue_messages WHERE queue = $1 AND visible_at <= now()",
+        )
+        .bind(queue)
+        .fetch_one(&self.pool)
+        .await
+        .context("counting queued messages")?;
+        Ok(u32::try_from(depth).unwrap_or(u32::MAX))
+    }
+
+    pub async fn queue_next_visible(&self, queue: &str) -> Result<Option<Duration>, StoreError> {
+        let seconds: Option<f64> = sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM min(visible_at) - now())::float8
+             FROM queue_messages WHERE queue = $1 AND visible_at > now()",
+        )
+        .bind(queue)
+        .fetch_one(&self.pool)
+        .await
+        .context("looking for held messages")?;
+        Ok(seconds.map(|s| Duration::from_secs_f64(s.max(0.0))))
+    }
+
+    pub async fn queue_dead_letters(&self, limit: i64) -> Result<Vec<DeadLetter>, StoreError> {
+        sqlx::query_as(
+            "SELECT id, queue, body, message_id, deliveries, reason, created_at, dead_at
+             FROM queue_dead_letters ORDER BY dead_at DESC, id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .context("reading dead letters")
+    }
+
+    pub async fn queue_wakeups(&self, _poll: Duration) -> Result<QueueWakeups, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool)
+            .await
+            .context("connecting to listen for queued messages")?;
+        listener
+            .listen(QUEUE_CHANNEL)
+            .await
+            .context("listening for queued messages")?;
+        Ok(QueueWakeups {
+            inner: WakeupsInner::Postgres(listener),
+        })
+    }
+}
+
+/// The next wake-up for `queue` from a table-queue listener.
+pub(super) async fn next_queue_wakeup(
+    listener: &mut sqlx::postgres::PgListener,
+    queue: &str,
+) -> Result<(), StoreError> {
+    loop {
+        let notification = listener
+            .recv()
+            .await
+            .context("waiting for queued messages")?;
+        if notification.payload() == queue {
+            return Ok(());
+        }
     }
 }

@@ -47,6 +47,7 @@ async fn run(rows: i64, url: &url::Url, name: &str) -> Result<(), Box<dyn std::e
     let database = DatabaseConfig {
         sqlite: None,
         poll_interval: std::time::Duration::from_millis(250),
+        worker_lease: std::time::Duration::from_secs(15),
         url: Some(Secret::new(url.to_string())),
         host: String::new(),
         port: 0,

@@ -130,6 +130,9 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// How often a SQLite store looks for other processes' writes (`queue.poll_interval`).
     pub poll_interval: Duration,
+    /// How long a worker's lease lasts on SQLite without a heartbeat: half of `queue.lease`,
+    /// so that a dead worker's lease has run out before its deliveries are handed out again.
+    pub worker_lease: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -778,6 +781,7 @@ fn build(
             .unwrap_or_else(|| "jobschleuder".into()),
         max_connections: db.as_ref().and_then(|d| d.max_connections).unwrap_or(8),
         poll_interval: Duration::from_millis(250),
+        worker_lease: Duration::from_secs(15),
     };
     if database.max_connections == 0 {
         return Err(ConfigError::Invalid {
@@ -1094,14 +1098,16 @@ fn build(
     }
     let queue_poll = seconds(settings.poll_interval, 0.25, "queue.poll_interval")?
         .max(Duration::from_millis(10));
+    let queue_lease = seconds(settings.lease, 30.0, "queue.lease")?.max(Duration::from_secs(2));
     if let Some(limit) = settings.delivery_limit {
         rabbitmq.delivery_limit = limit.max(1);
     }
     database.poll_interval = queue_poll;
+    database.worker_lease = (queue_lease / 2).max(Duration::from_secs(1));
     let queue = QueueConfig {
         kind,
         poll_interval: queue_poll,
-        lease: seconds(settings.lease, 30.0, "queue.lease")?.max(Duration::from_secs(1)),
+        lease: queue_lease,
     };
 
     Ok(Config {

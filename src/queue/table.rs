@@ -13,7 +13,7 @@
 //!   them by LISTEN/NOTIFY, and SQLite by a short poll of the file's change counter
 //!   (`queue.poll_interval`). A consumer also wakes when a lease it waits for runs out.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -129,18 +129,30 @@ impl TableQueue {
             self.lease,
             shared.clone(),
         ));
+        // Taking messages happens in a task of its own: the worker drops `next()` whenever
+        // another event comes first, and a take cut off half-way would lose what it took.
+        let (deliveries, received) = mpsc::unbounded_channel();
+        let fetcher = tokio::spawn(
+            Fetcher {
+                queue: self.clone(),
+                name: queue.to_string(),
+                tag: tag.clone(),
+                prefetch: usize::from(prefetch.max(1)),
+                wakeups,
+                local: local(queue),
+                shared: shared.clone(),
+                acks,
+                deliveries,
+            }
+            .run(),
+        );
         Ok(TableConsumer {
             queue: self.clone(),
-            name: queue.to_string(),
             tag,
-            prefetch: usize::from(prefetch.max(1)),
-            buffer: VecDeque::new(),
-            wakeups,
-            local: local(queue),
+            received,
             shared,
-            acks,
             acker_task: Some(acker_task),
-            renewer,
+            tasks: vec![fetcher, renewer],
         })
     }
 
@@ -289,28 +301,51 @@ async fn renew(store: Store, tag: String, lease: Duration, shared: Arc<Shared>) 
 /// Deliveries of one table queue for one consumer.
 pub struct TableConsumer {
     queue: TableQueue,
+    tag: String,
+    received: mpsc::UnboundedReceiver<Result<Delivery, QueueError>>,
+    shared: Arc<Shared>,
+    acker_task: Option<tokio::task::JoinHandle<()>>,
+    /// The fetcher and the renewer.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl TableConsumer {
+    /// The next delivery (waiting for one); `None` once cancelled. Cancel-safe: dropping the
+    /// future loses nothing.
+    pub async fn next(&mut self) -> Option<Result<Delivery, QueueError>> {
+        if self.shared.cancelled.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.received.recv().await
+    }
+
+    /// Takes nothing more; what it holds stays held until settled or the consumer is dropped.
+    pub fn cancel(&mut self) {
+        self.shared.cancelled.store(true, Ordering::SeqCst);
+        if let Some(fetcher) = self.tasks.first() {
+            fetcher.abort();
+        }
+    }
+}
+
+/// Takes ready messages for one consumer while it has room (`prefetch` unsettled at most), and
+/// waits for more when there are none.
+struct Fetcher {
+    queue: TableQueue,
     name: String,
     tag: String,
     prefetch: usize,
-    buffer: VecDeque<Delivery>,
     wakeups: QueueWakeups,
     local: Arc<Notify>,
     shared: Arc<Shared>,
     acks: mpsc::UnboundedSender<(i64, Settle, tokio::sync::oneshot::Sender<()>)>,
-    acker_task: Option<tokio::task::JoinHandle<()>>,
-    renewer: tokio::task::JoinHandle<()>,
+    deliveries: mpsc::UnboundedSender<Result<Delivery, QueueError>>,
 }
 
-impl TableConsumer {
-    /// The next delivery (waiting for one); `None` once cancelled.
-    pub async fn next(&mut self) -> Option<Result<Delivery, QueueError>> {
+impl Fetcher {
+    async fn run(mut self) {
+        let mut backoff = Duration::from_millis(200);
         loop {
-            if self.shared.cancelled.load(Ordering::SeqCst) {
-                return None;
-            }
-            if let Some(delivery) = self.buffer.pop_front() {
-                return Some(Ok(delivery));
-            }
             // Registered before looking, so a publish between the look and the wait counts.
             let local = self.local.clone();
             let published = local.notified();
@@ -328,23 +363,31 @@ impl TableConsumer {
                 released.await;
                 continue;
             }
-            let taken = match self.take(room).await {
-                Ok(taken) => taken,
-                Err(e) => return Some(Err(e)),
-            };
-            if taken > 0 {
-                continue;
+            match self.take(room).await {
+                Ok(true) => {
+                    backoff = Duration::from_millis(200);
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    if self.deliveries.send(Err(e)).is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
             }
             let sleep = match self.queue.store.queue_next_visible(&self.name).await {
                 Ok(Some(wait)) => wait.min(MAX_SLEEP),
-                Ok(None) => MAX_SLEEP,
-                Err(e) => return Some(Err(e.into())),
+                _ => MAX_SLEEP,
             };
             tokio::select! {
                 _ = published => {}
                 woken = self.wakeups.next(&self.name) => {
                     if let Err(e) = woken {
-                        return Some(Err(e.into()));
+                        tracing::debug!(error = %e, "waiting for queued messages failed; looking again");
+                        tokio::time::sleep(backoff).await;
                     }
                 }
                 _ = tokio::time::sleep(sleep) => {}
@@ -352,8 +395,8 @@ impl TableConsumer {
         }
     }
 
-    /// Claims up to `room` ready messages into the buffer; how many.
-    async fn take(&mut self, room: usize) -> Result<usize, QueueError> {
+    /// Claims up to `room` ready messages and hands them to the consumer; whether any came.
+    async fn take(&mut self, room: usize) -> Result<bool, QueueError> {
         let taken = self
             .queue
             .store
@@ -365,11 +408,11 @@ impl TableConsumer {
                 self.queue.delivery_limit,
             )
             .await?;
-        let count = taken.len();
-        self.shared.held.fetch_add(count, Ordering::SeqCst);
+        let any = !taken.is_empty();
+        self.shared.held.fetch_add(taken.len(), Ordering::SeqCst);
         for message in taken {
             let previous = u64::try_from(message.deliveries.max(1) - 1).unwrap_or(0);
-            self.buffer.push_back(Delivery {
+            let delivery = Delivery {
                 redelivered: previous > 0,
                 previous_deliveries: previous,
                 message_id: message.message_id,
@@ -379,14 +422,12 @@ impl TableConsumer {
                     settled: Arc::new(AtomicBool::new(false)),
                     acks: self.acks.clone(),
                 }),
-            });
+            };
+            // A consumer that is gone: the message returns when the consumer's drop
+            // releases what it holds.
+            let _ = self.deliveries.send(Ok(delivery));
         }
-        Ok(count)
-    }
-
-    /// Takes nothing more; what it holds stays held until settled or the consumer is dropped.
-    pub fn cancel(&mut self) {
-        self.shared.cancelled.store(true, Ordering::SeqCst);
+        Ok(any)
     }
 }
 
@@ -394,15 +435,19 @@ impl Drop for TableConsumer {
     /// Like a closed channel: what it holds goes back to the queue — at once for deliveries
     /// never handed out, after the last settlements are written for the others.
     fn drop(&mut self) {
-        self.renewer.abort();
-        let unused: Vec<i64> = self
-            .buffer
-            .drain(..)
-            .filter_map(|d| match d.acker {
-                Acker::Table(acker) => Some(acker.id),
-                Acker::RabbitMq(_) => None,
-            })
-            .collect();
+        for task in &self.tasks {
+            task.abort();
+        }
+        let mut unused = Vec::new();
+        while let Ok(received) = self.received.try_recv() {
+            if let Ok(Delivery {
+                acker: Acker::Table(acker),
+                ..
+            }) = received
+            {
+                unused.push(acker.id);
+            }
+        }
         let store = self.queue.store.clone();
         let tag = self.tag.clone();
         let acker_task = self.acker_task.take();
@@ -413,7 +458,7 @@ impl Drop for TableConsumer {
             if !unused.is_empty() {
                 let _ = store.queue_release(&unused).await;
             }
-            // Ends once every acker is gone (this consumer's sender goes with it).
+            // Ends once every acker is gone.
             if let Some(task) = acker_task {
                 let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
             }

@@ -8,7 +8,8 @@
 //!   other's locked rows. A writer waits up to 10 seconds for the lock (`busy_timeout`), then
 //!   fails with an error that says the file is locked.
 //! - **Leases are rows.** A worker process's lease is a row of `worker_leases` whose expiry it
-//!   pushes forward every 2 seconds; a run claimed under an expired lease (its worker died) is
+//!   pushes forward five times per lease (half of `queue.lease`: a dead worker's lease has run
+//!   out before its deliveries are handed out again); a run claimed under an expired lease is
 //!   taken over, as on Postgres when the advisory lock's session ends.
 //! - **One clock.** "Now" is the host's clock: there is only one host.
 //! - **Wake-ups.** Within one process, notifications are passed in memory; other processes'
@@ -40,9 +41,6 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqli
 
 /// How long a writer waits for the file's write lock before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a worker's lease lasts without a heartbeat, and how often the heartbeat comes.
-const LEASE: Duration = Duration::from_secs(10);
-const HEARTBEAT: Duration = Duration::from_secs(2);
 
 const JOB_COLUMNS: &str = "id, name, job, description, preprocessing, postprocessing, arguments,
     timeout_seconds, retries, queue, concurrency, on_success, on_failure, jitter_seconds,
@@ -89,6 +87,8 @@ pub struct SqliteStore {
     path: PathBuf,
     /// How often waiters look for other processes' writes.
     poll: Duration,
+    /// How long a worker's lease lasts without a heartbeat (five heartbeats).
+    lease: Duration,
 }
 
 /// Whether `error` is SQLite saying the file is locked by another writer.
@@ -146,6 +146,7 @@ impl SqliteStore {
             pool,
             path,
             poll: config.poll_interval,
+            lease: config.worker_lease,
         })
     }
 
@@ -643,9 +644,11 @@ impl SqliteStore {
 
     // ---- the worker's side ----
 
-    /// A lease row with a fresh random token, renewed every [`HEARTBEAT`]; lost (and taken
+    /// A lease row with a fresh random token, renewed five times per lease; lost (and taken
     /// again) when a renewal finds it expired or gone.
     pub async fn worker_lease(&self) -> Result<WorkerLease, StoreError> {
+        let lease = self.lease;
+        let heartbeat = lease / 5;
         let token = i32::try_from(Uuid::new_v4().as_u128() % (i32::MAX as u128))
             .unwrap_or(1)
             .max(1);
@@ -660,7 +663,7 @@ impl SqliteStore {
         )
         .bind(token)
         .bind(&worker)
-        .bind(Utc::now() + LEASE)
+        .bind(Utc::now() + lease)
         .execute(&self.pool)
         .await
         .context("taking the worker lease")?;
@@ -675,14 +678,14 @@ impl SqliteStore {
         let task = tokio::spawn(async move {
             let mut held_now = true;
             loop {
-                tokio::time::sleep(HEARTBEAT).await;
+                tokio::time::sleep(heartbeat).await;
                 let now = Utc::now();
                 // Renews only a lease that has not run out: once it has, its runs may be in
                 // other hands, and it is taken anew (with no runs of its own).
                 let renewed = sqlx::query(
                     "UPDATE worker_leases SET expires_at = ? WHERE token = ? AND expires_at > ?",
                 )
-                .bind(now + LEASE)
+                .bind(now + lease)
                 .bind(token)
                 .bind(now)
                 .execute(&pool)
@@ -711,7 +714,7 @@ impl SqliteStore {
                         )
                         .bind(token)
                         .bind(&worker)
-                        .bind(now + LEASE)
+                        .bind(now + lease)
                         .execute(&pool)
                         .await;
                         if let Err(e) = taken {

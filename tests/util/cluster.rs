@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use jobschleuder::config::Config;
+use jobschleuder::store::{RunRow, Store};
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
     QueueDeleteOptions,
@@ -12,6 +14,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sqlx::PgPool;
 
+use super::backend::Backend;
 use super::{TestDb, Workspace};
 
 pub fn amqp_url() -> String {
@@ -68,11 +71,16 @@ impl Drop for Process {
 }
 
 pub struct Cluster {
+    pub backend: Backend,
+    /// The Postgres database (Postgres backends); a SQLite cluster's file is in `ws`.
     pub db: TestDb,
     pub ws: Workspace,
     pub queue: String,
     pub config: PathBuf,
+    /// Postgres backends only: on SQLite it refuses to connect (such a test is Postgres-only).
     pub pool: PgPool,
+    /// The test's store, whichever it is: what backend-neutral checks read.
+    pub store: Store,
     spawned: std::sync::atomic::AtomicUsize,
 }
 
@@ -91,32 +99,158 @@ impl Cluster {
     /// With `plugins` (the `plugins:`/`preprocessing:`/`sot:` sections) instead of the test
     /// plugins.
     pub async fn with_config(rabbitmq: &str, plugins: &str, extra: &str) -> Cluster {
-        let db = TestDb::new().await;
+        Self::build(Backend::PostgresRabbitmq, rabbitmq, plugins, extra).await
+    }
+
+    /// A cluster on `backend` with the test plugins and `extra` config; `None` (after a notice)
+    /// when this machine lacks a server the backend needs.
+    pub async fn on(backend: Backend, test: &str, extra: &str) -> Option<Cluster> {
+        if backend.unavailable(test).is_some() {
+            return None;
+        }
+        Some(Self::build(backend, "", &crate::plugins::plugin_config_text(), extra).await)
+    }
+
+    async fn build(backend: Backend, rabbitmq: &str, plugins: &str, extra: &str) -> Cluster {
         let ws = Workspace::new();
         let queue = super::scratch_name();
-        let text = format!(
-            "timezone: UTC\nrabbitmq:\n  url: {}\n  queue: {queue}\n  delivery_limit: 3\n{rabbitmq}{plugins}{extra}",
-            amqp_url(),
-        );
+        let db = if backend.postgres() {
+            TestDb::new().await
+        } else {
+            TestDb::none()
+        };
+        let sections = match backend {
+            Backend::PostgresRabbitmq => format!(
+                "rabbitmq:\n  url: {}\n  queue: {queue}\n  delivery_limit: 3\n{rabbitmq}",
+                amqp_url()
+            ),
+            Backend::PostgresTable => format!(
+                "queue:\n  type: postgres\n  name: {queue}\n  delivery_limit: 3\n  lease: 3\n"
+            ),
+            Backend::SqliteTable => format!(
+                "database:\n  path: {}\nqueue:\n  type: sqlite\n  name: {queue}\n  delivery_limit: 3\n  lease: 3\n  poll_interval: 0.05\n",
+                ws.path().join("jobschleuder.db").display()
+            ),
+        };
+        let text = format!("timezone: UTC\n{sections}{plugins}{extra}");
         let config = ws.write("config.yaml", &text);
-        let pool = db.pool().await;
+        let pool = if backend.postgres() {
+            db.pool().await
+        } else {
+            sqlx::postgres::PgPoolOptions::new()
+                .connect_lazy("postgres://this-cluster-is-sqlite.invalid/none")
+                .expect("a lazy pool")
+        };
+        let url = db.url.clone();
+        let parsed = Config::from_str_with_env(&config, &text, &|key| {
+            (key == "JOBSCHLEUDER_DATABASE_URL" && backend.postgres()).then(|| url.clone())
+        })
+        .expect("the test config");
+        let store = Store::connect(&parsed.database)
+            .await
+            .expect("the test store");
         Cluster {
+            backend,
             db,
             ws,
             queue,
             config,
             pool,
+            store,
             spawned: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
     pub fn command(&self) -> Command {
         let mut command = self.ws.command();
+        if self.backend.postgres() {
+            command.env("JOBSCHLEUDER_DATABASE_URL", &self.db.url);
+        }
+        command.arg("--config").arg(&self.config);
         command
-            .env("JOBSCHLEUDER_DATABASE_URL", &self.db.url)
-            .arg("--config")
-            .arg(&self.config);
-        command
+    }
+
+    /// Runs one SQL statement on the test's database, whichever it is (write it in the SQL both
+    /// speak; [`Cluster::id`] writes a run id).
+    pub async fn sql(&self, statement: &str) {
+        if self.backend.postgres() {
+            sqlx::raw_sql(statement)
+                .execute(&self.pool)
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: {e}"));
+        } else {
+            let url = format!(
+                "sqlite://{}",
+                self.ws.path().join("jobschleuder.db").display()
+            );
+            let pool = sqlx::SqlitePool::connect(&url)
+                .await
+                .expect("the test's SQLite file");
+            sqlx::raw_sql(statement)
+                .execute(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: {e}"));
+            pool.close().await;
+        }
+    }
+
+    /// A run id as a SQL literal of the test's database.
+    pub fn id(&self, id: uuid::Uuid) -> String {
+        if self.backend.postgres() {
+            format!("'{id}'")
+        } else {
+            format!("X'{}'", id.simple())
+        }
+    }
+
+    /// Every run, oldest first (at most 100,000), from the store the test runs on.
+    pub async fn runs(&self) -> Vec<RunRow> {
+        let mut runs = self
+            .store
+            .runs(None, None, None, 100_000)
+            .await
+            .expect("reading runs");
+        runs.reverse();
+        runs
+    }
+
+    /// One run by id.
+    pub async fn run(&self, id: &str) -> RunRow {
+        let id = uuid::Uuid::parse_str(id.trim()).expect("a run id");
+        self.store
+            .run(id)
+            .await
+            .expect("reading a run")
+            .unwrap_or_else(|| panic!("no run {id}"))
+    }
+
+    /// Polls `done` over every run until it holds, at most `limit` (backend-neutral
+    /// [`Cluster::wait_until`]).
+    pub async fn wait_for(&self, what: &str, limit: Duration, done: impl Fn(&[RunRow]) -> bool) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let runs = self.runs().await;
+            if done(&runs) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let lines: Vec<String> = runs
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{} {} attempt={} worker={:?} error={:?}",
+                            r.job_name, r.status, r.attempt, r.worker, r.error
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "[{}] timed out after {limit:?} waiting for {what}\nruns: {lines:#?}\nlogs:\n{}",
+                    self.backend.name(),
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Runs the binary to completion and returns stdout; panics with its output on failure.
@@ -256,7 +390,67 @@ impl Cluster {
         text
     }
 
-    /// Messages waiting in `queue`.
+    /// Messages dead-lettered from the test queue, whichever queue it is.
+    pub async fn dead_letters(&self) -> usize {
+        if self.backend.rabbitmq() {
+            return self.queue_depth(&format!("{}.dead", self.queue)).await as usize;
+        }
+        self.store
+            .queue_dead_letters(100_000)
+            .await
+            .expect("reading dead letters")
+            .iter()
+            .filter(|d| d.queue == self.queue)
+            .count()
+    }
+
+    /// Messages waiting in the test queue, whichever queue it is.
+    pub async fn depth(&self) -> u32 {
+        if self.backend.rabbitmq() {
+            return self.queue_depth(&self.queue).await;
+        }
+        self.store
+            .queue_depth(&self.queue)
+            .await
+            .expect("reading the queue's depth")
+    }
+
+    /// Takes every message out of the test queue, whichever queue it is; their bodies.
+    pub async fn drain_queue(&self) -> Vec<Vec<u8>> {
+        if self.backend.rabbitmq() {
+            return self.drain(&self.queue).await;
+        }
+        let taken = self
+            .store
+            .queue_take(
+                &self.queue,
+                "test-drain",
+                1_000_000,
+                Duration::from_secs(60),
+                1_000,
+            )
+            .await
+            .expect("draining the queue");
+        let ids: Vec<i64> = taken.iter().map(|m| m.id).collect();
+        self.store
+            .queue_ack(&ids)
+            .await
+            .expect("draining the queue");
+        taken.into_iter().map(|m| m.body).collect()
+    }
+
+    /// Puts raw bytes in the test queue, as another client could, whichever queue it is.
+    pub async fn send_raw(&self, body: &[u8]) {
+        if self.backend.rabbitmq() {
+            return self.publish_raw(body).await;
+        }
+        self.store
+            .queue_publish(&[(self.queue.clone(), body.to_vec())])
+            .await
+            .expect("publishing to the table queue");
+    }
+
+    /// Messages waiting in `queue` (RabbitMQ).
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await
@@ -379,6 +573,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if !self.backend.rabbitmq() {
+            return;
+        }
         // The test queue, and a second one (`<queue>_other`) that some tests use.
         let other = format!("{}_other", self.queue);
         let queues = [

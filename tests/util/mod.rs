@@ -1,5 +1,6 @@
 //! Shared test helpers: a fresh Postgres database per test, and running the real binary.
 
+pub mod backend;
 pub mod cluster;
 
 use std::path::{Path, PathBuf};
@@ -50,6 +51,14 @@ impl TestDb {
         }
     }
 
+    /// No database (a SQLite test): dropping it drops nothing.
+    pub fn none() -> TestDb {
+        TestDb {
+            name: String::new(),
+            url: String::new(),
+        }
+    }
+
     pub async fn pool(&self) -> PgPool {
         PgPool::connect(&self.url)
             .await
@@ -59,6 +68,9 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
         let name = self.name.clone();
         // Drop runs outside async context; a thread with its own runtime does the cleanup.
         let _ = std::thread::spawn(move || {

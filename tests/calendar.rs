@@ -1,5 +1,5 @@
 //! Time zones, daylight saving time and missed runs through the whole path: a job file is
-//! imported, and scheduling passes run against Postgres with an injected "now" that steps
+//! imported, and scheduling passes run against each store with an injected "now" that steps
 //! across the DST changes of 2026 in Europe/Berlin.
 
 use std::path::{Path, PathBuf};
@@ -9,6 +9,8 @@ use jobschleuder::config::Config;
 use jobschleuder::scheduler::create_due_runs;
 use jobschleuder::store::Store;
 
+use crate::on_every_backend;
+use crate::util::backend::Backend;
 use crate::util::TestDb;
 
 fn utc(text: &str) -> DateTime<Utc> {
@@ -17,9 +19,32 @@ fn utc(text: &str) -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
-async fn store_with(jobs: &str) -> (TestDb, Store, Config) {
-    let db = TestDb::new().await;
-    let store = Store::from_pool(db.pool().await).await.unwrap();
+/// The store of `backend` with `jobs` imported; `None` (after a notice) without its server.
+/// What the store holds lives as long as the returned guards.
+async fn store_with(
+    backend: Backend,
+    test: &str,
+    jobs: &str,
+) -> Option<((TestDb, tempfile::TempDir), Store, Config)> {
+    if backend.unavailable(test).is_some() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (db, store) = if backend.postgres() {
+        let db = TestDb::new().await;
+        let store = Store::from_pool(db.pool().await).await.unwrap();
+        (db, store)
+    } else {
+        let text = format!(
+            "database:\n  path: {}\n",
+            dir.path().join("test.db").display()
+        );
+        let config = Config::from_str_with_env(Path::new("c.yaml"), &text, &|_| None).unwrap();
+        (
+            TestDb::none(),
+            Store::connect(&config.database).await.unwrap(),
+        )
+    };
     let parsed = jobschleuder::jobfile::parse(Path::new("jobs.yaml"), jobs, None).unwrap();
     store
         .replace_registry(&parsed, &mut |_, _| {})
@@ -28,7 +53,7 @@ async fn store_with(jobs: &str) -> (TestDb, Store, Config) {
     let config =
         Config::from_str_with_env(&PathBuf::from("config.yaml"), "timezone: UTC\n", &|_| None)
             .unwrap();
-    (db, store, config)
+    Some(((db, dir), store, config))
 }
 
 /// Passes every `step` from `from` to `to` (inclusive).
@@ -47,23 +72,30 @@ async fn step(
 }
 
 async fn slots(store: &Store, job: &str) -> Vec<DateTime<Utc>> {
-    sqlx::query_scalar(
-        "SELECT scheduled_for FROM job_runs WHERE job_name = $1 ORDER BY scheduled_for",
-    )
-    .bind(job)
-    .fetch_all(store.pg_pool().expect("a Postgres store"))
-    .await
-    .unwrap()
+    let mut slots: Vec<DateTime<Utc>> = store
+        .runs(Some(job), None, None, 100_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| r.scheduled_for)
+        .collect();
+    slots.sort();
+    slots
 }
 
-#[tokio::test]
-async fn a_berlin_job_runs_once_a_day_across_both_dst_changes() {
-    let (_db, store, config) = store_with(
+on_every_backend! {
+async fn a_berlin_job_runs_once_a_day_across_both_dst_changes(backend: Backend) {
+    let Some((_db, store, config)) = store_with(
+        backend,
+        "a_berlin_job_runs_once_a_day_across_both_dst_changes",
         "jobs:\n\
          - id: nightly\n  job: hello_world\n  schedule: '30 2 * * *'\n  timezone: Europe/Berlin\n\
          - id: quarterly\n  job: hello_world\n  schedule: '*/15 * * * *'\n  timezone: Europe/Berlin\n",
     )
-    .await;
+    .await
+    else {
+        return;
+    };
     // Spring: 02:00 becomes 03:00 on 2026-03-29. A pass every 5 minutes.
     step(
         &store,
@@ -115,16 +147,22 @@ async fn a_berlin_job_runs_once_a_day_across_both_dst_changes() {
         .collect();
     assert_eq!(day.len(), 25 * 4, "25 hours that day");
 }
+}
 
-#[tokio::test]
-async fn runs_missed_for_hours_run_once_or_not_at_all_as_each_job_says() {
-    let (_db, store, config) = store_with(
+on_every_backend! {
+async fn runs_missed_for_hours_run_once_or_not_at_all_as_each_job_says(backend: Backend) {
+    let Some((_db, store, config)) = store_with(
+        backend,
+        "runs_missed_for_hours_run_once_or_not_at_all_as_each_job_says",
         "jobs:\n\
          - id: once\n  job: hello_world\n  schedule: '0 * * * *'\n  misfire: run_once\n\
          - id: skip\n  job: hello_world\n  schedule: '0 * * * *'\n  misfire: skip\n\
          - id: berlin\n  job: hello_world\n  schedule: '0 6 * * *'\n  timezone: Europe/Berlin\n  misfire: skip\n",
     )
-    .await;
+    .await
+    else {
+        return;
+    };
     let start = Utc.with_ymd_and_hms(2026, 6, 1, 9, 30, 0).unwrap();
     // The first pass schedules every entry; then the scheduler is down for five hours.
     create_due_runs(&store, &config, Some(start)).await.unwrap();
@@ -152,4 +190,5 @@ async fn runs_missed_for_hours_run_once_or_not_at_all_as_each_job_says() {
         .await
         .unwrap();
     assert_eq!(slots(&store, "berlin").await, [utc("2026-06-03T04:00:00Z")]);
+}
 }

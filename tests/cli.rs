@@ -68,6 +68,7 @@ fn config_errors_name_file_line_and_key() {
 
 #[tokio::test]
 async fn environment_overrides_the_config_file_and_secrets_stay_secret() {
+    crate::needs_postgres!("environment_overrides_the_config_file_and_secrets_stay_secret");
     let db = TestDb::new().await;
     let ws = Workspace::new();
     // The file points at a server that does not exist; the environment wins.
@@ -123,6 +124,7 @@ fn passwords_in_url_query_strings_stay_secret() {
 
 #[tokio::test]
 async fn original_config_sections_load_with_a_warning() {
+    crate::needs_postgres!("original_config_sections_load_with_a_warning");
     let db = TestDb::new().await;
     let ws = Workspace::new();
     let config = ws.write(
@@ -149,6 +151,7 @@ async fn original_config_sections_load_with_a_warning() {
 
 #[tokio::test]
 async fn json_logs_carry_the_uuid_and_file_logs_append() {
+    crate::needs_postgres!("json_logs_carry_the_uuid_and_file_logs_append");
     let db = TestDb::new().await;
     let ws = Workspace::new();
     let jobs = ws.write("jobs.yaml", SEED_JOBS);

@@ -54,6 +54,9 @@ async fn run_json(cluster: &Cluster, id: &str) -> Value {
 
 #[tokio::test]
 async fn a_paused_entry_fires_nothing_keeps_its_pause_across_imports_and_resumes_from_now() {
+    crate::needs_servers!(
+        "a_paused_entry_fires_nothing_keeps_its_pause_across_imports_and_resumes_from_now"
+    );
     let cluster = Cluster::new("").await;
     let jobs = "jobs:\n\
         - id: hourly\n  job: hello_world\n  schedule: '0 * * * *'\n\
@@ -178,6 +181,9 @@ async fn a_paused_entry_fires_nothing_keeps_its_pause_across_imports_and_resumes
 
 #[tokio::test]
 async fn forbid_skips_a_slot_while_its_job_runs_and_replace_cancels_the_older_run() {
+    crate::needs_servers!(
+        "forbid_skips_a_slot_while_its_job_runs_and_replace_cancels_the_older_run"
+    );
     let cluster = Cluster::new("").await;
     cluster.import(
         "jobs:\n\
@@ -280,6 +286,7 @@ async fn forbid_skips_a_slot_while_its_job_runs_and_replace_cancels_the_older_ru
 
 #[tokio::test]
 async fn two_schedulers_with_forbid_never_start_a_run_while_another_goes_on() {
+    crate::needs_servers!("two_schedulers_with_forbid_never_start_a_run_while_another_goes_on");
     let cluster = Cluster::new("scheduler:\n  max_sleep: 60\n  batch_size: 1\n").await;
     cluster.import(
         "jobs:\n- id: slow\n  job: test_sleep\n  schedule: '*/1 * * * * *'\n  concurrency: forbid\n  arguments:\n    seconds: 2.5\n",
@@ -330,6 +337,9 @@ async fn two_schedulers_with_forbid_never_start_a_run_while_another_goes_on() {
 
 #[tokio::test]
 async fn cancel_stops_queued_running_and_fanned_out_runs_on_another_worker_process() {
+    crate::needs_servers!(
+        "cancel_stops_queued_running_and_fanned_out_runs_on_another_worker_process"
+    );
     let cluster = Cluster::new("").await;
     let pid_file = cluster.ws.path().join("long.pid");
     cluster.import(&format!(
@@ -470,6 +480,7 @@ async fn cancel_stops_queued_running_and_fanned_out_runs_on_another_worker_proce
 
 #[tokio::test]
 async fn a_backfill_creates_each_missing_slot_once_and_nothing_when_run_again() {
+    crate::needs_servers!("a_backfill_creates_each_missing_slot_once_and_nothing_when_run_again");
     let cluster = Cluster::new("").await;
     cluster.import(
         "jobs:\n\
@@ -594,6 +605,7 @@ async fn a_backfill_creates_each_missing_slot_once_and_nothing_when_run_again() 
 
 #[tokio::test]
 async fn plugins_and_commands_get_their_run_context() {
+    crate::needs_servers!("plugins_and_commands_get_their_run_context");
     let cluster = Cluster::new("").await;
     let out_file = cluster.ws.path().join("context.txt");
     cluster.import(&format!(
@@ -671,6 +683,9 @@ fn chat_server() -> (String, std::thread::JoinHandle<String>) {
 
 #[tokio::test]
 async fn chains_start_their_jobs_once_when_a_run_ends_and_a_failure_is_posted_to_chat() {
+    crate::needs_servers!(
+        "chains_start_their_jobs_once_when_a_run_ends_and_a_failure_is_posted_to_chat"
+    );
     let cluster = Cluster::new("worker:\n  retry_backoff: 0.1\n").await;
     let (url, chat) = chat_server();
     cluster.import(&format!(
@@ -729,6 +744,7 @@ async fn chains_start_their_jobs_once_when_a_run_ends_and_a_failure_is_posted_to
 
 #[tokio::test]
 async fn an_import_refuses_chains_to_unknown_jobs_and_chains_that_loop() {
+    crate::needs_servers!("an_import_refuses_chains_to_unknown_jobs_and_chains_that_loop");
     let cluster = Cluster::new("").await;
     cluster.import("jobs:\n- id: kept\n  job: hello_world\n");
     let file = cluster.ws.write(
@@ -764,6 +780,7 @@ async fn an_import_refuses_chains_to_unknown_jobs_and_chains_that_loop() {
 
 #[tokio::test]
 async fn jitter_delays_each_start_by_its_own_share_and_the_views_show_it() {
+    crate::needs_servers!("jitter_delays_each_start_by_its_own_share_and_the_views_show_it");
     let cluster = Cluster::new("").await;
     cluster
         .import("jobs:\n- id: spread\n  job: hello_world\n  schedule: '0 3 * * *'\n  jitter: 5m\n");
@@ -843,6 +860,7 @@ async fn status_of(cluster: &Cluster, id: Uuid) -> String {
 
 #[tokio::test]
 async fn a_cancel_racing_a_result_a_takeover_or_a_fan_out_is_never_lost() {
+    crate::needs_servers!("a_cancel_racing_a_result_a_takeover_or_a_fan_out_is_never_lost");
     let cluster = Cluster::new("").await;
     let store = Store::from_pool(cluster.pool.clone()).await.unwrap();
     let lease = store.worker_lease().await.unwrap();
@@ -984,6 +1002,9 @@ async fn a_cancel_racing_a_result_a_takeover_or_a_fan_out_is_never_lost() {
 
 #[tokio::test]
 async fn pruning_takes_skipped_and_cancelled_runs_and_keeps_runs_chained_after_them() {
+    crate::needs_servers!(
+        "pruning_takes_skipped_and_cancelled_runs_and_keeps_runs_chained_after_them"
+    );
     let cluster = Cluster::new("").await;
     let store = Store::from_pool(cluster.pool.clone()).await.unwrap();
     let old: Vec<Uuid> = store

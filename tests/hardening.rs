@@ -67,6 +67,7 @@ async fn tick_slots(cluster: &Cluster) -> (i64, i64, i64) {
 
 #[tokio::test]
 async fn a_per_second_job_fires_every_slot_once_while_big_files_are_imported() {
+    crate::needs_servers!("a_per_second_job_fires_every_slot_once_while_big_files_are_imported");
     let cluster = Cluster::new(FAST).await;
     cluster.import(&big_file(49_999, "n"));
     let scheduler = cluster.scheduler();
@@ -108,6 +109,7 @@ async fn a_per_second_job_fires_every_slot_once_while_big_files_are_imported() {
 
 #[tokio::test]
 async fn an_import_keeps_a_missed_run_waiting_for_its_catch_up() {
+    crate::needs_servers!("an_import_keeps_a_missed_run_waiting_for_its_catch_up");
     let cluster = Cluster::new(FAST).await;
     let nightly = "jobs:\n- id: nightly\n  job: hello_world\n  schedule: '0 3 * * *'\n";
     cluster.import(nightly);
@@ -152,6 +154,7 @@ async fn an_import_keeps_a_missed_run_waiting_for_its_catch_up() {
 
 #[tokio::test]
 async fn bare_messages_become_runs_and_a_redelivered_one_runs_once() {
+    crate::needs_servers!("bare_messages_become_runs_and_a_redelivered_one_runs_once");
     let cluster = Cluster::new(FAST).await;
     let _scheduler = cluster.scheduler();
     let _worker = cluster.worker("w1", 2);
@@ -203,6 +206,7 @@ fn interruptible_job(cluster: &Cluster) -> (std::path::PathBuf, std::path::PathB
 
 #[tokio::test]
 async fn a_worker_stopped_past_its_grace_period_leaves_nothing_running() {
+    crate::needs_servers!("a_worker_stopped_past_its_grace_period_leaves_nothing_running");
     let cluster = Cluster::new(
         "worker:\n  grace_period: 1\n  retry_backoff: 0.1\nscheduler:\n  sweep_every: 0.5\n",
     )
@@ -248,6 +252,7 @@ async fn a_worker_stopped_past_its_grace_period_leaves_nothing_running() {
 
 #[tokio::test]
 async fn a_second_signal_exits_at_once_and_leaves_nothing_running() {
+    crate::needs_servers!("a_second_signal_exits_at_once_and_leaves_nothing_running");
     let cluster = Cluster::new("worker:\n  grace_period: 60\n").await;
     let (pidfile, _) = interruptible_job(&cluster);
     let mut worker = cluster.worker("w1", 1);
@@ -271,6 +276,7 @@ async fn a_second_signal_exits_at_once_and_leaves_nothing_running() {
 
 #[tokio::test]
 async fn a_timed_out_attempt_has_ended_before_its_retry_starts() {
+    crate::needs_servers!("a_timed_out_attempt_has_ended_before_its_retry_starts");
     let cluster = Cluster::new(FAST).await;
     let pidfile = cluster.ws.path().join("attempt.pid");
     let overlaps = cluster.ws.path().join("overlaps");
@@ -307,6 +313,7 @@ async fn a_timed_out_attempt_has_ended_before_its_retry_starts() {
 
 #[tokio::test]
 async fn a_worker_whose_slots_all_hang_stops_and_queues_its_runs_again() {
+    crate::needs_servers!("a_worker_whose_slots_all_hang_stops_and_queues_its_runs_again");
     let cluster = Cluster::new(FAST).await;
     cluster.import(
         "jobs:\n- id: hang\n  job: test_sleep\n  timeout: 1\n  retries: 3\n  arguments: {seconds: 600}\n",
@@ -331,6 +338,7 @@ async fn a_worker_whose_slots_all_hang_stops_and_queues_its_runs_again() {
 
 #[tokio::test]
 async fn sigterm_is_seen_while_every_slot_is_busy() {
+    crate::needs_servers!("sigterm_is_seen_while_every_slot_is_busy");
     let cluster = Cluster::new("worker:\n  grace_period: 1\n").await;
     cluster.import("jobs:\n- id: busy\n  job: command\n  arguments: {command: [sleep, '60']}\n");
     let mut worker = cluster.worker("w1", 1);
@@ -357,6 +365,7 @@ async fn sigterm_is_seen_while_every_slot_is_busy() {
 
 #[tokio::test]
 async fn claims_and_inserts_retried_after_a_lost_reply_change_nothing() {
+    crate::needs_servers!("claims_and_inserts_retried_after_a_lost_reply_change_nothing");
     let cluster = Cluster::new("").await;
     let store = Store::from_pool(cluster.pool.clone()).await.unwrap();
     let run = |id: Option<Uuid>| crate::util::new_run(id, None);
@@ -434,6 +443,9 @@ async fn claims_and_inserts_retried_after_a_lost_reply_change_nothing() {
 
 #[tokio::test]
 async fn orphans_are_fenced_by_claim_late_results_are_reported_and_crash_loops_end_dead() {
+    crate::needs_servers!(
+        "orphans_are_fenced_by_claim_late_results_are_reported_and_crash_loops_end_dead"
+    );
     let cluster = Cluster::new("").await;
     let store = Store::from_pool(cluster.pool.clone()).await.unwrap();
     let id = Uuid::new_v4();
@@ -486,6 +498,7 @@ async fn orphans_are_fenced_by_claim_late_results_are_reported_and_crash_loops_e
 
 #[tokio::test]
 async fn schedulers_with_skewed_clocks_fire_each_slot_once_and_on_time() {
+    crate::needs_servers!("schedulers_with_skewed_clocks_fire_each_slot_once_and_on_time");
     // Debian puts it under the machine's multiarch folder.
     let lib = std::fs::read_dir("/usr/lib")
         .into_iter()
@@ -541,6 +554,7 @@ async fn schedulers_with_skewed_clocks_fire_each_slot_once_and_on_time() {
 
 #[tokio::test]
 async fn runs_that_can_never_be_published_are_recorded_dead_and_the_rest_go_out() {
+    crate::needs_servers!("runs_that_can_never_be_published_are_recorded_dead_and_the_rest_go_out");
     let cluster = Cluster::with_rabbitmq("  max_message_size: 4096\n", FAST).await;
     // A queue that exists with other arguments than ours: declaring it is refused.
     let other = format!("{}_other", cluster.queue);
@@ -616,6 +630,7 @@ async fn runs_that_can_never_be_published_are_recorded_dead_and_the_rest_go_out(
 
 #[tokio::test]
 async fn a_worker_id_the_history_cannot_hold_is_refused_at_start() {
+    crate::needs_servers!("a_worker_id_the_history_cannot_hold_is_refused_at_start");
     let cluster = Cluster::new("").await;
     let id = "w".repeat(201);
     let mut worker = cluster.spawn("worker", &["worker", "--id", &id]);
@@ -628,6 +643,7 @@ async fn a_worker_id_the_history_cannot_hold_is_refused_at_start() {
 
 #[tokio::test]
 async fn a_run_no_worker_can_claim_ends_dead_with_the_reason() {
+    crate::needs_servers!("a_run_no_worker_can_claim_ends_dead_with_the_reason");
     let cluster = Cluster::new(FAST).await;
     cluster
         .import("jobs:\n- id: unclaimable\n  job: hello_world\n- id: fine\n  job: hello_world\n");
@@ -660,6 +676,7 @@ async fn a_run_no_worker_can_claim_ends_dead_with_the_reason() {
 
 #[tokio::test]
 async fn a_run_whose_message_was_lost_is_published_again() {
+    crate::needs_servers!("a_run_whose_message_was_lost_is_published_again");
     let cluster = Cluster::new(
         "scheduler:\n  sweep_every: 0.2\n  republish_after: 1\nworker:\n  grace_period: 5\n",
     )
@@ -681,6 +698,7 @@ async fn a_run_whose_message_was_lost_is_published_again() {
 
 #[tokio::test]
 async fn a_result_that_cannot_be_recorded_is_not_acknowledged() {
+    crate::needs_servers!("a_result_that_cannot_be_recorded_is_not_acknowledged");
     let cluster = Cluster::new(FAST).await;
     cluster.import("jobs:\n- id: unrecordable\n  job: hello_world\n");
     sqlx::raw_sql(
@@ -715,6 +733,7 @@ async fn a_result_that_cannot_be_recorded_is_not_acknowledged() {
 
 #[tokio::test]
 async fn a_worker_that_lost_its_lease_claims_nothing_until_it_holds_it_again() {
+    crate::needs_servers!("a_worker_that_lost_its_lease_claims_nothing_until_it_holds_it_again");
     let cluster = Cluster::new(FAST).await;
     cluster.import("jobs:\n- id: fenced\n  job: hello_world\n");
     let worker = cluster.worker("w1", 1);

@@ -183,6 +183,7 @@ fn run_ids(body: &Value) -> Vec<String> {
 
 #[tokio::test]
 async fn a_signed_nautobot_webhook_creates_one_run_and_publishes_it() {
+    crate::needs_servers!("a_signed_nautobot_webhook_creates_one_run_and_publishes_it");
     let web = Web::new(NAUTOBOT_HOOK).await;
     let payload = nautobot_payload("sw-fra-01", "updated");
     let body = serde_json::to_vec(&payload).unwrap();
@@ -234,6 +235,7 @@ async fn a_signed_nautobot_webhook_creates_one_run_and_publishes_it() {
 
 #[tokio::test]
 async fn every_refusal_answers_its_code_and_creates_nothing() {
+    crate::needs_servers!("every_refusal_answers_its_code_and_creates_nothing");
     let web = Web::new(
         "  hooks:
     nautobot:
@@ -468,6 +470,7 @@ async fn every_refusal_answers_its_code_and_creates_nothing() {
 
 #[tokio::test]
 async fn allowed_networks_see_the_client_behind_a_trusted_proxy() {
+    crate::needs_servers!("allowed_networks_see_the_client_behind_a_trusted_proxy");
     let web = Web::new(
         "  trusted_proxies: [127.0.0.1]
   hooks:
@@ -512,6 +515,9 @@ async fn allowed_networks_see_the_client_behind_a_trusted_proxy() {
 
 #[tokio::test]
 async fn netbox_github_generic_and_rotated_secrets_are_verified_as_their_senders_sign() {
+    crate::needs_servers!(
+        "netbox_github_generic_and_rotated_secrets_are_verified_as_their_senders_sign"
+    );
     let web = Web::new(
         "  hooks:
     netbox:
@@ -613,6 +619,7 @@ async fn netbox_github_generic_and_rotated_secrets_are_verified_as_their_senders
 
 #[tokio::test]
 async fn filters_take_only_matching_webhooks_and_for_each_fans_out() {
+    crate::needs_servers!("filters_take_only_matching_webhooks_and_for_each_fans_out");
     let web = Web::new(
         "  hooks:
     devices:
@@ -710,6 +717,7 @@ async fn filters_take_only_matching_webhooks_and_for_each_fans_out() {
 
 #[tokio::test]
 async fn a_repeated_delivery_gets_the_first_runs_and_creates_nothing() {
+    crate::needs_servers!("a_repeated_delivery_gets_the_first_runs_and_creates_nothing");
     let web = Web::new(
         "  hooks:
     github:
@@ -786,6 +794,9 @@ async fn a_repeated_delivery_gets_the_first_runs_and_creates_nothing() {
 
 #[tokio::test]
 async fn a_burst_within_the_debounce_window_becomes_one_run_started_when_it_ends() {
+    crate::needs_servers!(
+        "a_burst_within_the_debounce_window_becomes_one_run_started_when_it_ends"
+    );
     let web = Web::new(
         "  hooks:
     nautobot:
@@ -868,6 +879,7 @@ async fn a_burst_within_the_debounce_window_becomes_one_run_started_when_it_ends
 
 #[tokio::test]
 async fn a_dry_run_answers_what_would_be_created_and_creates_nothing() {
+    crate::needs_servers!("a_dry_run_answers_what_would_be_created_and_creates_nothing");
     let web = Web::new(NAUTOBOT_HOOK).await;
     let body = serde_json::to_vec(&nautobot_payload("sw-fra-01", "updated")).unwrap();
     let (status, _, answer) = web
@@ -890,6 +902,7 @@ async fn a_dry_run_answers_what_would_be_created_and_creates_nothing() {
 
 #[tokio::test]
 async fn the_api_lists_jobs_starts_runs_and_shows_them_behind_its_token() {
+    crate::needs_servers!("the_api_lists_jobs_starts_runs_and_shows_them_behind_its_token");
     let web = Web::new(NAUTOBOT_HOOK).await;
     for (token, what) in [(None, "no token"), (Some("wrong"), "a wrong token")] {
         let mut request = Request::get("/api/jobs");
@@ -996,6 +1009,7 @@ async fn the_api_lists_jobs_starts_runs_and_shows_them_behind_its_token() {
 
 #[tokio::test]
 async fn health_and_metrics_tell_what_works_and_what_ran() {
+    crate::needs_servers!("health_and_metrics_tell_what_works_and_what_ran");
     let web = Web::new(NAUTOBOT_HOOK).await;
     let (status, _, health) = web
         .send(Request::get("/healthz").body(Body::empty()).unwrap())
@@ -1071,6 +1085,7 @@ async fn health_and_metrics_tell_what_works_and_what_ran() {
 
 #[tokio::test]
 async fn with_rabbitmq_down_health_says_so_and_webhooks_create_nothing() {
+    crate::needs_servers!("with_rabbitmq_down_health_says_so_and_webhooks_create_nothing");
     // Nothing listens on port 1: the broker is "down" for this listener only.
     let web = Web::with_rabbitmq("", NAUTOBOT_HOOK).await;
     let mut config = std::fs::read_to_string(&web.cluster.config).unwrap();
@@ -1194,6 +1209,9 @@ fn signed(payload: &Value) -> (Vec<u8>, Vec<(&'static str, String)>) {
 
 #[tokio::test]
 async fn a_webhook_for_a_device_is_run_by_a_real_worker_with_the_device_in_its_arguments() {
+    crate::needs_servers!(
+        "a_webhook_for_a_device_is_run_by_a_real_worker_with_the_device_in_its_arguments"
+    );
     let cluster = Cluster::new(&format!("listener:\n{NAUTOBOT_HOOK}")).await;
     cluster.import(JOBS);
     let _worker = cluster.worker("w1", 2);
@@ -1245,6 +1263,7 @@ async fn a_webhook_for_a_device_is_run_by_a_real_worker_with_the_device_in_its_a
 
 #[tokio::test]
 async fn sighup_reloads_the_hooks_and_a_bad_file_keeps_the_old_ones() {
+    crate::needs_servers!("sighup_reloads_the_hooks_and_a_bad_file_keeps_the_old_ones");
     let cluster = Cluster::new(&format!("listener:\n{NAUTOBOT_HOOK}")).await;
     cluster.import(JOBS);
     let (listener, port) = spawn_listener(&cluster);
@@ -1279,6 +1298,7 @@ async fn sighup_reloads_the_hooks_and_a_bad_file_keeps_the_old_ones() {
 
 #[tokio::test]
 async fn sigterm_lets_requests_in_flight_finish_and_exits_zero() {
+    crate::needs_servers!("sigterm_lets_requests_in_flight_finish_and_exits_zero");
     let cluster = Cluster::new(&format!("listener:\n{NAUTOBOT_HOOK}")).await;
     cluster.import(JOBS);
     let (mut listener, port) = spawn_listener(&cluster);
@@ -1307,6 +1327,7 @@ async fn sigterm_lets_requests_in_flight_finish_and_exits_zero() {
 
 #[tokio::test]
 async fn a_request_after_its_windows_run_went_out_opens_a_new_window() {
+    crate::needs_servers!("a_request_after_its_windows_run_went_out_opens_a_new_window");
     let web = Web::new(
         "  hooks:
     nautobot:
@@ -1356,6 +1377,7 @@ async fn a_request_after_its_windows_run_went_out_opens_a_new_window() {
 
 #[tokio::test]
 async fn templates_cannot_copy_credentials_into_arguments() {
+    crate::needs_servers!("templates_cannot_copy_credentials_into_arguments");
     let web = Web::new(
         "  hooks:
     tokened:

@@ -49,6 +49,7 @@ async fn ended(cluster: &Cluster, id: &str) -> (String, Option<String>, Option<V
 
 #[tokio::test]
 async fn the_originals_python_plugins_run_through_a_real_worker() {
+    crate::needs_servers!("the_originals_python_plugins_run_through_a_real_worker");
     let cluster =
         Cluster::with_config("", &python_plugins(), "worker:\n  retry_backoff: 0.1\n").await;
     // What the original's worker exported to veritas plugins: a .env beside the config.
@@ -177,6 +178,7 @@ fn exec_edge(cluster: &Cluster, function: &str) -> (Value, String) {
 
 #[tokio::test]
 async fn python_plugins_that_misbehave_by_accident_are_handled() {
+    crate::needs_servers!("python_plugins_that_misbehave_by_accident_are_handled");
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/plugins/testing/python");
     let mut plugins = String::from("plugins:\n");
     for function in [
@@ -228,6 +230,7 @@ async fn python_plugins_that_misbehave_by_accident_are_handled() {
 
 #[tokio::test]
 async fn worker_exec_runs_a_python_plugin_by_hand() {
+    crate::needs_servers!("worker_exec_runs_a_python_plugin_by_hand");
     let cluster = Cluster::with_config("", &python_plugins(), "").await;
     let out = cluster.run_ok(&[
         "worker",
@@ -268,6 +271,7 @@ async fn worker_exec_runs_a_python_plugin_by_hand() {
 
 #[tokio::test]
 async fn a_cancelled_python_job_has_its_process_stopped() {
+    crate::needs_servers!("a_cancelled_python_job_has_its_process_stopped");
     let cluster = Cluster::with_config("", &python_plugins(), "").await;
     cluster.import("jobs:\n- id: hang\n  job: hang\n");
     let _worker = cluster.worker("w1", 1);

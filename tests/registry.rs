@@ -33,6 +33,7 @@ fn show_jobs_json(ws: &Workspace, db: &TestDb) -> Value {
 
 #[tokio::test]
 async fn import_the_seed_file_and_show_it() {
+    crate::needs_postgres!("import_the_seed_file_and_show_it");
     let db = TestDb::new().await;
     let ws = Workspace::new();
     let file = ws.write("jobs.yaml", SEED_JOBS);
@@ -86,6 +87,7 @@ async fn import_the_seed_file_and_show_it() {
 
 #[tokio::test]
 async fn every_kind_of_bad_file_changes_nothing() {
+    crate::needs_postgres!("every_kind_of_bad_file_changes_nothing");
     let db = TestDb::new().await;
     let ws = Workspace::new();
     let good = ws.write("good.yaml", SEED_JOBS);
@@ -180,6 +182,7 @@ async fn every_kind_of_bad_file_changes_nothing() {
 
 #[tokio::test]
 async fn reimport_replaces_jobs_keeps_names_and_run_history() {
+    crate::needs_postgres!("reimport_replaces_jobs_keeps_names_and_run_history");
     let db = TestDb::new().await;
     let ws = Workspace::new();
     let first = ws.write("first.yaml", SEED_JOBS);
@@ -257,6 +260,7 @@ async fn reimport_replaces_jobs_keeps_names_and_run_history() {
 
 #[tokio::test]
 async fn adopts_a_database_made_by_the_original() {
+    crate::needs_postgres!("adopts_a_database_made_by_the_original");
     let db = TestDb::new().await;
     let pool = db.pool().await;
     // The original's DDL, as its documentation gives it, with rows.
@@ -301,6 +305,7 @@ async fn adopts_a_database_made_by_the_original() {
 
 #[tokio::test]
 async fn history_that_holds_a_slot_twice_is_migrated_without_losing_a_row() {
+    crate::needs_postgres!("history_that_holds_a_slot_twice_is_migrated_without_losing_a_row");
     let db = TestDb::new().await;
     let pool = db.pool().await;
     // The schema before run identity by job name, with a slot that ran twice (under two
@@ -343,6 +348,7 @@ async fn history_that_holds_a_slot_twice_is_migrated_without_losing_a_row() {
 
 #[tokio::test]
 async fn the_database_is_created_on_first_use() {
+    crate::needs_postgres!("the_database_is_created_on_first_use");
     let db = TestDb::new().await;
     let ws = Workspace::new();
     // A database name that does not exist yet on the same server.
@@ -371,6 +377,7 @@ async fn the_database_is_created_on_first_use() {
 
 #[tokio::test]
 async fn old_finished_runs_are_pruned_and_others_kept() {
+    crate::needs_postgres!("old_finished_runs_are_pruned_and_others_kept");
     let db = TestDb::new().await;
     let pool = db.pool().await;
     let store = jobschleuder::store::Store::from_pool(pool.clone())

@@ -264,6 +264,7 @@ on_every_backend! {
 
 #[tokio::test]
 async fn broker_and_database_outages_during_a_burst_lose_and_double_nothing() {
+    crate::needs_servers!("broker_and_database_outages_during_a_burst_lose_and_double_nothing");
     let cluster = Cluster::new(FAST).await;
     let out = cluster.ws.path().join("executions.txt");
     cluster.import("jobs:\n- id: burst\n  job: command\n");
@@ -572,6 +573,7 @@ on_every_backend! {
 
 #[tokio::test]
 async fn a_run_left_running_by_a_vanished_worker_is_queued_again() {
+    crate::needs_servers!("a_run_left_running_by_a_vanished_worker_is_queued_again");
     let cluster = Cluster::new(FAST).await;
     cluster.import("jobs:\n- id: hello\n  job: hello_world\n");
     // A worker (lease token 4242, long gone) claimed this run, and its message was settled.

@@ -119,3 +119,31 @@ macro_rules! on_every_backend {
         }
     };
 }
+
+/// Returns from the test (after a notice) when Postgres does not answer here, unless
+/// `JOBSCHLEUDER_TEST_REQUIRE_SERVERS=1`.
+#[macro_export]
+macro_rules! needs_postgres {
+    ($test:expr) => {
+        if $crate::util::backend::Backend::PostgresTable
+            .unavailable($test)
+            .is_some()
+        {
+            return;
+        }
+    };
+}
+
+/// Returns from the test (after a notice) when Postgres or RabbitMQ does not answer here,
+/// unless `JOBSCHLEUDER_TEST_REQUIRE_SERVERS=1`.
+#[macro_export]
+macro_rules! needs_servers {
+    ($test:expr) => {
+        if $crate::util::backend::Backend::PostgresRabbitmq
+            .unavailable($test)
+            .is_some()
+        {
+            return;
+        }
+    };
+}

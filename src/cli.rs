@@ -237,6 +237,12 @@ pub struct RunsArgs {
     #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["job", "status", "trigger", "show"])]
     pub cancel: Option<String>,
 
+    /// The table queue's dead letters, newest first: messages no worker could use
+    /// (unparsable, an unknown run, handed out too often). RabbitMQ keeps its own in
+    /// `<queue>.dead`.
+    #[arg(long, conflicts_with_all = ["job", "status", "trigger", "show", "cancel"])]
+    pub dead_letters: bool,
+
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -423,6 +423,20 @@ on_every_backend! {
             })
             .await;
         assert_eq!(cluster.dead_letters().await, 3, "{}", cluster.logs());
+        if !backend.rabbitmq() {
+            // `runs --dead-letters` shows the table queue's, with why each went there.
+            let listed: serde_json::Value =
+                serde_json::from_str(&cluster.run_ok(&["runs", "--dead-letters", "--json"])).unwrap();
+            let reasons: Vec<&str> = listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|l| l["reason"].as_str())
+                .collect();
+            assert_eq!(reasons, ["rejected by its worker"; 3], "{listed}");
+            let table = cluster.run_ok(&["runs", "--dead-letters"]);
+            assert!(table.contains("no_such_job") && table.contains("Dead letters"), "{table}");
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod calendar;
 mod cli;
 mod control;
 mod docs;
+mod embedded;
 mod hardening;
 mod listener;
 mod plugins;

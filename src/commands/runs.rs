@@ -48,8 +48,51 @@ pub async fn run(config: &Config, args: &RunsArgs) -> Result<()> {
         })?),
         None => None,
     };
+    if args.dead_letters && config.queue.kind != crate::config::QueueKind::Table {
+        return Err(Error::Usage(format!(
+            "--dead-letters lists the table queue's dead letters; this config uses RabbitMQ, which keeps them in the queue {:?} (see them in its management UI, or with `rabbitmqadmin get queue={}.dead`)",
+            format!("{}.dead", config.rabbitmq.queue),
+            config.rabbitmq.queue
+        )));
+    }
     let store = Store::connect(&config.database).await?;
     let mut stdout = std::io::stdout().lock();
+    if args.dead_letters {
+        let letters = store.queue_dead_letters(args.limit).await?;
+        if args.json {
+            writeln!(stdout, "{}", output::json(&letters))?;
+            return Ok(());
+        }
+        let mut table = TitledTable::new(
+            "Dead letters",
+            &[
+                "id",
+                "queue",
+                "job",
+                "run",
+                "deliveries",
+                "reason",
+                "dead at",
+            ],
+        );
+        for letter in &letters {
+            let message = crate::queue::JobMessage::parse(&letter.body).ok();
+            table.row(vec![
+                letter.id.to_string(),
+                letter.queue.clone(),
+                crate::queue::table::describe_body(&letter.body),
+                message
+                    .and_then(|m| m.run_id)
+                    .map(|id| id.to_string())
+                    .unwrap_or_default(),
+                letter.deliveries.to_string(),
+                cell(Some(letter.reason.as_str())),
+                letter.dead_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            ]);
+        }
+        writeln!(stdout, "{table}")?;
+        return Ok(());
+    }
     if let Some(id) = cancel {
         let done = store.cancel_run(id).await?.ok_or_else(|| {
             Error::Usage(format!("--cancel: no run {id} (it may have been pruned)"))

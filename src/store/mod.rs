@@ -537,7 +537,7 @@ pub(crate) const IMPORT_CHUNK: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot connect to the database at {target}: {source}")]
+    #[error("cannot connect to the database at {target}: {source}{hint}", hint = hint(.source))]
     Connect { target: String, source: sqlx::Error },
     #[error("database {database:?} does not exist at {target} and could not be created: {source} (create it with `createdb {database}` or set database.database)")]
     Create {
@@ -550,11 +550,23 @@ pub enum StoreError {
         target: String,
         source: sqlx::migrate::MigrateError,
     },
-    #[error("database error while {context}: {source}")]
+    #[error("database error while {context}: {source}{hint}", hint = hint(.source))]
     Query {
         context: &'static str,
         source: sqlx::Error,
     },
+}
+
+/// What to do about a SQLite file that cannot be written, said after the error.
+fn hint(error: &sqlx::Error) -> &'static str {
+    match sqlite::primary_code(error) {
+        Some(5 | 6) => " (the database file is locked: another program held its write lock for longer than 10 seconds; find it with `fuser <file>`, and let it finish or stop it. Nothing was written by this step, and running parts try again)",
+        Some(8) => " (the database file is read-only: give the user running jobschleuder write access to the file and its folder, and make sure the file system is mounted read-write. Nothing was written by this step)",
+        Some(10) => " (a disk I/O error: the disk holding the database file may be full or failing; check its free space with `df`. Nothing was written by this step, and what was committed before is intact)",
+        Some(13) => " (the disk holding the database file is full: free space on it. Nothing was written by this step, and what was committed before is intact)",
+        Some(14) => " (the database file cannot be opened: check that its folder exists, that this user may read and write there, and that its file system is mounted read-write)",
+        _ => "",
+    }
 }
 
 impl StoreError {
@@ -573,7 +585,8 @@ impl StoreError {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => true,
-            sqlx::Error::Database(_) if sqlite::is_busy(source) => true,
+            // A locked, read-only or full SQLite file: the statement works once that passes.
+            sqlx::Error::Database(_) if sqlite::is_passing(source) => true,
             sqlx::Error::Database(db) => db.code().is_some_and(|code| {
                 // 08: connection exception; 57P0x: server shutting down or sessions terminated;
                 // 53: insufficient resources; 40001/40P01: serialization failure, deadlock.

@@ -91,10 +91,23 @@ pub struct SqliteStore {
     lease: Duration,
 }
 
-/// Whether `error` is SQLite saying the file is locked by another writer.
-pub(super) fn is_busy(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db)
-        if db.code().is_some_and(|c| c == "5" || c == "6" || c == "517" || c == "261" || c == "262"))
+/// SQLite's primary result code of `error` (the low byte of its extended code), if it is a
+/// SQLite error.
+pub(super) fn primary_code(error: &sqlx::Error) -> Option<u32> {
+    let sqlx::Error::Database(db) = error else {
+        return None;
+    };
+    db.try_downcast_ref::<sqlx::sqlite::SqliteError>()?;
+    db.code()
+        .and_then(|c| c.parse::<u32>().ok())
+        .map(|c| c & 0xff)
+}
+
+/// Whether `error` is a condition of the file that passes or that an operator fixes, after
+/// which the same statement succeeds: locked by another writer (5, 6), read-only (8), an I/O
+/// error such as a full disk while growing a file (10), a full disk (13).
+pub(super) fn is_passing(error: &sqlx::Error) -> bool {
+    matches!(primary_code(error), Some(5 | 6 | 8 | 10 | 13))
 }
 
 impl SqliteStore {

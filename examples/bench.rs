@@ -21,6 +21,10 @@
 //! - `import` / `init`: `registry --import` of 100,000 jobs, then `scheduler --init`: wall time
 //!   and peak RSS of the process.
 //! - `idle`: a scheduler and a worker with nothing to do: RSS and CPU over 5 seconds.
+//! - `embedded`: the embedded backends: the throughput path on SQLite with the table queue and
+//!   on Postgres with the table queue; firing lag (scheduled → started, idle workers) of
+//!   scheduler and worker in one process on SQLite, 20 entries every second for 10 seconds;
+//!   `standalone` with nothing to do: RSS and CPU over 5 seconds.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -45,7 +49,7 @@ use sqlx::{Connection as _, Executor, PgConnection};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "throughput",
     "burst",
     "lag",
@@ -53,6 +57,7 @@ const SCENARIOS: [&str; 7] = [
     "import",
     "init",
     "idle",
+    "embedded",
 ];
 /// Runs of the throughput scenario (both loops).
 const THROUGHPUT_RUNS: usize = 30_000;
@@ -95,6 +100,7 @@ async fn main() -> Result<(), Error> {
             "import" => import_and_init(&bench, &scratch, &mut report, false).await,
             "init" => import_and_init(&bench, &scratch, &mut report, true).await,
             "idle" => idle(&bench, &scratch, &mut report).await,
+            "embedded" => embedded(&bench, &mut report).await,
             _ => unreachable!(),
         };
         scratch.remove(&bench).await;
@@ -179,6 +185,8 @@ struct Scratch {
     config_path: PathBuf,
     dir: PathBuf,
     store: Store,
+    /// The SQLite file's pool, for the figures' queries, when the store is SQLite.
+    sqlite: Option<sqlx::SqlitePool>,
 }
 
 impl Scratch {
@@ -206,15 +214,60 @@ impl Scratch {
             config_path,
             dir,
             store,
+            sqlite: None,
+        })
+    }
+
+    /// A scratch store with the table queue: in a SQLite file (`sqlite`), or in a Postgres
+    /// database of its own.
+    async fn embedded(bench: &Bench, scenario: &str, sqlite: bool) -> Result<Scratch, Error> {
+        let name = format!("js_bench_{}_{scenario}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir)?;
+        let database = if sqlite {
+            format!(
+                "database:\n  path: {}\nqueue:\n  type: sqlite\n  name: {name}\n",
+                dir.join("bench.db").display()
+            )
+        } else {
+            let mut db_url = url::Url::parse(&bench.admin)?;
+            db_url.set_path(&format!("/{name}"));
+            format!("database:\n  url: {db_url}\n  max_connections: 8\nqueue:\n  type: postgres\n  name: {name}\n")
+        };
+        let text = format!(
+            "{database}plugins:\n  hello_world:\n    plugin_dir: {}\n    plugin: hello_world\n\
+             runs:\n  retention_days: 0\nlistener:\n  bind: 127.0.0.1:0\n",
+            bench.target.display()
+        );
+        let config_path = dir.join("config.yaml");
+        std::fs::write(&config_path, &text)?;
+        let config = Config::from_str_with_env(&config_path, &text, &|_| None)?;
+        let store = Store::connect(&config.database).await?;
+        let pool = if sqlite {
+            Some(
+                sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.join("bench.db").display()))
+                    .await?,
+            )
+        } else {
+            None
+        };
+        Ok(Scratch {
+            name,
+            config,
+            config_path,
+            dir,
+            store,
+            sqlite: pool,
         })
     }
 
     async fn remove(self, bench: &Bench) {
-        self.store
-            .pg_pool()
-            .expect("a Postgres store")
-            .close()
-            .await;
+        if let Some(pool) = self.store.pg_pool() {
+            pool.close().await;
+        }
+        if let Some(pool) = &self.sqlite {
+            pool.close().await;
+        }
         if let Ok(connection) =
             Connection::connect(&bench.amqp, ConnectionProperties::default()).await
         {
@@ -292,6 +345,9 @@ impl Scratch {
     }
 
     async fn count(&self, query: &str) -> Result<i64, Error> {
+        if let Some(pool) = &self.sqlite {
+            return Ok(sqlx::query_scalar(query).fetch_one(pool).await?);
+        }
         Ok(sqlx::query_scalar(query)
             .fetch_one(self.store.pg_pool().expect("a Postgres store"))
             .await?)
@@ -347,7 +403,16 @@ async fn throughput(bench: &Bench, scratch: &Scratch, report: &mut Report) -> Re
     let runs = THROUGHPUT_RUNS;
     let raw = raw_broker_loop(bench, &format!("{}.raw", scratch.name), runs).await?;
     report.add("throughput_raw_broker", raw, "msgs/s");
+    let (published, ours) = full_path(scratch, runs).await?;
+    report.add("throughput_published_runs", published, "runs/s");
+    report.add("throughput_recorded_runs", ours, "runs/s");
+    report.add("throughput_ratio", ours / raw, "ours/raw");
+    Ok(())
+}
 
+/// The full path for `runs` runs: rows inserted, published, consumed by the worker calling
+/// `hello_world`, recorded, acknowledged. (Publish rate, recorded rate) in runs per second.
+async fn full_path(scratch: &Scratch, runs: usize) -> Result<(f64, f64), Error> {
     let started = Instant::now();
     let (stop, tasks) = {
         let (stop, shutdown) = Shutdown::manual();
@@ -383,18 +448,95 @@ async fn throughput(bench: &Bench, scratch: &Scratch, report: &mut Report) -> Re
         )
         .await?;
     let ours = runs as f64 / started.elapsed().as_secs_f64();
-    report.add(
-        "throughput_published_runs",
-        runs as f64 / published.as_secs_f64(),
-        "runs/s",
-    );
     stop.stop();
     for task in tasks {
         let _ = task.await;
     }
     publisher.close().await;
-    report.add("throughput_recorded_runs", ours, "runs/s");
-    report.add("throughput_ratio", ours / raw, "ours/raw");
+    Ok((runs as f64 / published.as_secs_f64(), ours))
+}
+
+// ---- the embedded backends ----
+
+async fn embedded(bench: &Bench, report: &mut Report) -> Result<(), Error> {
+    for (sqlite, name) in [(true, "sqlite"), (false, "postgres_table")] {
+        let scratch = Scratch::embedded(bench, &format!("embedded_{name}"), sqlite).await?;
+        let measured = full_path(&scratch, THROUGHPUT_RUNS).await;
+        scratch.remove(bench).await;
+        let (published, recorded) = measured?;
+        report.add(
+            &format!("embedded_{name}_published_runs"),
+            published,
+            "runs/s",
+        );
+        report.add(
+            &format!("embedded_{name}_recorded_runs"),
+            recorded,
+            "runs/s",
+        );
+    }
+
+    // Firing lag in one process on SQLite: 20 entries every second for 10 seconds, 8 slots.
+    let scratch = Scratch::embedded(bench, "embedded_lag", true).await?;
+    let measured = async {
+        scratch.import(20, "hello_world", "* * * * * *").await?;
+        let running = scratch.start(8);
+        let first = slot_ahead(&scratch.store, 2).await?;
+        let last = first + chrono::TimeDelta::seconds(9);
+        scratch
+            .wait_count(
+                &format!(
+                    "SELECT count(*) FROM job_runs WHERE status = 'succeeded' AND scheduled_for >= '{}' AND scheduled_for <= '{}'",
+                    first.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false),
+                    last.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
+                ),
+                200,
+                Duration::from_secs(60),
+            )
+            .await?;
+        running.stop().await;
+        let mut lags: Vec<f64> = scratch
+            .store
+            .runs(None, Some("succeeded"), None, 100_000)
+            .await?
+            .iter()
+            .filter(|r| r.scheduled_for.is_some_and(|t| t >= first && t <= last))
+            .filter_map(|r| Some((r.started_at? - r.scheduled_for?).num_microseconds()? as f64 / 1000.0))
+            .collect();
+        lags.sort_by(f64::total_cmp);
+        let at = |q: f64| lags[((lags.len() as f64 - 1.0) * q).round() as usize];
+        Ok::<_, Error>((at(0.5), at(0.99)))
+    }
+    .await;
+    scratch.remove(bench).await;
+    let (p50, p99) = measured?;
+    report.add("standalone_scheduled_to_started_p50", p50, "ms");
+    report.add("standalone_scheduled_to_started_p99", p99, "ms");
+
+    // `standalone` with nothing to do.
+    let scratch = Scratch::embedded(bench, "embedded_idle", true).await?;
+    scratch.import(10, "hello_world", "0 0 1 1 *").await?;
+    let mut child = std::process::Command::new(bench.target.join("jobschleuder"))
+        .arg("--config")
+        .arg(&scratch.config_path)
+        .args(["--loglevel", "warn", "standalone", "--workers", "8"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = cpu_ticks(child.id());
+    let measured = Duration::from_secs(5);
+    tokio::time::sleep(measured).await;
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu =
+        (cpu_ticks(child.id()) - before) as f64 / ticks_per_second / measured.as_secs_f64() * 100.0;
+    let rss = rss_mib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    scratch.remove(bench).await;
+    report.add("idle_standalone_rss", rss, "MiB");
+    report.add("idle_standalone_cpu", cpu, "%");
     Ok(())
 }
 

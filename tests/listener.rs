@@ -1207,58 +1207,65 @@ fn signed(payload: &Value) -> (Vec<u8>, Vec<(&'static str, String)>) {
     (body, headers)
 }
 
-#[tokio::test]
-async fn a_webhook_for_a_device_is_run_by_a_real_worker_with_the_device_in_its_arguments() {
-    crate::needs_servers!(
-        "a_webhook_for_a_device_is_run_by_a_real_worker_with_the_device_in_its_arguments"
-    );
-    let cluster = Cluster::new(&format!("listener:\n{NAUTOBOT_HOOK}")).await;
-    cluster.import(JOBS);
-    let _worker = cluster.worker("w1", 2);
-    let (mut listener, port) = spawn_listener(&cluster);
-    let (body, headers) = signed(&nautobot_payload("sw-fra-01", "updated"));
-    let (status, answer) = tokio::task::spawn_blocking(move || {
-        http(port, "/hooks/nautobot?wait=30s", &headers, &body)
-    })
-    .await
-    .unwrap();
-    assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["status"], "succeeded", "{answer}");
-    assert_eq!(answer["result"]["args"]["device"], "sw-fra-01", "{answer}");
-    let ids = run_ids(&answer);
-    let rows: Vec<(String, String, Option<String>)> =
-        sqlx::query_as("SELECT trigger, status, arguments->>'device' FROM job_runs")
-            .fetch_all(&cluster.pool)
-            .await
-            .unwrap();
-    assert_eq!(
-        rows,
-        vec![(
-            "webhook".into(),
-            "succeeded".into(),
-            Some("sw-fra-01".into())
-        )]
-    );
-    assert_eq!(
-        cluster
-            .count(&format!(
-                "SELECT count(*) FROM job_runs WHERE id = '{}'",
-                ids[0]
-            ))
-            .await,
-        1
-    );
-    let log = listener.log_text();
-    assert!(
-        log.contains("hook=nautobot") && log.contains(&ids[0]),
-        "the request is logged:\n{log}"
-    );
-    assert!(!log.contains(SECRET), "the secret is not logged:\n{log}");
-    listener.signal("TERM");
-    let exit = listener
-        .wait_exit(Duration::from_secs(20))
-        .expect("the listener stops");
-    assert_eq!(exit.code(), Some(0), "{}", listener.log_text());
+crate::on_every_backend! {
+    async fn a_webhook_for_a_device_is_run_by_a_real_worker_with_the_device_in_its_arguments(
+        backend: Backend
+    ) {
+        let Some(cluster) = Cluster::on(
+            backend,
+            "a_webhook_for_a_device_is_run_by_a_real_worker_with_the_device_in_its_arguments",
+            &format!("listener:\n{NAUTOBOT_HOOK}"),
+        )
+        .await
+        else {
+            return;
+        };
+        cluster.import(JOBS);
+        let _worker = cluster.worker("w1", 2);
+        let (mut listener, port) = spawn_listener(&cluster);
+        let (body, headers) = signed(&nautobot_payload("sw-fra-01", "updated"));
+        let (status, answer) = tokio::task::spawn_blocking(move || {
+            http(port, "/hooks/nautobot?wait=30s", &headers, &body)
+        })
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["status"], "succeeded", "{answer}");
+        assert_eq!(answer["result"]["args"]["device"], "sw-fra-01", "{answer}");
+        let ids = run_ids(&answer);
+        let runs = cluster.runs().await;
+        let rows: Vec<(String, String, Option<String>, String)> = runs
+            .iter()
+            .map(|r| {
+                (
+                    r.trigger.clone(),
+                    r.status.clone(),
+                    r.arguments["device"].as_str().map(str::to_string),
+                    r.id.to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![(
+                "webhook".into(),
+                "succeeded".into(),
+                Some("sw-fra-01".into()),
+                ids[0].clone()
+            )]
+        );
+        let log = listener.log_text();
+        assert!(
+            log.contains("hook=nautobot") && log.contains(&ids[0]),
+            "the request is logged:\n{log}"
+        );
+        assert!(!log.contains(SECRET), "the secret is not logged:\n{log}");
+        listener.signal("TERM");
+        let exit = listener
+            .wait_exit(Duration::from_secs(20))
+            .expect("the listener stops");
+        assert_eq!(exit.code(), Some(0), "{}", listener.log_text());
+    }
 }
 
 #[tokio::test]

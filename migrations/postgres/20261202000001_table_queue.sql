@@ -14,7 +14,7 @@ CREATE TABLE IF NOT EXISTS public.queue_messages
     consumer text,
     created_at timestamp with time zone NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS queue_messages_ready_idx ON public.queue_messages (queue, visible_at);
+CREATE INDEX IF NOT EXISTS queue_messages_queue_idx ON public.queue_messages (queue, id);
 CREATE INDEX IF NOT EXISTS queue_messages_consumer_idx
     ON public.queue_messages (consumer) WHERE consumer IS NOT NULL;
 

@@ -127,7 +127,7 @@ CREATE TABLE IF NOT EXISTS queue_messages
     consumer text,
     created_at text NOT NULL
 );
-CREATE INDEX IF NOT EXISTS queue_messages_ready_idx ON queue_messages (queue, visible_at);
+CREATE INDEX IF NOT EXISTS queue_messages_queue_idx ON queue_messages (queue, id);
 CREATE INDEX IF NOT EXISTS queue_messages_consumer_idx
     ON queue_messages (consumer) WHERE consumer IS NOT NULL;
 

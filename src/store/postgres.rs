@@ -2148,31 +2148,13 @@ impl PgStore {
         delivery_limit: u32,
     ) -> Result<Vec<QueueMessage>, StoreError> {
         let mut tx = self.pool.begin().await.context("taking queued messages")?;
-        // Handed out as often as allowed and still not acknowledged: dead-lettered.
-        sqlx::query(
-            "WITH dead AS (
-                 DELETE FROM queue_messages
-                 WHERE id IN (SELECT id FROM queue_messages
-                              WHERE queue = $1 AND visible_at <= now() AND deliveries >= $2
-                              FOR UPDATE SKIP LOCKED)
-                 RETURNING *)
-             INSERT INTO queue_dead_letters (id, queue, body, message_id, deliveries, reason, created_at)
-             SELECT id, queue, body, message_id, deliveries,
-                    'handed out ' || deliveries || ' times without being acknowledged', created_at
-             FROM dead",
-        )
-        .bind(queue)
-        .bind(i32::try_from(delivery_limit.max(1)).unwrap_or(i32::MAX))
-        .execute(&mut *tx)
-        .await
-        .context("dead-lettering exhausted messages")?;
         let taken: Vec<QueueMessage> = sqlx::query_as(
             "UPDATE queue_messages m
              SET deliveries = m.deliveries + 1, consumer = $3,
                  visible_at = now() + $4 * interval '1 second'
              FROM (SELECT id FROM queue_messages
                    WHERE queue = $1 AND visible_at <= now()
-                   ORDER BY visible_at, id LIMIT $2
+                   ORDER BY id LIMIT $2
                    FOR UPDATE SKIP LOCKED) picked
              WHERE m.id = picked.id
              RETURNING m.id, m.body, m.message_id, m.deliveries",
@@ -2184,8 +2166,26 @@ impl PgStore {
         .fetch_all(&mut *tx)
         .await
         .context("taking queued messages")?;
+        // Handed out more often than allowed (workers died on it): dead-lettered instead.
+        let limit = i32::try_from(delivery_limit.max(1)).unwrap_or(i32::MAX);
+        let (mut taken, exhausted): (Vec<QueueMessage>, Vec<QueueMessage>) =
+            taken.into_iter().partition(|m| m.deliveries <= limit);
+        if !exhausted.is_empty() {
+            let ids: Vec<i64> = exhausted.iter().map(|m| m.id).collect();
+            sqlx::query(
+                "WITH dead AS (DELETE FROM queue_messages WHERE id = ANY($1) RETURNING *)
+                 INSERT INTO queue_dead_letters (id, queue, body, message_id, deliveries, reason, created_at)
+                 SELECT id, queue, body, message_id, deliveries,
+                        'handed out ' || (deliveries - 1) || ' times without being acknowledged', created_at
+                 FROM dead
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .context("dead-lettering exhausted messages")?;
+        }
         tx.commit().await.context("taking queued messages")?;
-        let mut taken = taken;
         taken.sort_by_key(|m| m.id);
         Ok(taken)
     }

@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -69,6 +69,46 @@ macro_rules! bind_all {
     };
 }
 
+/// This process's turn at one file's write lock. SQLite lets one writer in at a time; writers of
+/// one process queue here, woken the moment the lock is free, instead of sleeping in SQLite's
+/// busy handler (which backs off up to 100 ms between looks). Other processes still meet the
+/// busy handler.
+fn turns(path: &Path) -> Arc<tokio::sync::Mutex<()>> {
+    static TURNS: OnceLock<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+    let turns = TURNS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut turns = turns.lock().unwrap_or_else(|e| e.into_inner());
+    turns.entry(path.to_path_buf()).or_default().clone()
+}
+
+/// A write transaction (`BEGIN IMMEDIATE`), holding this process's turn at the write lock.
+pub(super) struct WriteTx {
+    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    _turn: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
+}
+
+impl WriteTx {
+    async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
 /// In-process notifications of one database file: what schedulers in this process wake on.
 fn local_channel(path: &Path) -> broadcast::Sender<String> {
     static CHANNELS: OnceLock<Mutex<HashMap<PathBuf, broadcast::Sender<String>>>> = OnceLock::new();
@@ -85,6 +125,8 @@ fn local_channel(path: &Path) -> broadcast::Sender<String> {
 pub struct SqliteStore {
     pool: SqlitePool,
     path: PathBuf,
+    /// This process's turn at the file's write lock (see [`turns`]).
+    turn: Arc<tokio::sync::Mutex<()>>,
     /// How often waiters look for other processes' writes.
     poll: Duration,
     /// How long a worker's lease lasts without a heartbeat (five heartbeats).
@@ -147,16 +189,33 @@ impl SqliteStore {
                 target: target.clone(),
                 source,
             })?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|source| StoreError::Migrate {
-                target: target.clone(),
-                source,
-            })?;
+        // SQLite's migrations take no lock: processes that open a new file at once (a
+        // standalone and a `runs` in another shell) race to record the same version, and the
+        // loser finds it recorded when it looks again.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match MIGRATOR.run(&pool).await {
+                Ok(()) => break,
+                Err(
+                    sqlx::migrate::MigrateError::Execute(e)
+                    | sqlx::migrate::MigrateError::ExecuteMigration(e, _),
+                ) if tries < 5 => {
+                    tracing::debug!(error = %e, "migrating raced another process; looking again");
+                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+                }
+                Err(source) => {
+                    return Err(StoreError::Migrate {
+                        target: target.clone(),
+                        source,
+                    })
+                }
+            }
+        }
         let path = std::path::absolute(&path).unwrap_or(path);
         Ok(SqliteStore {
             pool,
+            turn: turns(&path),
             path,
             poll: config.poll_interval,
             lease: config.worker_lease,
@@ -168,14 +227,14 @@ impl SqliteStore {
     }
 
     /// A write transaction that holds the file's write lock from its start.
-    async fn write(
-        &self,
-        context: &'static str,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
-        self.pool
+    async fn write(&self, context: &'static str) -> Result<WriteTx, StoreError> {
+        let turn = self.turn.clone().lock_owned().await;
+        let tx = self
+            .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
-            .context(context)
+            .context(context)?;
+        Ok(WriteTx { tx, _turn: turn })
     }
 
     fn tell(&self, what: &str) {
@@ -670,6 +729,7 @@ impl SqliteStore {
             gethostname::gethostname().to_string_lossy(),
             std::process::id()
         );
+        let turn = self.turn.lock().await;
         let inserted = sqlx::query(
             "INSERT INTO worker_leases (token, worker, expires_at) VALUES (?, ?, ?)
              ON CONFLICT (token) DO NOTHING",
@@ -680,6 +740,7 @@ impl SqliteStore {
         .execute(&self.pool)
         .await
         .context("taking the worker lease")?;
+        drop(turn);
         if inserted.rows_affected() == 0 {
             return Err(StoreError::Query {
                 context: "taking the worker lease",
@@ -688,10 +749,12 @@ impl SqliteStore {
         }
         let (set_held, held) = tokio::sync::watch::channel(true);
         let pool = self.pool.clone();
+        let turn = self.turn.clone();
         let task = tokio::spawn(async move {
             let mut held_now = true;
             loop {
                 tokio::time::sleep(heartbeat).await;
+                let _turn = turn.lock().await;
                 let now = Utc::now();
                 // Renews only a lease that has not run out: once it has, its runs may be in
                 // other hands, and it is taken anew (with no runs of its own).
@@ -1322,6 +1385,7 @@ impl SqliteStore {
     }
 
     pub async fn expire_webhook_keys(&self, chunk: u32) -> Result<u64, StoreError> {
+        let _turn = self.turn.lock().await;
         Ok(sqlx::query(
             "DELETE FROM webhook_keys WHERE rowid IN (
                 SELECT rowid FROM webhook_keys WHERE expires_at < ? LIMIT ?)",
@@ -1472,24 +1536,12 @@ impl SqliteStore {
         }
         let mut tx = self.write("taking queued messages").await?;
         let now = Utc::now();
-        let exhausted: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM queue_messages WHERE queue = ? AND visible_at <= ? AND deliveries >= ?",
-        )
-        .bind(queue)
-        .bind(now)
-        .bind(i64::from(delivery_limit.max(1)))
-        .fetch_all(&mut *tx)
-        .await
-        .context("dead-lettering exhausted messages")?;
-        for id in exhausted {
-            dead_letter_in(&mut tx, id, None, now).await?;
-        }
         let taken: Vec<QueueMessage> = sqlx::query_as(
             "UPDATE queue_messages
              SET deliveries = deliveries + 1, consumer = ?3, visible_at = ?4
              WHERE id IN (SELECT id FROM queue_messages
                           WHERE queue = ?1 AND visible_at <= ?5
-                          ORDER BY visible_at, id LIMIT ?2)
+                          ORDER BY id LIMIT ?2)
              RETURNING id, body, message_id, deliveries",
         )
         .bind(queue)
@@ -1500,8 +1552,14 @@ impl SqliteStore {
         .fetch_all(&mut *tx)
         .await
         .context("taking queued messages")?;
+        // Handed out more often than allowed (workers died on it): dead-lettered instead.
+        let limit = i32::try_from(delivery_limit.max(1)).unwrap_or(i32::MAX);
+        let (mut taken, exhausted): (Vec<QueueMessage>, Vec<QueueMessage>) =
+            taken.into_iter().partition(|m| m.deliveries <= limit);
+        for message in &exhausted {
+            dead_letter_in(&mut tx, message.id, None, now).await?;
+        }
         tx.commit().await.context("taking queued messages")?;
-        let mut taken = taken;
         taken.sort_by_key(|m| m.id);
         Ok(taken)
     }
@@ -1533,6 +1591,7 @@ impl SqliteStore {
     }
 
     pub async fn queue_release_consumer(&self, consumer: &str) -> Result<(), StoreError> {
+        let _turn = self.turn.lock().await;
         sqlx::query("UPDATE queue_messages SET visible_at = ?, consumer = NULL WHERE consumer = ?")
             .bind(Utc::now())
             .bind(consumer)
@@ -1552,6 +1611,7 @@ impl SqliteStore {
     }
 
     pub async fn queue_extend(&self, consumer: &str, lease: Duration) -> Result<(), StoreError> {
+        let _turn = self.turn.lock().await;
         sqlx::query("UPDATE queue_messages SET visible_at = ? WHERE consumer = ?")
             .bind(Utc::now() + lease)
             .bind(consumer)
@@ -1981,7 +2041,7 @@ async fn dead_letter_in(
         "INSERT OR IGNORE INTO queue_dead_letters
              (id, queue, body, message_id, deliveries, reason, created_at, dead_at)
          SELECT id, queue, body, message_id, deliveries,
-                COALESCE(?2, 'handed out ' || deliveries || ' times without being acknowledged'),
+                COALESCE(?2, 'handed out ' || (deliveries - 1) || ' times without being acknowledged'),
                 created_at, ?3
          FROM queue_messages WHERE id = ?1",
     )
@@ -2001,7 +2061,7 @@ async fn dead_letter_in(
 
 /// An outbox batch: the write transaction that read it.
 pub(super) struct Outbox {
-    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    tx: WriteTx,
     store: SqliteStore,
 }
 

@@ -332,11 +332,31 @@ impl Cluster {
         );
     }
 
-    /// Polls `query` (a SQL returning one boolean) until it is true, at most `limit`.
+    /// The test's SQLite file, as a pool (SQLite backends).
+    async fn sqlite(&self) -> sqlx::SqlitePool {
+        let url = format!(
+            "sqlite://{}",
+            self.ws.path().join("jobschleuder.db").display()
+        );
+        sqlx::SqlitePool::connect(&url)
+            .await
+            .expect("the test's SQLite file")
+    }
+
+    /// Polls `query` (a SQL returning one boolean, in the SQL both databases speak) until it is
+    /// true, at most `limit`.
     pub async fn wait_until(&self, what: &str, limit: Duration, query: &str) {
         let deadline = Instant::now() + limit;
+        let sqlite = if self.backend.postgres() {
+            None
+        } else {
+            Some(self.sqlite().await)
+        };
         loop {
-            let done: Result<bool, _> = sqlx::query_scalar(query).fetch_one(&self.pool).await;
+            let done: Result<bool, _> = match &sqlite {
+                Some(pool) => sqlx::query_scalar(query).fetch_one(pool).await,
+                None => sqlx::query_scalar(query).fetch_one(&self.pool).await,
+            };
             match done {
                 Ok(true) => return,
                 Ok(false) => {}
@@ -344,15 +364,20 @@ impl Cluster {
                 Err(e) => panic!("waiting for {what}: the query failed: {e}\n{query}"),
             }
             if Instant::now() > deadline {
-                let runs: Vec<String> = sqlx::query_scalar(
-                    "SELECT format('%s %s attempt=%s worker=%s error=%s', job_name, status, attempt, worker, error)
-                     FROM job_runs ORDER BY created_at",
-                )
-                .fetch_all(&self.pool)
-                .await
-                .unwrap_or_default();
+                let runs: Vec<String> = self
+                    .runs()
+                    .await
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{} {} attempt={} worker={:?} error={:?}",
+                            r.job_name, r.status, r.attempt, r.worker, r.error
+                        )
+                    })
+                    .collect();
                 panic!(
-                    "timed out after {limit:?} waiting for {what}\nruns: {runs:#?}\nlogs:\n{}",
+                    "[{}] timed out after {limit:?} waiting for {what}\nruns: {runs:#?}\nlogs:\n{}",
+                    self.backend.name(),
                     self.logs()
                 );
             }
@@ -360,7 +385,17 @@ impl Cluster {
         }
     }
 
+    /// A count (in the SQL both databases speak).
     pub async fn count(&self, query: &str) -> i64 {
+        if !self.backend.postgres() {
+            let pool = self.sqlite().await;
+            let count = sqlx::query_scalar(query)
+                .fetch_one(&pool)
+                .await
+                .expect("count query");
+            pool.close().await;
+            return count;
+        }
         sqlx::query_scalar(query)
             .fetch_one(&self.pool)
             .await

@@ -19,6 +19,7 @@ use jobschleuder::listener::{self, State};
 use jobschleuder::shutdown::{ManualStop, Shutdown};
 use jobschleuder::store::Store;
 
+use crate::util::backend::Backend;
 use crate::util::cluster::{Cluster, Process};
 
 const SECRET: &str = "s3cret";
@@ -98,10 +99,26 @@ impl Web {
             &format!("listener:\n  api_token: {API_TOKEN}\n{listener}"),
         )
         .await;
+        Self::serving(cluster).await
+    }
+
+    /// [`Web::new`] on `backend`; `None` (after a notice) without its servers.
+    async fn on(backend: Backend, test: &str, listener: &str) -> Option<Web> {
+        let cluster = Cluster::on(
+            backend,
+            test,
+            &format!("listener:\n  api_token: {API_TOKEN}\n{listener}"),
+        )
+        .await?;
+        Some(Self::serving(cluster).await)
+    }
+
+    async fn serving(cluster: Cluster) -> Web {
         cluster.import(JOBS);
         let url = cluster.db.url.clone();
+        let postgres = cluster.backend.postgres();
         let config = Config::load_with_env(Some(&cluster.config), &|key| {
-            (key == "JOBSCHLEUDER_DATABASE_URL").then(|| url.clone())
+            (key == "JOBSCHLEUDER_DATABASE_URL" && postgres).then(|| url.clone())
         })
         .expect("config loads");
         let store = Store::connect(&config.database).await.expect("database");
@@ -715,10 +732,11 @@ async fn filters_take_only_matching_webhooks_and_for_each_fans_out() {
     assert_eq!(web.runs().await, 5);
 }
 
-#[tokio::test]
-async fn a_repeated_delivery_gets_the_first_runs_and_creates_nothing() {
-    crate::needs_servers!("a_repeated_delivery_gets_the_first_runs_and_creates_nothing");
-    let web = Web::new(
+crate::on_every_backend! {
+async fn a_repeated_delivery_gets_the_first_runs_and_creates_nothing(backend: Backend) {
+    let Some(web) = Web::on(
+        backend,
+        "a_repeated_delivery_gets_the_first_runs_and_creates_nothing",
         "  hooks:
     github:
       job: backup
@@ -732,7 +750,10 @@ async fn a_repeated_delivery_gets_the_first_runs_and_creates_nothing() {
       dedupe_ttl: 1h
 ",
     )
-    .await;
+    .await
+    else {
+        return;
+    };
     let body = serde_json::to_vec(&json!({"action": "push"})).unwrap();
     let send = |delivery: Option<&str>| {
         let mut request = Request::post("/hooks/github")
@@ -781,23 +802,22 @@ async fn a_repeated_delivery_gets_the_first_runs_and_creates_nothing() {
         .await;
     assert_eq!(keys, 3);
     // An expired key counts as new.
-    sqlx::query("UPDATE webhook_keys SET expires_at = now() - interval '1 second'")
-        .execute(&web.cluster.pool)
-        .await
-        .unwrap();
+    web.cluster
+        .sql("UPDATE webhook_keys SET expires_at = '2000-01-01T00:00:00+00:00'")
+        .await;
     assert_eq!(
         web.nautobot("keyed", "", &payload).await.0,
         StatusCode::ACCEPTED
     );
     assert_eq!(web.runs().await, 4);
 }
+}
 
-#[tokio::test]
-async fn a_burst_within_the_debounce_window_becomes_one_run_started_when_it_ends() {
-    crate::needs_servers!(
-        "a_burst_within_the_debounce_window_becomes_one_run_started_when_it_ends"
-    );
-    let web = Web::new(
+crate::on_every_backend! {
+async fn a_burst_within_the_debounce_window_becomes_one_run_started_when_it_ends(backend: Backend) {
+    let Some(web) = Web::on(
+        backend,
+        "a_burst_within_the_debounce_window_becomes_one_run_started_when_it_ends",
         "  hooks:
     nautobot:
       job: backup
@@ -815,7 +835,10 @@ async fn a_burst_within_the_debounce_window_becomes_one_run_started_when_it_ends
         event: \"{{ event }}\"
 ",
     )
-    .await;
+    .await
+    else {
+        return;
+    };
     // A burst keyed on the device: one run, which takes the latest request's arguments.
     let mut changes = Vec::new();
     for event in ["created", "updated", "deleted"] {
@@ -827,17 +850,9 @@ async fn a_burst_within_the_debounce_window_becomes_one_run_started_when_it_ends
     }
     changes.dedup();
     assert_eq!(changes.len(), 1, "{changes:?}");
-    let event: String =
-        sqlx::query_scalar("SELECT arguments->>'event' FROM job_runs WHERE id = $1::uuid")
-            .bind(&changes[0][0])
-            .fetch_one(&web.cluster.pool)
-            .await
-            .unwrap();
+    let event = web.cluster.run(&changes[0][0]).await.arguments["event"].clone();
     assert_eq!(event, "deleted");
-    sqlx::query("DELETE FROM job_runs")
-        .execute(&web.cluster.pool)
-        .await
-        .unwrap();
+    web.cluster.sql("DELETE FROM job_runs").await;
 
     let mut ids = Vec::new();
     for _ in 0..4 {
@@ -856,8 +871,11 @@ async fn a_burst_within_the_debounce_window_becomes_one_run_started_when_it_ends
     assert_eq!(web.runs().await, 2);
     let waiting = web
         .cluster
-        .count("SELECT count(*) FROM job_runs WHERE not_before = created_at + interval '2 seconds'")
-        .await;
+        .runs()
+        .await
+        .iter()
+        .filter(|r| r.not_before == Some(r.created_at + chrono::Duration::seconds(2)))
+        .count();
     assert_eq!(waiting, 2, "the runs wait for their window to end");
     // When the windows end, each run is published once.
     web.cluster
@@ -867,7 +885,7 @@ async fn a_burst_within_the_debounce_window_becomes_one_run_started_when_it_ends
             "SELECT count(*) = 2 FROM job_runs WHERE published_at IS NOT NULL AND published_at >= not_before",
         )
         .await;
-    let messages = web.cluster.drain(&web.cluster.queue).await;
+    let messages = web.cluster.drain_queue().await;
     assert_eq!(messages.len(), 2);
     // After the window, the same device starts a new burst.
     let (_, later) = web
@@ -875,6 +893,7 @@ async fn a_burst_within_the_debounce_window_becomes_one_run_started_when_it_ends
         .await;
     assert_ne!(run_ids(&later), ids[0]);
     assert_eq!(web.runs().await, 3);
+}
 }
 
 #[tokio::test]

@@ -223,7 +223,10 @@ fn the_shipped_examples_stay_valid() {
         preprocessing: &demo.preprocessing,
     };
     let jobs = jobschleuder::jobfile::load(&root.join("demo/jobs.yaml"), Some(&known)).unwrap();
-    assert_eq!(jobs.len(), 4);
+    assert_eq!(jobs.len(), 5);
+    // The demo needs no servers: the embedded store and the table queue.
+    assert!(demo.database.sqlite.is_some());
+    assert_eq!(demo.queue.kind, jobschleuder::config::QueueKind::Table);
 }
 
 #[test]

@@ -1,9 +1,11 @@
 -- The same tables as on Postgres, in SQLite's types. Times are RFC 3339 text in UTC (they sort
 -- as they compare); run ids are 16-byte blobs; JSON columns hold JSON text.
 
+-- AUTOINCREMENT: a job's or entry's id is never given to another one later (as with serial on
+-- Postgres), so a hook or a command that names a job by id never reaches another job.
 CREATE TABLE IF NOT EXISTS jobs
 (
-    id integer PRIMARY KEY,
+    id integer PRIMARY KEY AUTOINCREMENT,
     job text NOT NULL,
     description text,
     preprocessing text,
@@ -22,7 +24,7 @@ CREATE TABLE IF NOT EXISTS jobs
 
 CREATE TABLE IF NOT EXISTS registry
 (
-    id integer PRIMARY KEY,
+    id integer PRIMARY KEY AUTOINCREMENT,
     job integer NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
     schedule text NOT NULL,
     timezone text,
@@ -35,7 +37,7 @@ CREATE INDEX IF NOT EXISTS registry_job_idx ON registry (job);
 
 CREATE TABLE IF NOT EXISTS schedule
 (
-    id integer PRIMARY KEY,
+    id integer PRIMARY KEY AUTOINCREMENT,
     job integer NOT NULL REFERENCES registry (id) ON DELETE CASCADE,
     next_run text NOT NULL
 );

@@ -757,10 +757,16 @@ fn build(
     }
 
     let has_rabbitmq = raw.rabbitmq.is_some();
+    let set = |key: &str| env(key).is_some_and(|v| !v.is_empty());
+    // A server named by the file or the environment (a URL, or a server's password: a config
+    // of the original that relies on the local servers' defaults).
     let names_a_server = raw.database.is_some()
         || raw.rabbitmq.is_some()
-        || env(ENV_DATABASE_URL).is_some_and(|v| !v.is_empty())
-        || env(ENV_AMQP_URL).is_some_and(|v| !v.is_empty());
+        || set(ENV_DATABASE_URL)
+        || set(ENV_AMQP_URL)
+        || set(ENV_DATABASE_PASSWORD)
+        || set(ENV_RABBITMQ_PASSWORD);
+    let amqp_in_env = set(ENV_AMQP_URL) || set(ENV_RABBITMQ_PASSWORD);
     let db = raw.database;
     let mut database = DatabaseConfig {
         sqlite: db.as_ref().and_then(|d| d.path.clone()),
@@ -781,7 +787,7 @@ fn build(
             .unwrap_or_else(|| "jobschleuder".into()),
         max_connections: db.as_ref().and_then(|d| d.max_connections).unwrap_or(8),
         poll_interval: Duration::from_millis(250),
-        worker_lease: Duration::from_secs(15),
+        worker_lease: Duration::from_secs(30),
     };
     if database.max_connections == 0 {
         return Err(ConfigError::Invalid {
@@ -794,7 +800,14 @@ fn build(
         database.url = Some(Secret(url));
     }
     if let Some(password) = env(ENV_DATABASE_PASSWORD) {
-        database.url = database.url.map(|url| with_password(url, &password));
+        // A SQLite file has no password: a `sqlite:` URL is left as it is.
+        database.url = database.url.map(|url| {
+            if sqlite_path(url.expose()).is_some() {
+                url
+            } else {
+                with_password(url, &password)
+            }
+        });
         database.password = Some(Secret(password));
     }
     if let Some(path) = database.url.as_ref().and_then(|u| sqlite_path(u.expose())) {
@@ -1056,7 +1069,7 @@ fn build(
     let kind = match settings.kind.as_deref() {
         // The embedded default: a store in a SQLite file takes its queue along; a config that
         // names a Postgres database keeps RabbitMQ, as the original did.
-        None if database.sqlite.is_some() && !has_rabbitmq && env(ENV_AMQP_URL).is_none() => {
+        None if database.sqlite.is_some() && !has_rabbitmq && !amqp_in_env => {
             QueueKind::Table
         }
         None | Some("rabbitmq") => QueueKind::RabbitMq,
@@ -1093,12 +1106,13 @@ fn build(
             ),
         });
     }
-    if let Some(name) = settings.name {
+    // The environment wins over the file, as everywhere.
+    if let Some(name) = settings.name.filter(|_| !set(ENV_QUEUE)) {
         rabbitmq.queue = name;
     }
     let queue_poll = seconds(settings.poll_interval, 0.25, "queue.poll_interval")?
         .max(Duration::from_millis(10));
-    let queue_lease = seconds(settings.lease, 30.0, "queue.lease")?.max(Duration::from_secs(2));
+    let queue_lease = seconds(settings.lease, 60.0, "queue.lease")?.max(Duration::from_secs(2));
     if let Some(limit) = settings.delivery_limit {
         rabbitmq.delivery_limit = limit.max(1);
     }
@@ -1371,6 +1385,64 @@ mod tests {
         assert!(err.contains("rabbitmq.url"), "{err}");
         let err = load("database: [1, 2\n").unwrap_err().to_string();
         assert!(err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn which_store_and_queue_the_file_and_the_environment_choose() {
+        let with = |text: &str, vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Config::from_str_with_env(Path::new("/etc/js/config.yaml"), text, &move |key| {
+                vars.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+            })
+            .unwrap()
+        };
+        // A SQLite URL takes no password, even when one is in the environment.
+        let config = with(
+            "",
+            &[
+                (ENV_DATABASE_URL, "sqlite:///var/lib/js/jobs.db"),
+                (ENV_DATABASE_PASSWORD, "pw"),
+            ],
+        );
+        assert_eq!(
+            config.database.sqlite,
+            Some(PathBuf::from("/var/lib/js/jobs.db"))
+        );
+        assert_eq!(config.database.describe(), "sqlite:///var/lib/js/jobs.db");
+        // A server's password in the environment names that server: the original's defaults.
+        let config = with("", &[(ENV_DATABASE_PASSWORD, "pw")]);
+        assert_eq!(config.database.sqlite, None);
+        assert_eq!(config.queue.kind, QueueKind::RabbitMq);
+        // The environment's queue name wins over the file's, as everywhere.
+        let config = with(
+            "queue:\n  type: sqlite\n  name: from-file\n",
+            &[(ENV_QUEUE, "from-env")],
+        );
+        assert_eq!(config.rabbitmq.queue, "from-env");
+        assert_eq!(config.queue.kind, QueueKind::Table);
+        // Nothing named: a file under the XDG data folder (the config is not in the working
+        // directory), and the table queue.
+        let config = with("", &[("HOME", "/home/ops")]);
+        assert_eq!(
+            config.database.sqlite,
+            Some(PathBuf::from(
+                "/home/ops/.local/share/jobschleuder/jobschleuder.db"
+            ))
+        );
+        assert_eq!(config.queue.kind, QueueKind::Table);
+        assert_eq!(config.database.worker_lease, config.queue.lease / 2);
+        // SQLite with RabbitMQ is refused, saying what to do.
+        let error = Config::from_str_with_env(
+            Path::new("c.yaml"),
+            "database:\n  path: jobs.db\nrabbitmq:\n  host: mq\n",
+            &|_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("queue: sqlite"), "{error}");
     }
 
     #[test]

@@ -321,10 +321,9 @@ impl TableConsumer {
 
     /// Takes nothing more; what it holds stays held until settled or the consumer is dropped.
     pub fn cancel(&mut self) {
+        // The fetcher stops before its next take; it is never cut off in the middle of one.
         self.shared.cancelled.store(true, Ordering::SeqCst);
-        if let Some(fetcher) = self.tasks.first() {
-            fetcher.abort();
-        }
+        self.shared.released.notify_waiters();
     }
 }
 
@@ -346,6 +345,9 @@ impl Fetcher {
     async fn run(mut self) {
         let mut backoff = Duration::from_millis(200);
         loop {
+            if self.shared.cancelled.load(Ordering::SeqCst) {
+                return;
+            }
             // Registered before looking, so a publish between the look and the wait counts.
             let local = self.local.clone();
             let published = local.notified();
@@ -370,7 +372,13 @@ impl Fetcher {
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    if self.deliveries.send(Err(e)).is_err() {
+                    // A locked file or a lost connection passes: this task tries again and
+                    // keeps its consumer (a new one would return what this one holds, and
+                    // every return counts as a delivery). Anything else ends the consumer.
+                    let passing = matches!(&e, QueueError::Table(store) if store.is_transient());
+                    if passing {
+                        tracing::warn!(error = %e, "taking queued messages failed; trying again in {backoff:?}");
+                    } else if self.deliveries.send(Err(e)).is_err() {
                         return;
                     }
                     tokio::time::sleep(backoff).await;

@@ -755,17 +755,25 @@ impl SqliteStore {
             loop {
                 tokio::time::sleep(heartbeat).await;
                 let _turn = turn.lock().await;
-                let now = Utc::now();
-                // Renews only a lease that has not run out: once it has, its runs may be in
-                // other hands, and it is taken anew (with no runs of its own).
-                let renewed = sqlx::query(
-                    "UPDATE worker_leases SET expires_at = ? WHERE token = ? AND expires_at > ?",
-                )
-                .bind(now + lease)
-                .bind(token)
-                .bind(now)
-                .execute(&pool)
+                // Within the write lock, and "now" read once it is held: a renewal that waited
+                // for the lock must not revive a lease that ran out meanwhile (a sweeper may
+                // have handed its runs to others).
+                let renewed = async {
+                    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                    let now = Utc::now();
+                    let done = sqlx::query(
+                        "UPDATE worker_leases SET expires_at = ? WHERE token = ? AND expires_at > ?",
+                    )
+                    .bind(now + lease)
+                    .bind(token)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok::<_, sqlx::Error>(done)
+                }
                 .await;
+                let now = Utc::now();
                 match renewed {
                     Ok(done) if done.rows_affected() == 1 => {
                         if !held_now {

@@ -91,15 +91,6 @@ impl TableQueue {
         Ok(outcomes)
     }
 
-    /// Publishes one raw body (tests and tools that speak for the original's scheduler).
-    pub async fn publish_raw(&self, queue: &str, body: Vec<u8>) -> Result<(), QueueError> {
-        self.store
-            .queue_publish(&[(queue.to_string(), body)])
-            .await?;
-        local(queue).notify_waiters();
-        Ok(())
-    }
-
     /// Messages ready in `queue`.
     pub async fn depth(&self, queue: &str) -> Result<u32, QueueError> {
         Ok(self.store.queue_depth(queue).await?)

@@ -180,15 +180,31 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(config.max_connections.max(2))
-            .acquire_timeout(BUSY_TIMEOUT)
-            .connect_with(options)
-            .await
-            .map_err(|source| StoreError::Connect {
-                target: target.clone(),
-                source,
-            })?;
+        // Opening sets the file's journal mode, which needs the file to itself for a moment:
+        // two processes opening a new file at once (a standalone and a `runs` in another
+        // shell) can find it busy before the busy timeout applies. That passes; look again.
+        let mut tries = 0;
+        let pool = loop {
+            tries += 1;
+            let opened = SqlitePoolOptions::new()
+                .max_connections(config.max_connections.max(2))
+                .acquire_timeout(BUSY_TIMEOUT)
+                .connect_with(options.clone())
+                .await;
+            match opened {
+                Ok(pool) => break pool,
+                Err(e) if is_passing(&e) && tries < 50 => {
+                    tracing::debug!(error = %e, "the database file is busy while opening; looking again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(source) => {
+                    return Err(StoreError::Connect {
+                        target: target.clone(),
+                        source,
+                    })
+                }
+            }
+        };
         // SQLite's migrations take no lock: processes that open a new file at once (a
         // standalone and a `runs` in another shell) race to record the same version, and the
         // loser finds it recorded when it looks again.
@@ -220,10 +236,6 @@ impl SqliteStore {
             poll: config.poll_interval,
             lease: config.worker_lease,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// A write transaction that holds the file's write lock from its start.

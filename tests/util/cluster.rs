@@ -234,20 +234,7 @@ impl Cluster {
                 return;
             }
             if Instant::now() > deadline {
-                let lines: Vec<String> = runs
-                    .iter()
-                    .map(|r| {
-                        format!(
-                            "{} {} attempt={} worker={:?} error={:?}",
-                            r.job_name, r.status, r.attempt, r.worker, r.error
-                        )
-                    })
-                    .collect();
-                panic!(
-                    "[{}] timed out after {limit:?} waiting for {what}\nruns: {lines:#?}\nlogs:\n{}",
-                    self.backend.name(),
-                    self.logs()
-                );
+                self.timed_out(what, limit, &runs);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -332,6 +319,24 @@ impl Cluster {
         );
     }
 
+    /// Fails the test that waited `limit` for `what`, with the runs and the processes' logs.
+    fn timed_out(&self, what: &str, limit: Duration, runs: &[RunRow]) -> ! {
+        let lines: Vec<String> = runs
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} attempt={} worker={:?} error={:?}",
+                    r.job_name, r.status, r.attempt, r.worker, r.error
+                )
+            })
+            .collect();
+        panic!(
+            "[{}] timed out after {limit:?} waiting for {what}\nruns: {lines:#?}\nlogs:\n{}",
+            self.backend.name(),
+            self.logs()
+        );
+    }
+
     /// The test's SQLite file, as a pool (SQLite backends).
     async fn sqlite(&self) -> sqlx::SqlitePool {
         let url = format!(
@@ -364,22 +369,7 @@ impl Cluster {
                 Err(e) => panic!("waiting for {what}: the query failed: {e}\n{query}"),
             }
             if Instant::now() > deadline {
-                let runs: Vec<String> = self
-                    .runs()
-                    .await
-                    .iter()
-                    .map(|r| {
-                        format!(
-                            "{} {} attempt={} worker={:?} error={:?}",
-                            r.job_name, r.status, r.attempt, r.worker, r.error
-                        )
-                    })
-                    .collect();
-                panic!(
-                    "[{}] timed out after {limit:?} waiting for {what}\nruns: {runs:#?}\nlogs:\n{}",
-                    self.backend.name(),
-                    self.logs()
-                );
+                self.timed_out(what, limit, &self.runs().await);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -343,3 +343,44 @@ fn a_read_only_or_full_database_gives_a_clear_error_and_loses_nothing() {
     success(import(&other));
     assert!(registry_names(&ws, &config).contains("\"other\""));
 }
+
+#[test]
+fn standalone_stops_with_the_reason_when_the_listeners_port_is_taken() {
+    let ws = Workspace::new();
+    let config = config_at(&ws, &ws.path().join("jobs.db"));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut standalone = ws
+        .command()
+        .arg("--config")
+        .arg(&config)
+        .args(["standalone", "--bind", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = standalone.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "standalone kept running without its listener"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    use std::io::Read;
+    standalone
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+}

@@ -35,8 +35,20 @@ pub async fn run(config: &Config, args: &StandaloneArgs) -> Result<()> {
     let id = gethostname::gethostname().to_string_lossy().into_owned();
     eprintln!("{}", banner(config, &store, args.workers, bind));
 
-    let shutdown = Shutdown::install();
-    shutdown.handle_forced();
+    // Signals stop every part; so does a part that cannot run (the listener's port taken).
+    let signals = Shutdown::install();
+    signals.handle_forced();
+    let (stop, shutdown) = Shutdown::manual();
+    let stop = std::sync::Arc::new(stop);
+    {
+        let (stop, mut signals) = (stop.clone(), signals.clone());
+        tokio::spawn(async move {
+            signals.wait().await;
+            stop.stop();
+            signals.forced().await;
+            stop.force();
+        });
+    }
     // On this task (its passes hold non-Send state); the worker and listener on their own.
     let scheduler = crate::scheduler::run(&store, config, false, shutdown.clone());
     let worker = {
@@ -50,7 +62,15 @@ pub async fn run(config: &Config, args: &StandaloneArgs) -> Result<()> {
     };
     let listener = {
         let (store, config, shutdown) = (store.clone(), config.clone(), shutdown.clone());
-        tokio::spawn(async move { crate::listener::serve(&config, store, bind, shutdown).await })
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let served = crate::listener::serve(&config, store, bind, shutdown).await;
+            if let Err(e) = &served {
+                tracing::error!(error = %e, "the listener cannot run: stopping standalone");
+                stop.stop();
+            }
+            served
+        })
     };
     let (scheduler, worker, listener) = tokio::join!(scheduler, worker, listener);
     let joined = |what: &str, e: tokio::task::JoinError| {

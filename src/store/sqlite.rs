@@ -1677,9 +1677,9 @@ impl SqliteStore {
         .context("reading dead letters")
     }
 
-    pub async fn queue_wakeups(&self, poll: Duration) -> Result<QueueWakeups, StoreError> {
-        let mut watch = Watch::new(self).await?;
-        watch.poll = poll;
+    /// The poll is the store's own (`queue.poll_interval`), shared by every watcher.
+    pub async fn queue_wakeups(&self, _poll: Duration) -> Result<QueueWakeups, StoreError> {
+        let watch = Watch::new(self).await?;
         Ok(QueueWakeups {
             inner: WakeupsInner::Sqlite(watch),
         })
@@ -2119,29 +2119,70 @@ impl Outbox {
 }
 
 /// Notices what other connections and processes wrote: in-process notifications at once, and
-/// other processes' writes by the file's change counter, read every `poll`.
+/// other processes' writes by the file's change counter, which one task per process and file
+/// reads every `queue.poll_interval` for every watcher (see [`changes`]).
 pub(super) struct Watch {
     local: broadcast::Receiver<String>,
-    conn: SqliteConnection,
-    version: i64,
-    poll: Duration,
+    changes: broadcast::Receiver<()>,
+}
+
+/// Other processes' writes to the file of `store`: one poll of its change counter per process
+/// and file, shared by every watcher (the scheduler's and each consumer's), and idle while
+/// nobody watches.
+fn changes(store: &SqliteStore) -> broadcast::Receiver<()> {
+    type Pollers = HashMap<PathBuf, (broadcast::Sender<()>, tokio::task::JoinHandle<()>)>;
+    static POLLERS: OnceLock<Mutex<Pollers>> = OnceLock::new();
+    let pollers = POLLERS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut pollers = pollers.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((sender, task)) = pollers.get(&store.path) {
+        // A poller lives on the runtime that started it; one whose runtime ended is replaced.
+        if !task.is_finished() {
+            return sender.subscribe();
+        }
+    }
+    let (sender, receiver) = broadcast::channel(16);
+    let options = store.pool.connect_options();
+    let (poll, watched) = (store.poll, sender.clone());
+    let task = tokio::spawn(async move {
+        let mut conn: Option<SqliteConnection> = None;
+        let mut version: Option<i64> = None;
+        loop {
+            tokio::time::sleep(poll).await;
+            if watched.receiver_count() == 0 {
+                continue;
+            }
+            if conn.is_none() {
+                conn = SqliteConnection::connect_with(&options).await.ok();
+            }
+            let Some(open) = conn.as_mut() else {
+                continue;
+            };
+            match sqlx::query_scalar::<_, i64>("PRAGMA data_version")
+                .fetch_one(open)
+                .await
+            {
+                Ok(now) => {
+                    if version.is_some_and(|before| before != now) {
+                        let _ = watched.send(());
+                    }
+                    version = Some(now);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the database's change counter failed; opening it again");
+                    conn = None;
+                }
+            }
+        }
+    });
+    pollers.insert(store.path.clone(), (sender, task));
+    receiver
 }
 
 impl Watch {
     async fn new(store: &SqliteStore) -> Result<Watch, StoreError> {
-        let options = store.pool.connect_options();
-        let mut conn = SqliteConnection::connect_with(&options)
-            .await
-            .context("opening a connection to watch the database")?;
-        let version: i64 = sqlx::query_scalar("PRAGMA data_version")
-            .fetch_one(&mut conn)
-            .await
-            .context("watching the database")?;
         Ok(Watch {
             local: local_channel(&store.path).subscribe(),
-            conn,
-            version,
-            poll: store.poll,
+            changes: changes(store),
         })
     }
 
@@ -2153,20 +2194,12 @@ impl Watch {
                 received = self.local.recv() => match received {
                     Ok(payload) => return Ok(payload),
                     Err(broadcast::error::RecvError::Lagged(_)) => return Ok("run".into()),
-                    Err(broadcast::error::RecvError::Closed) => {
-                        tokio::time::sleep(self.poll).await;
-                    }
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
                 },
-                _ = tokio::time::sleep(self.poll) => {
-                    let version: i64 = sqlx::query_scalar("PRAGMA data_version")
-                        .fetch_one(&mut self.conn)
-                        .await
-                        .context("watching the database")?;
-                    if version != self.version {
-                        self.version = version;
-                        return Ok("changed".into());
-                    }
-                }
+                changed = self.changes.recv() => match changed {
+                    Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => return Ok("changed".into()),
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+                },
             }
         }
     }

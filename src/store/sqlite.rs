@@ -55,6 +55,9 @@ fn ended_columns() -> String {
     ENDED.replace("r.", "")
 }
 
+/// Values bound per statement at most when a list goes into `IN (...)` (SQLite allows 32,766).
+const LIST_CHUNK: usize = 500;
+
 /// `?, ?, ?` for `n` values.
 fn marks(n: usize) -> String {
     vec!["?"; n.max(1)].join(", ")
@@ -1586,12 +1589,17 @@ impl SqliteStore {
 
     pub async fn queue_ack(&self, ids: &[i64]) -> Result<(), StoreError> {
         let mut tx = self.write("acknowledging messages").await?;
-        for id in ids {
-            sqlx::query("DELETE FROM queue_messages WHERE id = ?")
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .context("acknowledging messages")?;
+        for chunk in ids.chunks(LIST_CHUNK) {
+            bind_all!(
+                sqlx::query(&format!(
+                    "DELETE FROM queue_messages WHERE id IN ({})",
+                    marks(chunk.len())
+                )),
+                chunk.iter()
+            )
+            .execute(&mut *tx)
+            .await
+            .context("acknowledging messages")?;
         }
         tx.commit().await.context("acknowledging messages")
     }
@@ -1599,13 +1607,18 @@ impl SqliteStore {
     pub async fn queue_release(&self, ids: &[i64]) -> Result<(), StoreError> {
         let mut tx = self.write("returning messages").await?;
         let now = Utc::now();
-        for id in ids {
-            sqlx::query("UPDATE queue_messages SET visible_at = ?, consumer = NULL WHERE id = ?")
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .context("returning messages to the queue")?;
+        for chunk in ids.chunks(LIST_CHUNK) {
+            bind_all!(
+                sqlx::query(&format!(
+                    "UPDATE queue_messages SET visible_at = ?, consumer = NULL WHERE id IN ({})",
+                    marks(chunk.len())
+                ))
+                .bind(now),
+                chunk.iter()
+            )
+            .execute(&mut *tx)
+            .await
+            .context("returning messages to the queue")?;
         }
         tx.commit().await.context("returning messages to the queue")
     }
@@ -2034,17 +2047,20 @@ async fn insert_messages(
     messages: &[(String, Vec<u8>)],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    for (queue, body) in messages {
-        sqlx::query(
-            "INSERT INTO queue_messages (queue, body, visible_at, created_at) VALUES (?, ?, ?, ?)",
-        )
-        .bind(queue)
-        .bind(body)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .context("publishing to the table queue")?;
+    // Many rows per statement: with SQLite in the process, a statement is the unit of work.
+    for chunk in messages.chunks(LIST_CHUNK / 4) {
+        let rows = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
+        let statement = format!(
+            "INSERT INTO queue_messages (queue, body, visible_at, created_at) VALUES {rows}"
+        );
+        let mut insert = sqlx::query(&statement);
+        for (queue, body) in chunk {
+            insert = insert.bind(queue).bind(body).bind(now).bind(now);
+        }
+        insert
+            .execute(&mut *tx)
+            .await
+            .context("publishing to the table queue")?;
     }
     Ok(())
 }
@@ -2095,12 +2111,15 @@ impl Outbox {
     ) -> Result<(), StoreError> {
         let now = Utc::now();
         insert_messages(&mut self.tx, messages, now).await?;
-        for id in published {
-            sqlx::query(
-                "UPDATE job_runs SET published_at = ? WHERE id = ? AND published_at IS NULL",
+        for chunk in published.chunks(LIST_CHUNK) {
+            bind_all!(
+                sqlx::query(&format!(
+                    "UPDATE job_runs SET published_at = ? WHERE published_at IS NULL AND id IN ({})",
+                    marks(chunk.len())
+                ))
+                .bind(now),
+                chunk.iter()
             )
-            .bind(now)
-            .bind(id)
             .execute(&mut *self.tx)
             .await
             .context("marking runs published")?;

@@ -187,12 +187,17 @@ async fn a_paused_entry_fires_nothing_keeps_its_pause_across_imports_and_resumes
 }
 }
 
-#[tokio::test]
-async fn forbid_skips_a_slot_while_its_job_runs_and_replace_cancels_the_older_run() {
-    crate::needs_servers!(
-        "forbid_skips_a_slot_while_its_job_runs_and_replace_cancels_the_older_run"
-    );
-    let cluster = Cluster::new("").await;
+crate::on_every_store! {
+async fn forbid_skips_a_slot_while_its_job_runs_and_replace_cancels_the_older_run(backend: Backend) {
+    let Some(cluster) = Cluster::on(
+        backend,
+        "forbid_skips_a_slot_while_its_job_runs_and_replace_cancels_the_older_run",
+        "",
+    )
+    .await
+    else {
+        return;
+    };
     cluster.import(
         "jobs:\n\
          - id: guarded\n  job: hello_world\n  schedule: '0 * * * *'\n  concurrency: forbid\n\
@@ -200,7 +205,7 @@ async fn forbid_skips_a_slot_while_its_job_runs_and_replace_cancels_the_older_ru
          - id: free\n  job: hello_world\n  schedule: '0 * * * *'\n\
          - id: bulk\n  job: hello_world\n  schedule: '0 * * * *'\n  concurrency: replace\n",
     );
-    let store = Store::from_pool(cluster.pool.clone()).await.unwrap();
+    let store = cluster.store.clone();
     let config = config("");
     let pass = |at: &'static str| {
         let (store, config) = (&store, &config);
@@ -219,11 +224,13 @@ async fn forbid_skips_a_slot_while_its_job_runs_and_replace_cancels_the_older_ru
     ]);
     assert!(out.contains("3 runs created"), "{out}");
     pass("2026-06-01T10:00:05Z").await;
-    let first_guarded: Uuid =
-        sqlx::query_scalar("SELECT id FROM job_runs WHERE job_name = 'guarded'")
-            .fetch_one(&cluster.pool)
-            .await
-            .unwrap();
+    let first_guarded: Uuid = cluster
+        .runs()
+        .await
+        .iter()
+        .find(|r| r.job_name == "guarded")
+        .expect("the guarded run")
+        .id;
     // 11:00: every 10:00 run is still queued.
     pass("2026-06-01T11:00:05Z").await;
     let guarded = runs_of(&cluster, "guarded").await;
@@ -260,18 +267,19 @@ async fn forbid_skips_a_slot_while_its_job_runs_and_replace_cancels_the_older_ru
     );
 
     // The guarded run ends; the replaced one is running on some worker.
-    sqlx::query("UPDATE job_runs SET status = 'succeeded', finished_at = now() WHERE id = $1")
-        .bind(first_guarded)
-        .execute(&cluster.pool)
-        .await
-        .unwrap();
-    sqlx::query(
-        "UPDATE job_runs SET status = 'running', attempt = 1, claim_token = 7, started_at = now()
-         WHERE job_name = 'replaced' AND status = 'queued'",
-    )
-    .execute(&cluster.pool)
-    .await
-    .unwrap();
+    let now = cluster.time(Utc::now());
+    cluster
+        .sql(&format!(
+            "UPDATE job_runs SET status = 'succeeded', finished_at = {now} WHERE id = {}",
+            cluster.id(first_guarded)
+        ))
+        .await;
+    cluster
+        .sql(&format!(
+            "UPDATE job_runs SET status = 'running', attempt = 1, claim_token = 7, started_at = {now}
+             WHERE job_name = 'replaced' AND status = 'queued'"
+        ))
+        .await;
     pass("2026-06-01T12:00:05Z").await;
     let guarded = runs_of(&cluster, "guarded").await;
     assert_eq!(
@@ -291,11 +299,19 @@ async fn forbid_skips_a_slot_while_its_job_runs_and_replace_cancels_the_older_ru
     let replaced = runs_of(&cluster, "replaced").await;
     assert_eq!(replaced.last().unwrap().1, "queued");
 }
+}
 
-#[tokio::test]
-async fn two_schedulers_with_forbid_never_start_a_run_while_another_goes_on() {
-    crate::needs_servers!("two_schedulers_with_forbid_never_start_a_run_while_another_goes_on");
-    let cluster = Cluster::new("scheduler:\n  max_sleep: 60\n  batch_size: 1\n").await;
+crate::on_every_backend! {
+async fn two_schedulers_with_forbid_never_start_a_run_while_another_goes_on(backend: Backend) {
+    let Some(cluster) = Cluster::on(
+        backend,
+        "two_schedulers_with_forbid_never_start_a_run_while_another_goes_on",
+        "scheduler:\n  max_sleep: 60\n  batch_size: 1\n",
+    )
+    .await
+    else {
+        return;
+    };
     cluster.import(
         "jobs:\n- id: slow\n  job: test_sleep\n  schedule: '*/1 * * * * *'\n  concurrency: forbid\n  arguments:\n    seconds: 2.5\n",
     );
@@ -341,6 +357,7 @@ async fn two_schedulers_with_forbid_never_start_a_run_while_another_goes_on() {
         0,
         "a slot was created twice"
     );
+}
 }
 
 crate::on_every_backend! {
@@ -633,10 +650,12 @@ async fn a_backfill_creates_each_missing_slot_once_and_nothing_when_run_again(ba
 }
 }
 
-#[tokio::test]
-async fn plugins_and_commands_get_their_run_context() {
-    crate::needs_servers!("plugins_and_commands_get_their_run_context");
-    let cluster = Cluster::new("").await;
+crate::on_every_backend! {
+async fn plugins_and_commands_get_their_run_context(backend: Backend) {
+    let Some(cluster) = Cluster::on(backend, "plugins_and_commands_get_their_run_context", "").await
+    else {
+        return;
+    };
     let out_file = cluster.ws.path().join("context.txt");
     cluster.import(&format!(
         "jobs:\n\
@@ -680,6 +699,7 @@ async fn plugins_and_commands_get_their_run_context() {
     assert_eq!(argv[4], env.as_str());
     assert_eq!(argv[5], "1");
     assert_eq!(argv[6], format!("backup-{slot}.tar").as_str());
+}
 }
 
 /// A one-shot HTTP server; yields the body of the one request it answers (204).
@@ -780,10 +800,17 @@ async fn chains_start_their_jobs_once_when_a_run_ends_and_a_failure_is_posted_to
 }
 }
 
-#[tokio::test]
-async fn an_import_refuses_chains_to_unknown_jobs_and_chains_that_loop() {
-    crate::needs_servers!("an_import_refuses_chains_to_unknown_jobs_and_chains_that_loop");
-    let cluster = Cluster::new("").await;
+crate::on_every_store! {
+async fn an_import_refuses_chains_to_unknown_jobs_and_chains_that_loop(backend: Backend) {
+    let Some(cluster) = Cluster::on(
+        backend,
+        "an_import_refuses_chains_to_unknown_jobs_and_chains_that_loop",
+        "",
+    )
+    .await
+    else {
+        return;
+    };
     cluster.import("jobs:\n- id: kept\n  job: hello_world\n");
     let file = cluster.ws.write(
         "chains.yaml",
@@ -815,14 +842,22 @@ async fn an_import_refuses_chains_to_unknown_jobs_and_chains_that_loop() {
     }
     assert_eq!(cluster.count("SELECT count(*) FROM jobs").await, 1);
 }
+}
 
-#[tokio::test]
-async fn jitter_delays_each_start_by_its_own_share_and_the_views_show_it() {
-    crate::needs_servers!("jitter_delays_each_start_by_its_own_share_and_the_views_show_it");
-    let cluster = Cluster::new("").await;
+crate::on_every_store! {
+async fn jitter_delays_each_start_by_its_own_share_and_the_views_show_it(backend: Backend) {
+    let Some(cluster) = Cluster::on(
+        backend,
+        "jitter_delays_each_start_by_its_own_share_and_the_views_show_it",
+        "",
+    )
+    .await
+    else {
+        return;
+    };
     cluster
         .import("jobs:\n- id: spread\n  job: hello_world\n  schedule: '0 3 * * *'\n  jitter: 5m\n");
-    let store = Store::from_pool(cluster.pool.clone()).await.unwrap();
+    let store = cluster.store.clone();
     let config = config("");
     create_due_runs(&store, &config, Some(utc("2026-06-01T02:59:00Z")))
         .await
@@ -865,13 +900,10 @@ async fn jitter_delays_each_start_by_its_own_share_and_the_views_show_it() {
     create_due_runs(&store, &config, Some(utc("2026-06-01T03:00:01Z")))
         .await
         .unwrap();
-    let (scheduled, not_before): (DateTime<Utc>, Option<DateTime<Utc>>) =
-        sqlx::query_as("SELECT scheduled_for, not_before FROM job_runs WHERE job_name = 'spread'")
-            .fetch_one(&cluster.pool)
-            .await
-            .unwrap();
-    assert_eq!(scheduled, slot);
-    assert_eq!(not_before, Some(start));
+    let runs = cluster.runs().await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].scheduled_for, Some(slot));
+    assert_eq!(runs[0].not_before, Some(start));
     let refused = failure(
         run(cluster
             .command()
@@ -882,6 +914,7 @@ async fn jitter_delays_each_start_by_its_own_share_and_the_views_show_it() {
         refused.contains("nor the name of a scheduled job"),
         "{refused}"
     );
+}
 }
 
 fn new_run(parent: Option<Uuid>) -> NewRun {
@@ -896,6 +929,8 @@ async fn status_of(cluster: &Cluster, id: Uuid) -> String {
         .unwrap()
 }
 
+/// Postgres only: these races are interleaved row locks of concurrent transactions, which
+/// SQLite does not have (one writer at a time).
 #[tokio::test]
 async fn a_cancel_racing_a_result_a_takeover_or_a_fan_out_is_never_lost() {
     crate::needs_servers!("a_cancel_racing_a_result_a_takeover_or_a_fan_out_is_never_lost");
@@ -1038,26 +1073,30 @@ async fn a_cancel_racing_a_result_a_takeover_or_a_fan_out_is_never_lost() {
     );
 }
 
-#[tokio::test]
-async fn pruning_takes_skipped_and_cancelled_runs_and_keeps_runs_chained_after_them() {
-    crate::needs_servers!(
-        "pruning_takes_skipped_and_cancelled_runs_and_keeps_runs_chained_after_them"
-    );
-    let cluster = Cluster::new("").await;
-    let store = Store::from_pool(cluster.pool.clone()).await.unwrap();
+crate::on_every_store! {
+async fn pruning_takes_skipped_and_cancelled_runs_and_keeps_runs_chained_after_them(backend: Backend) {
+    let Some(cluster) = Cluster::on(
+        backend,
+        "pruning_takes_skipped_and_cancelled_runs_and_keeps_runs_chained_after_them",
+        "",
+    )
+    .await
+    else {
+        return;
+    };
+    let store = cluster.store.clone();
     let old: Vec<Uuid> = store
         .insert_runs(&[new_run(None), new_run(None), new_run(None)])
         .await
         .unwrap();
+    let long_ago = cluster.time(Utc::now() - chrono::Duration::days(10));
     for (id, status) in old.iter().zip(["skipped", "cancelled", "failed"]) {
-        sqlx::query(
-            "UPDATE job_runs SET status = $2, finished_at = now() - interval '10 days' WHERE id = $1",
-        )
-        .bind(id)
-        .bind(status)
-        .execute(&cluster.pool)
-        .await
-        .unwrap();
+        cluster
+            .sql(&format!(
+                "UPDATE job_runs SET status = '{status}', finished_at = {long_ago} WHERE id = {}",
+                cluster.id(*id)
+            ))
+            .await;
     }
     // Chained after the failed run, and still waiting.
     let mut chained = new_run(Some(old[2]));
@@ -1070,10 +1109,12 @@ async fn pruning_takes_skipped_and_cancelled_runs_and_keeps_runs_chained_after_t
         .await
         .unwrap();
     assert_eq!(pruned, 3);
-    let left: Vec<(Uuid, Option<Uuid>, String)> =
-        sqlx::query_as("SELECT id, parent_id, status FROM job_runs")
-            .fetch_all(&cluster.pool)
-            .await
-            .unwrap();
+    let left: Vec<(Uuid, Option<Uuid>, String)> = cluster
+        .runs()
+        .await
+        .into_iter()
+        .map(|r| (r.id, r.parent_id, r.status))
+        .collect();
     assert_eq!(left, [(chained, None, "queued".to_string())]);
+}
 }

@@ -198,10 +198,17 @@ fn run_ids(body: &Value) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_signed_nautobot_webhook_creates_one_run_and_publishes_it() {
-    crate::needs_servers!("a_signed_nautobot_webhook_creates_one_run_and_publishes_it");
-    let web = Web::new(NAUTOBOT_HOOK).await;
+crate::on_every_backend! {
+async fn a_signed_nautobot_webhook_creates_one_run_and_publishes_it(backend: Backend) {
+    let Some(web) = Web::on(
+        backend,
+        "a_signed_nautobot_webhook_creates_one_run_and_publishes_it",
+        NAUTOBOT_HOOK,
+    )
+    .await
+    else {
+        return;
+    };
     let payload = nautobot_payload("sw-fra-01", "updated");
     let body = serde_json::to_vec(&payload).unwrap();
     // Signed the way Nautobot signs, by another implementation than ours.
@@ -217,12 +224,8 @@ async fn a_signed_nautobot_webhook_creates_one_run_and_publishes_it() {
     let ids = run_ids(&answer);
     assert_eq!(ids.len(), 1);
     assert_eq!(answer["status_url"], format!("/api/runs/{}", ids[0]));
-    let (trigger, arguments): (String, Value) =
-        sqlx::query_as("SELECT trigger, arguments FROM job_runs WHERE id = $1::uuid")
-            .bind(&ids[0])
-            .fetch_one(&web.cluster.pool)
-            .await
-            .unwrap();
+    let run = web.cluster.run(&ids[0]).await;
+    let (trigger, arguments) = (run.trigger, run.arguments);
     assert_eq!(trigger, "webhook");
     // Rendered arguments over the job's own.
     assert_eq!(
@@ -231,23 +234,25 @@ async fn a_signed_nautobot_webhook_creates_one_run_and_publishes_it() {
                "request": "0b0c6a4e-5f4b-4a7c-9a43-2f5a4c1d9e10"})
     );
     // Then published: the message is on the queue and the row says so.
+    let id = uuid::Uuid::parse_str(&ids[0]).unwrap();
     web.cluster
         .wait_until(
             "the webhook's run is published",
             Duration::from_secs(20),
             &format!(
-                "SELECT count(*) = 1 FROM job_runs WHERE id = '{}' AND published_at IS NOT NULL",
-                ids[0]
+                "SELECT count(*) = 1 FROM job_runs WHERE id = {} AND published_at IS NOT NULL",
+                web.cluster.id(id)
             ),
         )
         .await;
-    let messages = web.cluster.drain(&web.cluster.queue).await;
+    let messages = web.cluster.drain_queue().await;
     assert_eq!(messages.len(), 1);
     let message: Value = serde_json::from_slice(&messages[0]).unwrap();
     assert_eq!(message["cmd"], "test_echo");
     assert_eq!(message["args"]["device"], "sw-fra-01");
     assert_eq!(message["run_id"], ids[0].as_str());
     assert_eq!(web.runs().await, 1);
+}
 }
 
 #[tokio::test]
@@ -919,10 +924,11 @@ async fn a_dry_run_answers_what_would_be_created_and_creates_nothing() {
     assert_eq!(web.runs().await, 0);
 }
 
-#[tokio::test]
-async fn the_api_lists_jobs_starts_runs_and_shows_them_behind_its_token() {
-    crate::needs_servers!("the_api_lists_jobs_starts_runs_and_shows_them_behind_its_token");
-    let web = Web::new(NAUTOBOT_HOOK).await;
+crate::on_every_backend! {
+async fn the_api_lists_jobs_starts_runs_and_shows_them_behind_its_token(backend: Backend) {
+    let Some(web) = Web::on(backend, "the_api_lists_jobs_starts_runs_and_shows_them_behind_its_token", NAUTOBOT_HOOK).await else {
+        return;
+    };
     for (token, what) in [(None, "no token"), (Some("wrong"), "a wrong token")] {
         let mut request = Request::get("/api/jobs");
         if let Some(token) = token {
@@ -1024,6 +1030,7 @@ async fn the_api_lists_jobs_starts_runs_and_shows_them_behind_its_token() {
     );
     assert_eq!(first["run_id"], again["run_id"]);
     assert_eq!(web.runs().await, 3);
+}
 }
 
 #[tokio::test]

@@ -1,44 +1,40 @@
 //! `registry`: import, validation, re-import, adopting the original's database.
 
 use serde_json::Value;
-use sqlx::Row;
 
+use crate::util::backend::Backend;
+use crate::util::cluster::Cluster;
 use crate::util::*;
 
 /// Every row of the original's three tables, as text, in a stable order: what an import that
 /// changes nothing must leave exactly as it was.
-async fn registry_tables(db: &TestDb) -> Vec<String> {
-    let pool = db.pool().await;
-    let rows = sqlx::query_scalar(
-        "SELECT 'jobs ' || row_to_json(j)::text FROM jobs j
-         UNION ALL SELECT 'registry ' || row_to_json(r)::text FROM registry r
-         UNION ALL SELECT 'schedule ' || row_to_json(s)::text FROM schedule s
-         ORDER BY 1",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    pool.close().await;
+async fn registry_tables(cluster: &Cluster) -> Vec<String> {
+    let mut rows = Vec::new();
+    for table in ["jobs", "registry", "schedule"] {
+        rows.extend(
+            cluster
+                .table_text(table)
+                .await
+                .into_iter()
+                .map(|row| format!("{table} {row}")),
+        );
+    }
     rows
 }
 
-fn show_jobs_json(ws: &Workspace, db: &TestDb) -> Value {
-    let out = success(run(ws.jobschleuder(db).args([
-        "registry",
-        "--show-jobs",
-        "--json",
-    ])));
+fn show_jobs_json(cluster: &Cluster) -> Value {
+    let out = cluster.run_ok(&["registry", "--show-jobs", "--json"]);
     serde_json::from_str(&out).expect("--json prints JSON")
 }
 
-#[tokio::test]
-async fn import_the_seed_file_and_show_it() {
-    crate::needs_postgres!("import_the_seed_file_and_show_it");
-    let db = TestDb::new().await;
-    let ws = Workspace::new();
-    let file = ws.write("jobs.yaml", SEED_JOBS);
-    let out = success(run(ws
-        .jobschleuder(&db)
+crate::on_every_store! {
+async fn import_the_seed_file_and_show_it(backend: Backend) {
+    let Some(cluster) = Cluster::on_with_plugins(backend, "import_the_seed_file_and_show_it", "", "").await else {
+        return;
+    };
+    let file = cluster.ws.write("jobs.yaml", SEED_JOBS);
+    let out = success(run(cluster
+        .command()
         .arg("registry")
         .arg("--import")
         .arg(&file)));
@@ -47,7 +43,7 @@ async fn import_the_seed_file_and_show_it() {
         "{out}"
     );
 
-    let jobs = show_jobs_json(&ws, &db);
+    let jobs = show_jobs_json(&cluster);
     let names: Vec<&str> = jobs
         .as_array()
         .unwrap()
@@ -62,7 +58,7 @@ async fn import_the_seed_file_and_show_it() {
     assert_eq!(jobs[1]["preprocessing"], "preprocessing_backup");
 
     // The seed's two-letter options and its table columns.
-    let table = success(run(ws.jobschleuder(&db).args(["registry", "-sj"])));
+    let table = cluster.run_ok(&["registry", "-sj"]);
     assert!(table.starts_with("All Jobs"), "{table}");
     for column in ["id", "name", "job", "descr", "pre", "post", "args"] {
         assert!(table.contains(column), "{column} missing:\n{table}");
@@ -71,34 +67,39 @@ async fn import_the_seed_file_and_show_it() {
         table.contains(r#"{"hello":"world"}"#),
         "args as compact JSON:\n{table}"
     );
-    let registry = success(run(ws.jobschleuder(&db).args(["registry", "-sr"])));
+    let registry = cluster.run_ok(&["registry", "-sr"]);
     assert!(
         registry.starts_with("Job registry") && registry.contains("*/1 * * * *"),
         "{registry}"
     );
-
-    let pool = db.pool().await;
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM registry")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(count, 3);
+    assert_eq!(cluster.count("SELECT count(*) FROM registry").await, 3);
+}
 }
 
-#[tokio::test]
-async fn every_kind_of_bad_file_changes_nothing() {
-    crate::needs_postgres!("every_kind_of_bad_file_changes_nothing");
-    let db = TestDb::new().await;
-    let ws = Workspace::new();
-    let good = ws.write("good.yaml", SEED_JOBS);
-    success(run(ws
-        .jobschleuder(&db)
-        .arg("registry")
-        .arg("-i")
-        .arg(&good)));
+/// A database trigger that refuses to write the job named `refused`.
+fn refusing_trigger(backend: Backend) -> &'static str {
+    if backend.postgres() {
+        "CREATE FUNCTION refuse_job() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'refused by the test'; END $$;
+         CREATE TRIGGER refuse_job BEFORE INSERT OR UPDATE ON jobs FOR EACH ROW
+         WHEN (NEW.name = 'refused') EXECUTE FUNCTION refuse_job();"
+    } else {
+        "CREATE TRIGGER refuse_insert BEFORE INSERT ON jobs WHEN NEW.name = 'refused'
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;
+         CREATE TRIGGER refuse_update BEFORE UPDATE ON jobs WHEN NEW.name = 'refused'
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;"
+    }
+}
+
+crate::on_every_store! {
+async fn every_kind_of_bad_file_changes_nothing(backend: Backend) {
+    let Some(cluster) = Cluster::on_with_plugins(backend, "every_kind_of_bad_file_changes_nothing", "", "").await else {
+        return;
+    };
+    cluster.import(SEED_JOBS);
     // A schedule, so that the schedule table has rows to keep too.
-    success(run(ws.jobschleuder(&db).args(["scheduler", "--init"])));
-    let before = registry_tables(&db).await;
+    cluster.run_ok(&["scheduler", "--init"]);
+    let before = registry_tables(&cluster).await;
     assert!(before.iter().any(|r| r.starts_with("schedule ")));
 
     let cases: &[(&str, &str, &[&str])] = &[
@@ -119,10 +120,10 @@ async fn every_kind_of_bad_file_changes_nothing() {
         ),
     ];
     for (what, text, expected) in cases {
-        let file = ws.write("bad.yaml", text);
+        let file = cluster.ws.write("bad.yaml", text);
         let err = failure(
-            run(ws
-                .jobschleuder(&db)
+            run(cluster
+                .command()
                 .arg("registry")
                 .arg("--import")
                 .arg(&file)),
@@ -136,7 +137,7 @@ async fn every_kind_of_bad_file_changes_nothing() {
             );
         }
         assert_eq!(
-            registry_tables(&db).await,
+            registry_tables(&cluster).await,
             before,
             "{what}: the registry changed"
         );
@@ -144,33 +145,24 @@ async fn every_kind_of_bad_file_changes_nothing() {
 
     // A file that passes validation but fails inside the import's transaction (here: the
     // database refuses its last job) changes nothing either: the transaction is atomic.
-    let pool = db.pool().await;
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_job() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN RAISE EXCEPTION 'refused by the test'; END $$;
-         CREATE TRIGGER refuse_job BEFORE INSERT OR UPDATE ON jobs FOR EACH ROW
-         WHEN (NEW.name = 'refused') EXECUTE FUNCTION refuse_job();",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let valid = ws.write(
+    cluster.sql(refusing_trigger(backend)).await;
+    let valid = cluster.ws.write(
         "valid.yaml",
         "jobs:\n- id: new one\n  job: x\n  schedule: '* * * * *'\n- id: hello world\n  job: changed\n- id: refused\n  job: x\n",
     );
     let err = failure(
-        run(ws.jobschleuder(&db).args(["registry", "-i"]).arg(&valid)),
+        run(cluster.command().args(["registry", "-i"]).arg(&valid)),
         1,
     );
     assert!(err.contains("refused by the test"), "{err}");
     assert_eq!(
-        registry_tables(&db).await,
+        registry_tables(&cluster).await,
         before,
         "a failed import transaction changed the registry"
     );
     let missing = failure(
-        run(ws
-            .jobschleuder(&db)
+        run(cluster
+            .command()
             .args(["registry", "-i", "no-such-file.yaml"])),
         1,
     );
@@ -179,41 +171,32 @@ async fn every_kind_of_bad_file_changes_nothing() {
         "{missing}"
     );
 }
+}
 
-#[tokio::test]
-async fn reimport_replaces_jobs_keeps_names_and_run_history() {
-    crate::needs_postgres!("reimport_replaces_jobs_keeps_names_and_run_history");
-    let db = TestDb::new().await;
-    let ws = Workspace::new();
-    let first = ws.write("first.yaml", SEED_JOBS);
-    success(run(ws
-        .jobschleuder(&db)
-        .arg("registry")
-        .arg("-i")
-        .arg(&first)));
-    let pool = db.pool().await;
-    let old_id: i32 = sqlx::query_scalar("SELECT id FROM jobs WHERE name = 'hello world'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO job_runs (id, job_name, job, job_id, trigger, status) VALUES ($1, 'hello world', 'hello_world', $2, 'manual', 'succeeded')",
-    )
-    .bind(uuid::Uuid::new_v4())
-    .bind(old_id)
-    .execute(&pool)
-    .await
-    .unwrap();
+crate::on_every_store! {
+async fn reimport_replaces_jobs_keeps_names_and_run_history(backend: Backend) {
+    let Some(cluster) = Cluster::on_with_plugins(backend, "reimport_replaces_jobs_keeps_names_and_run_history", "", "").await else {
+        return;
+    };
+    cluster.import(SEED_JOBS);
+    let job_id = "SELECT CAST(id AS BIGINT) FROM jobs WHERE name = 'hello world'";
+    let old_id = cluster.count(job_id).await;
+    let mut history = new_run(None, None);
+    history.job_name = "hello world".into();
+    history.job_id = Some(old_id as i32);
+    let run_id = cluster.store.insert_runs(&[history]).await.unwrap()[0];
+    cluster
+        .sql(&format!(
+            "UPDATE job_runs SET status = 'succeeded' WHERE id = {}",
+            cluster.id(run_id)
+        ))
+        .await;
 
-    let second = ws.write(
+    let second = cluster.ws.write(
         "second.yaml",
         "jobs:\n- id: hello world\n  job: hello_world\n  schedule: '*/5 * * * *'\n- id: report\n  job: command\n",
     );
-    let out = success(run(ws
-        .jobschleuder(&db)
-        .arg("registry")
-        .arg("-i")
-        .arg(&second)));
+    let out = success(run(cluster.command().arg("registry").arg("-i").arg(&second)));
     assert!(
         out.contains("Imported 2 jobs") && out.contains("1 new, 1 replaced, 2 removed"),
         "{out}"
@@ -223,39 +206,46 @@ async fn reimport_replaces_jobs_keeps_names_and_run_history() {
         "a job without schedule has no registry entry: {out}"
     );
 
-    let rows = sqlx::query("SELECT j.name, r.schedule FROM jobs j LEFT JOIN registry r ON r.job = j.id ORDER BY j.name")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    let rows: Vec<(String, Option<String>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let jobs = show_jobs_json(&cluster);
+    let names: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["hello world", "report"]);
     assert_eq!(
-        rows,
-        [
-            ("hello world".to_string(), Some("*/5 * * * *".to_string())),
-            ("report".to_string(), None)
-        ]
-    );
-    let runs: Vec<(String, String, Option<i32>, String, String)> =
-        sqlx::query_as("SELECT job_name, job, job_id, trigger, status FROM job_runs")
-            .fetch_all(&pool)
+        cluster
+            .table_text("registry")
             .await
-            .unwrap();
+            .iter()
+            .filter(|r| r.contains("*/5 * * * *"))
+            .count(),
+        1,
+        "one registry entry, with the new schedule"
+    );
+    assert_eq!(cluster.count("SELECT count(*) FROM registry").await, 1);
+    let runs = cluster.runs().await;
+    assert_eq!(runs.len(), 1, "run history survives a re-import");
     assert_eq!(
-        runs,
-        [(
-            "hello world".to_string(),
-            "hello_world".to_string(),
-            Some(old_id),
-            "manual".to_string(),
-            "succeeded".to_string()
-        )],
+        (
+            runs[0].job_name.as_str(),
+            runs[0].job.as_str(),
+            runs[0].trigger.as_str(),
+            runs[0].status.as_str()
+        ),
+        ("hello world", "hello_world", "manual", "succeeded"),
         "run history survives a re-import as it was"
     );
-    let kept_id: i32 = sqlx::query_scalar("SELECT id FROM jobs WHERE name = 'hello world'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(kept_id, old_id, "a job that stays keeps its row id");
+    assert_eq!(
+        cluster
+            .count("SELECT CAST(job_id AS BIGINT) FROM job_runs")
+            .await,
+        old_id,
+        "the run still names the job's row"
+    );
+    assert_eq!(cluster.count(job_id).await, old_id, "a job that stays keeps its row id");
+}
 }
 
 #[tokio::test]
@@ -275,7 +265,12 @@ async fn adopts_a_database_made_by_the_original() {
         sqlx::query(statement).execute(&pool).await.unwrap();
     }
     let ws = Workspace::new();
-    let jobs = show_jobs_json(&ws, &db);
+    let out = success(run(ws.jobschleuder(&db).args([
+        "registry",
+        "--show-jobs",
+        "--json",
+    ])));
+    let jobs: Value = serde_json::from_str(&out).expect("--json prints JSON");
     assert_eq!(jobs.as_array().unwrap().len(), 1);
     assert_eq!(jobs[0]["id"], 4);
     assert_eq!(jobs[0]["job"], "simple_config_backup");

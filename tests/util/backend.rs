@@ -120,6 +120,33 @@ macro_rules! on_every_backend {
     };
 }
 
+/// One test per store from one body, for tests the queue plays no part in (imports, the
+/// registry's tables): `async fn name(backend: Backend) { .. }` becomes the module `name` with
+/// the tests `sqlite` and `postgres`.
+#[macro_export]
+macro_rules! on_every_store {
+    ($(#[$meta:meta])* async fn $name:ident($backend:ident: Backend) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            use $crate::util::backend::Backend;
+
+            async fn body($backend: Backend) $body
+
+            #[tokio::test]
+            async fn sqlite() {
+                body(Backend::SqliteTable).await
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                body(Backend::PostgresTable).await
+            }
+        }
+    };
+}
+
 /// Returns from the test (after a notice) when Postgres does not answer here, unless
 /// `JOBSCHLEUDER_TEST_REQUIRE_SERVERS=1`.
 #[macro_export]

@@ -111,6 +111,20 @@ impl Cluster {
         Some(Self::build(backend, "", &crate::plugins::plugin_config_text(), extra).await)
     }
 
+    /// Like [`Cluster::on`], with `plugins` (the `plugins:` sections, or none) instead of the
+    /// test plugins.
+    pub async fn on_with_plugins(
+        backend: Backend,
+        test: &str,
+        plugins: &str,
+        extra: &str,
+    ) -> Option<Cluster> {
+        if backend.unavailable(test).is_some() {
+            return None;
+        }
+        Some(Self::build(backend, "", plugins, extra).await)
+    }
+
     async fn build(backend: Backend, rabbitmq: &str, plugins: &str, extra: &str) -> Cluster {
         let ws = Workspace::new();
         let queue = super::scratch_name();
@@ -201,6 +215,14 @@ impl Cluster {
         } else {
             format!("X'{}'", id.simple())
         }
+    }
+
+    /// A time as a SQL literal of the test's database (as the store writes times).
+    pub fn time(&self, at: chrono::DateTime<chrono::Utc>) -> String {
+        format!(
+            "'{}'",
+            at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
+        )
     }
 
     /// Every run, oldest first (at most 100,000), from the store the test runs on.
@@ -348,6 +370,38 @@ impl Cluster {
             .expect("the test's SQLite file")
     }
 
+    /// Every row of `table` as one JSON text, in a stable order, whichever database it is in:
+    /// what checks that a table did not change compare.
+    pub async fn table_text(&self, table: &str) -> Vec<String> {
+        if self.backend.postgres() {
+            return sqlx::query_scalar(&format!(
+                "SELECT row_to_json(t)::text FROM {table} t ORDER BY 1"
+            ))
+            .fetch_all(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("reading {table}: {e}"));
+        }
+        let pool = self.sqlite().await;
+        let columns: Vec<String> =
+            sqlx::query_scalar(&format!("SELECT name FROM pragma_table_info('{table}')"))
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("reading {table}'s columns: {e}"));
+        let object = columns
+            .iter()
+            .map(|c| format!("'{c}', {c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = sqlx::query_scalar(&format!(
+            "SELECT json_object({object}) FROM {table} ORDER BY 1"
+        ))
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("reading {table}: {e}"));
+        pool.close().await;
+        rows
+    }
+
     /// Polls `query` (a SQL returning one boolean, in the SQL both databases speak) until it is
     /// true, at most `limit`.
     pub async fn wait_until(&self, what: &str, limit: Duration, query: &str) {
@@ -438,6 +492,19 @@ impl Cluster {
             .queue_depth(&self.queue)
             .await
             .expect("reading the queue's depth")
+    }
+
+    /// Messages of the test queue handed to a consumer and not yet acknowledged, whichever
+    /// queue it is.
+    pub async fn held(&self) -> u64 {
+        if self.backend.rabbitmq() {
+            return self.unacknowledged(&self.queue);
+        }
+        self.count(&format!(
+            "SELECT count(*) FROM queue_messages WHERE queue = '{}' AND consumer IS NOT NULL",
+            self.queue
+        ))
+        .await as u64
     }
 
     /// Takes every message out of the test queue, whichever queue it is; their bodies.

@@ -2128,6 +2128,19 @@ async fn insert_messages(
     Ok(())
 }
 
+/// Lets the current transaction commit without waiting for its WAL flush. Only for writes
+/// whose loss in a server crash the queue recovers from by itself: a lost take or renewal
+/// hands the message out again (the run's claim recognizes the copy), a lost release leaves
+/// it held until its lease runs out, a lost acknowledgement brings a copy the claim skips.
+/// Publishes, claims and results never use it.
+async fn without_flush_wait(tx: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await
+        .context("setting up a queue transaction")?;
+    Ok(())
+}
+
 impl PgStore {
     pub async fn queue_publish(&self, messages: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
         let mut tx = self
@@ -2148,6 +2161,7 @@ impl PgStore {
         delivery_limit: u32,
     ) -> Result<Vec<QueueMessage>, StoreError> {
         let mut tx = self.pool.begin().await.context("taking queued messages")?;
+        without_flush_wait(&mut tx).await?;
         let taken: Vec<QueueMessage> = sqlx::query_as(
             "UPDATE queue_messages m
              SET deliveries = m.deliveries + 1, consumer = $3,
@@ -2191,12 +2205,14 @@ impl PgStore {
     }
 
     pub async fn queue_ack(&self, ids: &[i64]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.context("acknowledging messages")?;
+        without_flush_wait(&mut tx).await?;
         sqlx::query("DELETE FROM queue_messages WHERE id = ANY($1)")
             .bind(ids)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .context("acknowledging messages")?;
-        Ok(())
+        tx.commit().await.context("acknowledging messages")
     }
 
     pub async fn queue_release(&self, ids: &[i64]) -> Result<(), StoreError> {
@@ -2210,6 +2226,7 @@ impl PgStore {
     /// Makes messages ready again at once (by id, or all a consumer holds).
     async fn release(&self, ids: Option<&[i64]>, consumer: Option<&str>) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.context("returning messages")?;
+        without_flush_wait(&mut tx).await?;
         let queues: Vec<String> = sqlx::query_scalar(
             "UPDATE queue_messages SET visible_at = now(), consumer = NULL
              WHERE id = ANY($1) OR consumer = $2
@@ -2248,16 +2265,24 @@ impl PgStore {
     }
 
     pub async fn queue_extend(&self, consumer: &str, lease: Duration) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("renewing the lease of held messages")?;
+        without_flush_wait(&mut tx).await?;
         sqlx::query(
             "UPDATE queue_messages SET visible_at = now() + $2 * interval '1 second'
              WHERE consumer = $1",
         )
         .bind(consumer)
         .bind(lease.as_secs_f64())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .context("renewing the lease of held messages")?;
-        Ok(())
+        tx.commit()
+            .await
+            .context("renewing the lease of held messages")
     }
 
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, StoreError> {

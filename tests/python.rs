@@ -29,29 +29,36 @@ async fn run(cluster: &Cluster, job: &str) -> String {
     cluster.run_now(job)
 }
 
+/// The run's (status, error, result) once it has ended.
 async fn ended(cluster: &Cluster, id: &str) -> (String, Option<String>, Option<Value>) {
+    let id = uuid::Uuid::parse_str(id.trim()).expect("a run id");
     cluster
-        .wait_until(
+        .wait_for(
             &format!("run {id} to end"),
             Duration::from_secs(60),
-            &format!(
-                "SELECT status IN ('succeeded', 'failed', 'dead') FROM job_runs WHERE id = '{id}'"
-            ),
+            |runs| {
+                runs.iter().any(|r| {
+                    r.id == id && ["succeeded", "failed", "dead"].contains(&r.status.as_str())
+                })
+            },
         )
         .await;
-    sqlx::query_as(&format!(
-        "SELECT status, error, result FROM job_runs WHERE id = '{id}'"
-    ))
-    .fetch_one(&cluster.pool)
-    .await
-    .unwrap()
+    let run = cluster.run(&id.to_string()).await;
+    (run.status, run.error, run.result)
 }
 
-#[tokio::test]
-async fn the_originals_python_plugins_run_through_a_real_worker() {
-    crate::needs_servers!("the_originals_python_plugins_run_through_a_real_worker");
-    let cluster =
-        Cluster::with_config("", &python_plugins(), "worker:\n  retry_backoff: 0.1\n").await;
+crate::on_every_backend! {
+async fn the_originals_python_plugins_run_through_a_real_worker(backend: Backend) {
+    let Some(cluster) = Cluster::on_with_plugins(
+        backend,
+        "the_originals_python_plugins_run_through_a_real_worker",
+        &python_plugins(),
+        "worker:\n  retry_backoff: 0.1\n",
+    )
+    .await
+    else {
+        return;
+    };
     // What the original's worker exported to veritas plugins: a .env beside the config.
     cluster
         .ws
@@ -114,21 +121,20 @@ async fn the_originals_python_plugins_run_through_a_real_worker() {
     let (status, _, result) = ended(&cluster, &parent).await;
     assert_eq!(status, "succeeded");
     assert_eq!(result.unwrap_or_default()["fanned_out"], 3);
+    let parent = uuid::Uuid::parse_str(parent.trim()).unwrap();
+    let children = |runs: &[jobschleuder::store::RunRow]| -> Vec<Value> {
+        runs.iter()
+            .filter(|r| r.parent_id == Some(parent) && r.status == "succeeded")
+            .filter_map(|r| r.result.clone())
+            .collect()
+    };
     cluster
-        .wait_until(
-            "the three backups",
-            Duration::from_secs(60),
-            &format!(
-                "SELECT count(*) = 3 FROM job_runs WHERE parent_id = '{parent}' AND status = 'succeeded'"
-            ),
-        )
+        .wait_for("the three backups", Duration::from_secs(60), |runs| {
+            children(runs).len() == 3
+        })
         .await;
-    let results: Vec<Value> = sqlx::query_scalar(&format!(
-        "SELECT result FROM job_runs WHERE parent_id = '{parent}' ORDER BY result->>'device'"
-    ))
-    .fetch_all(&cluster.pool)
-    .await
-    .unwrap();
+    let mut results = children(&cluster.runs().await);
+    results.sort_by_key(|r| r["device"].as_str().unwrap_or_default().to_string());
     let devices: Vec<&str> = results
         .iter()
         .map(|r| r["device"].as_str().unwrap_or_default())
@@ -162,6 +168,7 @@ async fn the_originals_python_plugins_run_through_a_real_worker() {
         !log.contains("k3y-for-the-test-0042"),
         "a secret reached the log"
     );
+}
 }
 
 /// Runs one function of `edge.py` with `worker --exec`; its JSON line and the log.

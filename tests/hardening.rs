@@ -811,3 +811,63 @@ async fn a_worker_that_lost_its_lease_claims_nothing_until_it_holds_it_again() {
         )
         .await;
 }
+
+/// Postgres + table queue: the acknowledgement is made to fail by a trigger (Postgres's
+/// sequences count refusals outside the refused transaction).
+#[tokio::test]
+async fn a_lost_acknowledgement_returns_the_message_when_its_lease_runs_out() {
+    let backend = crate::util::backend::Backend::PostgresTable;
+    let name = "a_lost_acknowledgement_returns_the_message_when_its_lease_runs_out";
+    let Some(cluster) = Cluster::on(backend, name, FAST).await else {
+        return;
+    };
+    cluster.import(
+        "jobs:\n- id: slow\n  job: test_sleep\n  arguments: {seconds: 20}\n- id: quick\n  job: hello_world\n",
+    );
+    // The first acknowledgement is refused; later ones go through.
+    cluster
+        .sql(
+            "CREATE SEQUENCE refused_acks;
+             CREATE FUNCTION refuse_ack() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF nextval('refused_acks') = 1 THEN RAISE EXCEPTION 'ack refused for the test'; END IF;
+               RETURN OLD;
+             END $$;
+             CREATE TRIGGER refuse_ack BEFORE DELETE ON queue_messages
+             FOR EACH ROW EXECUTE FUNCTION refuse_ack();",
+        )
+        .await;
+    let _worker = cluster.worker("w1", 2);
+    cluster.run_now("slow");
+    cluster
+        .wait_until(
+            "the slow run running",
+            Duration::from_secs(30),
+            "SELECT count(*) = 1 FROM job_runs WHERE job_name = 'slow' AND status = 'running'",
+        )
+        .await;
+    // Its acknowledgement is lost; the worker still holds the slow run's message and renews
+    // its lease: the quick one's message must not be renewed with it.
+    cluster.run_now("quick");
+    cluster
+        .wait_until(
+            "the quick run's message gone",
+            Duration::from_secs(15),
+            "SELECT count(*) = 1 FROM queue_messages",
+        )
+        .await;
+    let runs = cluster.runs().await;
+    let slow = runs.iter().find(|r| r.job_name == "slow").unwrap();
+    assert_eq!(slow.status, "running", "{}", cluster.logs());
+    let quick: Vec<_> = runs.iter().filter(|r| r.job_name == "quick").collect();
+    assert_eq!(quick.len(), 1);
+    assert_eq!(
+        (quick[0].status.as_str(), quick[0].attempt),
+        ("succeeded", 1)
+    );
+    assert_eq!(
+        cluster.count("SELECT last_value FROM refused_acks").await,
+        2,
+        "one acknowledgement refused, the copy's acknowledged"
+    );
+}

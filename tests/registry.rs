@@ -216,13 +216,13 @@ async fn reimport_replaces_jobs_keeps_names_and_run_history(backend: Backend) {
     assert_eq!(names, ["hello world", "report"]);
     assert_eq!(
         cluster
-            .table_text("registry")
-            .await
-            .iter()
-            .filter(|r| r.contains("*/5 * * * *"))
-            .count(),
+            .count(
+                "SELECT count(*) FROM registry r JOIN jobs j ON j.id = r.job
+                 WHERE j.name = 'hello world' AND r.schedule = '*/5 * * * *'"
+            )
+            .await,
         1,
-        "one registry entry, with the new schedule"
+        "hello world keeps one entry, with the new schedule; report has none"
     );
     assert_eq!(cluster.count("SELECT count(*) FROM registry").await, 1);
     let runs = cluster.runs().await;

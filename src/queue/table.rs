@@ -13,7 +13,7 @@
 //!   them by LISTEN/NOTIFY, and SQLite by a short poll of the file's change counter
 //!   (`queue.poll_interval`). A consumer also wakes when a lease it waits for runs out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -109,6 +109,7 @@ impl TableQueue {
         let tag = format!("{tag}-{}", uuid::Uuid::new_v4().simple());
         let shared = Arc::new(Shared {
             held: AtomicUsize::new(0),
+            holding: Mutex::new(HashSet::new()),
             released: Notify::new(),
             cancelled: AtomicBool::new(false),
         });
@@ -165,6 +166,10 @@ impl TableQueue {
 struct Shared {
     /// Deliveries handed out and not yet settled.
     held: AtomicUsize,
+    /// Their ids: the messages whose lease the consumer renews. A message leaves it once its
+    /// settlement was written or given up on; one whose settlement was lost in a crash of the
+    /// database is then no longer renewed and returns when its lease runs out.
+    holding: Mutex<HashSet<i64>>,
     /// Told when a delivery is settled (room for another).
     released: Notify,
     cancelled: AtomicBool,
@@ -267,6 +272,11 @@ async fn acknowledge(
             }
         }
         let settled = batch.len();
+        if let Ok(mut holding) = shared.holding.lock() {
+            for (id, _, _) in &batch {
+                holding.remove(id);
+            }
+        }
         for (_, _, done) in batch.drain(..) {
             let _ = done.send(());
         }
@@ -280,10 +290,14 @@ async fn renew(store: Store, tag: String, lease: Duration, shared: Arc<Shared>) 
     let every = (lease / 3).max(Duration::from_millis(100));
     loop {
         tokio::time::sleep(every).await;
-        if shared.held.load(Ordering::SeqCst) == 0 {
+        let ids: Vec<i64> = match shared.holding.lock() {
+            Ok(holding) => holding.iter().copied().collect(),
+            Err(_) => continue,
+        };
+        if ids.is_empty() {
             continue;
         }
-        if let Err(e) = store.queue_extend(&tag, lease).await {
+        if let Err(e) = store.queue_extend(&tag, &ids, lease).await {
             tracing::warn!(error = %e, "renewing the lease of held deliveries failed; trying again");
         }
     }
@@ -409,6 +423,9 @@ impl Fetcher {
             .await?;
         let any = !taken.is_empty();
         self.shared.held.fetch_add(taken.len(), Ordering::SeqCst);
+        if let Ok(mut holding) = self.shared.holding.lock() {
+            holding.extend(taken.iter().map(|m| m.id));
+        }
         for message in taken {
             let previous = u64::try_from(message.deliveries.max(1) - 1).unwrap_or(0);
             let delivery = Delivery {

@@ -1093,9 +1093,15 @@ impl Store {
         dispatch!(self, s => s.queue_dead_letter(ids, reason).await)
     }
 
-    /// Renews the lease of every message `consumer` holds.
-    pub async fn queue_extend(&self, consumer: &str, lease: Duration) -> Result<(), StoreError> {
-        dispatch!(self, s => s.queue_extend(consumer, lease).await)
+    /// Renews the lease of the messages `ids` that `consumer` still holds. A message whose
+    /// settlement was lost is not among them: it returns when its lease runs out.
+    pub async fn queue_extend(
+        &self,
+        consumer: &str,
+        ids: &[i64],
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.queue_extend(consumer, ids, lease).await)
     }
 
     /// Messages ready in `queue`.

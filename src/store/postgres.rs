@@ -2129,10 +2129,12 @@ async fn insert_messages(
 }
 
 /// Lets the current transaction commit without waiting for its WAL flush. Only for writes
-/// whose loss in a server crash the queue recovers from by itself: a lost take or renewal
-/// hands the message out again (the run's claim recognizes the copy), a lost release leaves
-/// it held until its lease runs out, a lost acknowledgement brings a copy the claim skips.
-/// Publishes, claims and results never use it.
+/// whose loss in a server crash changes nothing that a flushed write depends on: a take is
+/// flushed by the claim that follows it (a take whose run was not claimed yet is handed out
+/// again, and the claim decides which copy runs); a lost renewal, release or acknowledgement
+/// leaves the message with its consumer until its lease runs out (consumers renew only what
+/// they still hold), and the copy then handed out is skipped by its run's claim. Publishes,
+/// claims and results never use it.
 async fn without_flush_wait(tx: &mut PgConnection) -> Result<(), StoreError> {
     sqlx::query("SET LOCAL synchronous_commit = off")
         .execute(&mut *tx)
@@ -2264,7 +2266,12 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn queue_extend(&self, consumer: &str, lease: Duration) -> Result<(), StoreError> {
+    pub async fn queue_extend(
+        &self,
+        consumer: &str,
+        ids: &[i64],
+        lease: Duration,
+    ) -> Result<(), StoreError> {
         let mut tx = self
             .pool
             .begin()
@@ -2273,10 +2280,11 @@ impl PgStore {
         without_flush_wait(&mut tx).await?;
         sqlx::query(
             "UPDATE queue_messages SET visible_at = now() + $2 * interval '1 second'
-             WHERE consumer = $1",
+             WHERE consumer = $1 AND id = ANY($3)",
         )
         .bind(consumer)
         .bind(lease.as_secs_f64())
+        .bind(ids)
         .execute(&mut *tx)
         .await
         .context("renewing the lease of held messages")?;

@@ -1643,15 +1643,31 @@ impl SqliteStore {
         tx.commit().await.context("dead-lettering messages")
     }
 
-    pub async fn queue_extend(&self, consumer: &str, lease: Duration) -> Result<(), StoreError> {
-        let _turn = self.turn.lock().await;
-        sqlx::query("UPDATE queue_messages SET visible_at = ? WHERE consumer = ?")
-            .bind(Utc::now() + lease)
-            .bind(consumer)
-            .execute(&self.pool)
+    pub async fn queue_extend(
+        &self,
+        consumer: &str,
+        ids: &[i64],
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write("renewing the lease of held messages").await?;
+        let until = Utc::now() + lease;
+        for chunk in ids.chunks(LIST_CHUNK) {
+            bind_all!(
+                sqlx::query(&format!(
+                    "UPDATE queue_messages SET visible_at = ? WHERE consumer = ? AND id IN ({})",
+                    marks(chunk.len())
+                ))
+                .bind(until)
+                .bind(consumer),
+                chunk.iter()
+            )
+            .execute(&mut *tx)
             .await
             .context("renewing the lease of held messages")?;
-        Ok(())
+        }
+        tx.commit()
+            .await
+            .context("renewing the lease of held messages")
     }
 
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, StoreError> {

@@ -94,28 +94,9 @@ fn reachable(url: &str, default_port: u16) -> bool {
 #[macro_export]
 macro_rules! on_every_backend {
     ($(#[$meta:meta])* async fn $name:ident($backend:ident: Backend) $body:block) => {
-        $(#[$meta])*
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-            use $crate::util::backend::Backend;
-
-            async fn body($backend: Backend) $body
-
-            #[tokio::test]
-            async fn sqlite_table() {
-                body(Backend::SqliteTable).await
-            }
-
-            #[tokio::test]
-            async fn postgres_table() {
-                body(Backend::PostgresTable).await
-            }
-
-            #[tokio::test]
-            async fn postgres_rabbitmq() {
-                body(Backend::PostgresRabbitmq).await
-            }
+        $crate::on_backends! {
+            [sqlite_table: SqliteTable, postgres_table: PostgresTable, postgres_rabbitmq: PostgresRabbitmq]
+            $(#[$meta])* async fn $name($backend: Backend) $body
         }
     };
 }
@@ -126,6 +107,18 @@ macro_rules! on_every_backend {
 #[macro_export]
 macro_rules! on_every_store {
     ($(#[$meta:meta])* async fn $name:ident($backend:ident: Backend) $body:block) => {
+        $crate::on_backends! {
+            [sqlite: SqliteTable, postgres: PostgresTable]
+            $(#[$meta])* async fn $name($backend: Backend) $body
+        }
+    };
+}
+
+/// The module of one test body with a test per `test_name: Backend variant` listed.
+#[macro_export]
+macro_rules! on_backends {
+    ([$($test:ident: $variant:ident),+]
+     $(#[$meta:meta])* async fn $name:ident($backend:ident: Backend) $body:block) => {
         $(#[$meta])*
         mod $name {
             #[allow(unused_imports)]
@@ -134,15 +127,12 @@ macro_rules! on_every_store {
 
             async fn body($backend: Backend) $body
 
-            #[tokio::test]
-            async fn sqlite() {
-                body(Backend::SqliteTable).await
-            }
-
-            #[tokio::test]
-            async fn postgres() {
-                body(Backend::PostgresTable).await
-            }
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    body(Backend::$variant).await
+                }
+            )+
         }
     };
 }

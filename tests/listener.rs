@@ -1033,10 +1033,17 @@ async fn the_api_lists_jobs_starts_runs_and_shows_them_behind_its_token(backend:
 }
 }
 
-#[tokio::test]
-async fn health_and_metrics_tell_what_works_and_what_ran() {
-    crate::needs_servers!("health_and_metrics_tell_what_works_and_what_ran");
-    let web = Web::new(NAUTOBOT_HOOK).await;
+crate::on_every_backend! {
+async fn health_and_metrics_tell_what_works_and_what_ran(backend: Backend) {
+    let Some(web) = Web::on(
+        backend,
+        "health_and_metrics_tell_what_works_and_what_ran",
+        NAUTOBOT_HOOK,
+    )
+    .await
+    else {
+        return;
+    };
     let (status, _, health) = web
         .send(Request::get("/healthz").body(Body::empty()).unwrap())
         .await;
@@ -1052,16 +1059,26 @@ async fn health_and_metrics_tell_what_works_and_what_ran() {
         StatusCode::NOT_FOUND
     );
     // Runs that finished a while ago (a worker's results): counted by job and status.
-    sqlx::query(
-        "INSERT INTO job_runs (id, job_name, job, trigger, status, attempt, created_at,
-                               published_at, started_at, finished_at)
-         SELECT gen_random_uuid(), 'backup', 'test_echo', 'manual', s, 1, now() - interval '0.5 s',
-                now() - interval '0.4 s', now() - interval '0.3 s', now()
-         FROM unnest(ARRAY['succeeded', 'succeeded', 'failed']) AS s",
-    )
-    .execute(&web.cluster.pool)
-    .await
-    .unwrap();
+    let cluster = &web.cluster;
+    let now = chrono::Utc::now();
+    let ago = |ms: i64| cluster.time(now - chrono::Duration::milliseconds(ms));
+    for status in ["succeeded", "succeeded", "failed"] {
+        let mut run = crate::util::new_run(None, None);
+        run.job_name = "backup".into();
+        run.job = "test_echo".into();
+        let id = cluster.store.insert_runs(&[run]).await.unwrap()[0];
+        cluster
+            .sql(&format!(
+                "UPDATE job_runs SET status = '{status}', attempt = 1, created_at = {},
+                    published_at = {}, started_at = {}, finished_at = {} WHERE id = {}",
+                ago(500),
+                ago(400),
+                ago(300),
+                ago(0),
+                cluster.id(id)
+            ))
+            .await;
+    }
     let wanted = [
         "jobschleuder_webhook_requests_total{code=\"202\",hook=\"nautobot\"} 1",
         "jobschleuder_webhook_requests_total{code=\"404\",hook=\"unknown\"} 1",
@@ -1107,6 +1124,7 @@ async fn health_and_metrics_tell_what_works_and_what_ran() {
         "{text}"
     );
     assert!(!text.contains(SECRET) && !text.contains(API_TOKEN));
+}
 }
 
 #[tokio::test]

@@ -207,7 +207,7 @@ impl Scratch {
         let config_path = dir.join("config.yaml");
         std::fs::write(&config_path, &text)?;
         let config = Config::from_str_with_env(&config_path, &text, &|_| None)?;
-        let store = Store::connect(&config.database).await?;
+        let store = Store::open(&config).await?;
         Ok(Scratch {
             name,
             config,
@@ -242,7 +242,7 @@ impl Scratch {
         let config_path = dir.join("config.yaml");
         std::fs::write(&config_path, &text)?;
         let config = Config::from_str_with_env(&config_path, &text, &|_| None)?;
-        let store = Store::connect(&config.database).await?;
+        let store = Store::open(&config).await?;
         let pool = if sqlite {
             Some(
                 sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.join("bench.db").display()))
@@ -318,18 +318,14 @@ impl Scratch {
                 .expect("a runtime");
             // A pool of its own: connections live on the runtime that opened them.
             runtime.block_on(async move {
-                let store = Store::connect(&config.database)
-                    .await
-                    .expect("the database");
+                let store = Store::open(&config).await.expect("the database");
                 let _ = scheduler::run(&store, &config, false, down).await;
             });
         });
         let (config, queue) = (self.config.clone(), self.name.clone());
         let worker = tokio::spawn(async move {
             // Its own pool, as a worker process has.
-            let store = Store::connect(&config.database)
-                .await
-                .expect("the database");
+            let store = Store::open(&config).await.expect("the database");
             let options = WorkerOptions {
                 id: "bench".into(),
                 slots,
@@ -436,9 +432,7 @@ async fn full_path(scratch: &Scratch, runs: usize) -> Result<(f64, f64), Error> 
         let (config, queue) = (scratch.config.clone(), scratch.name.clone());
         let worker = tokio::spawn(async move {
             // Its own pool, as a worker process has.
-            let store = Store::connect(&config.database)
-                .await
-                .expect("the database");
+            let store = Store::open(&config).await.expect("the database");
             let options = WorkerOptions {
                 id: "bench".into(),
                 slots: THROUGHPUT_SLOTS,

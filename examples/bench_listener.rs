@@ -47,7 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          arguments:\n        device: \"{{{{ data.name }}}}\"\n"
     );
     let config = Config::from_str_with_env(Path::new("bench.yaml"), &text, &|_| None)?;
-    let store = Store::connect(&config.database).await?;
+    let store = Store::open(&config).await?;
     store
         .pg_pool()
         .expect("a Postgres store")

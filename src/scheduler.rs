@@ -245,21 +245,6 @@ pub struct PassSummary {
     pub now: Option<DateTime<Utc>>,
 }
 
-/// Builds the wire message of a queued run.
-pub fn message_of(run: &crate::store::OutboxRun) -> JobMessage {
-    JobMessage {
-        cmd: run.job.clone(),
-        args: crate::store::object_or_empty(Some(&run.arguments)),
-        run_id: Some(run.id),
-        job_name: Some(run.job_name.clone()),
-        preprocessing: run.preprocessing.clone(),
-        postprocessing: run.postprocessing.clone(),
-        timeout: run.timeout_seconds,
-        retries: u32::try_from(run.max_retries).ok(),
-        attempt: Some(run.attempt),
-    }
-}
-
 /// Steps 1 and 2 of a pass: schedule new entries, create due runs. "Now" is the database's
 /// clock, or `at` when given (tests stepping through time).
 pub async fn create_due_runs(
@@ -396,7 +381,7 @@ pub async fn publish_queued(
                     .queue
                     .clone()
                     .unwrap_or_else(|| default_queue.to_string()),
-                message: message_of(run),
+                message: JobMessage::of_run(run),
             })
             .collect();
         if publisher.is_table() {

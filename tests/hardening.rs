@@ -871,3 +871,59 @@ async fn a_lost_acknowledgement_returns_the_message_when_its_lease_runs_out() {
         "one acknowledgement refused, the copy's acknowledged"
     );
 }
+
+crate::on_backends! {
+    [sqlite_table: SqliteTable, postgres_table: PostgresTable]
+    /// Table queue only: its messages live in the store's own database, so a due run is
+    /// published by the transaction that creates it, with no outbox pass after it. (With
+    /// RabbitMQ the outbox publishes and then marks: tested by the crash tests.)
+    async fn with_the_table_queue_a_run_and_its_message_are_created_together(backend: Backend) {
+        let Some(cluster) = Cluster::on(
+            backend,
+            "with_the_table_queue_a_run_and_its_message_are_created_together",
+            FAST,
+        )
+        .await
+        else {
+            return;
+        };
+        cluster.import(
+            "jobs:\n- id: now\n  job: hello_world\n  schedule: '0 0 1 1 *'\n  arguments: {device: sw1}\n",
+        );
+        let id = cluster.run_now("now");
+        let run = cluster.run(&id).await;
+        assert_eq!(run.status, "queued");
+        assert_eq!(
+            run.published_at,
+            Some(run.created_at),
+            "published in the transaction that created it"
+        );
+        let messages = cluster.drain_queue().await;
+        assert_eq!(messages.len(), 1, "one message");
+        let message = jobschleuder::queue::JobMessage::parse(&messages[0]).unwrap();
+        assert_eq!(message.run_id.map(|id| id.to_string()), Some(id.clone()));
+        assert_eq!(
+            (message.cmd.as_str(), message.job_name.as_deref(), message.attempt),
+            ("hello_world", Some("now"), Some(0))
+        );
+        assert_eq!(message.args["device"], "sw1");
+
+        // A message that cannot be queued: the run is not created either.
+        let refuse = if backend.postgres() {
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'no messages today'; END $$;
+             CREATE TRIGGER refuse BEFORE INSERT ON queue_messages FOR EACH ROW
+             EXECUTE FUNCTION refuse();"
+        } else {
+            "CREATE TRIGGER refuse BEFORE INSERT ON queue_messages
+             BEGIN SELECT RAISE(ABORT, 'no messages today'); END;"
+        };
+        cluster.sql(refuse).await;
+        let error = crate::util::failure(
+            crate::util::run(cluster.command().args(["scheduler", "--run-now", "now"])),
+            1,
+        );
+        assert!(error.contains("no messages today"), "{error}");
+        assert_eq!(cluster.runs().await.len(), 1, "no run without its message");
+    }
+}

@@ -121,7 +121,7 @@ impl Web {
             (key == "JOBSCHLEUDER_DATABASE_URL" && postgres).then(|| url.clone())
         })
         .expect("config loads");
-        let store = Store::connect(&config.database).await.expect("database");
+        let store = Store::open(&config).await.expect("database");
         let (stop, shutdown) = Shutdown::manual();
         let state = listener::start(&config, store, shutdown).await;
         let app = listener::router(state.clone());

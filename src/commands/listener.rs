@@ -8,7 +8,7 @@ use crate::store::Store;
 
 pub async fn run(config: &Config, args: &ListenerArgs) -> Result<()> {
     let shutdown = Shutdown::install();
-    let store = Store::connect(&config.database).await?;
+    let store = Store::open(config).await?;
     let bind = args.bind.unwrap_or(config.listener.bind);
     crate::listener::serve(config, store, bind, shutdown).await
 }

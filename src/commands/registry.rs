@@ -63,7 +63,7 @@ pub async fn run(config: &Config, args: &RegistryArgs) -> Result<()> {
         }
         None => None,
     };
-    let store = Store::connect(&config.database).await?;
+    let store = Store::open(config).await?;
     let mut stdout = std::io::stdout().lock();
 
     if let Some((path, jobs)) = jobs {

@@ -55,7 +55,7 @@ pub async fn run(config: &Config, args: &RunsArgs) -> Result<()> {
             config.rabbitmq.queue
         )));
     }
-    let store = Store::connect(&config.database).await?;
+    let store = Store::open(config).await?;
     let mut stdout = std::io::stdout().lock();
     if args.dead_letters {
         let letters = store.queue_dead_letters(args.limit).await?;

@@ -39,7 +39,7 @@ pub async fn run(config: &Config, args: &SchedulerArgs) -> Result<()> {
                 .into(),
         ));
     }
-    let store = Store::connect(&config.database).await?;
+    let store = Store::open(config).await?;
     let mut stdout = std::io::stdout().lock();
 
     if let Some(name) = &args.backfill {
@@ -200,7 +200,7 @@ async fn preview(config: &Config, expression: &str, args: &SchedulerArgs) -> Res
             )))
         }
         Err(cron_error) => {
-            let store = Store::connect(&config.database).await?;
+            let store = Store::open(config).await?;
             let entry = store
                 .registry()
                 .await?

@@ -29,7 +29,7 @@ pub async fn run(config: &Config, args: &StandaloneArgs) -> Result<()> {
         };
         super::registry::run(config, &import).await?;
     }
-    let store = Store::connect(&config.database).await?;
+    let store = Store::open(config).await?;
     let bind = args.bind.unwrap_or(config.listener.bind);
     let queue = config.rabbitmq.queue.clone();
     let id = gethostname::gethostname().to_string_lossy().into_owned();

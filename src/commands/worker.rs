@@ -40,7 +40,7 @@ pub async fn run(config: &Config, args: &WorkerArgs) -> Result<()> {
                     id.chars().take(20).collect::<String>()
                 )));
             }
-            let store = crate::store::Store::connect(&config.database).await?;
+            let store = crate::store::Store::open(config).await?;
             let options = crate::worker::WorkerOptions {
                 id,
                 slots: args.worker.unwrap_or(1).max(1),

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::config::{Config, QueueKind};
-use crate::store::{Store, StoreError};
+use crate::store::{NewRun, OutboxRun, Store, StoreError};
 
 pub use rabbitmq::Broker;
 
@@ -105,6 +105,37 @@ pub struct JobMessage {
 }
 
 impl JobMessage {
+    /// The message of a queued run.
+    pub fn of_run(run: &OutboxRun) -> JobMessage {
+        JobMessage {
+            cmd: run.job.clone(),
+            args: crate::store::object_or_empty(Some(&run.arguments)),
+            run_id: Some(run.id),
+            job_name: Some(run.job_name.clone()),
+            preprocessing: run.preprocessing.clone(),
+            postprocessing: run.postprocessing.clone(),
+            timeout: run.timeout_seconds,
+            retries: u32::try_from(run.max_retries).ok(),
+            attempt: Some(run.attempt),
+        }
+    }
+
+    /// The message of a run being created with id `id` (not tried yet), the same as
+    /// [`JobMessage::of_run`] gives once it is stored.
+    pub fn of_new_run(id: Uuid, run: &NewRun) -> JobMessage {
+        JobMessage {
+            cmd: run.job.clone(),
+            args: run.arguments.clone(),
+            run_id: Some(id),
+            job_name: Some(run.job_name.clone()),
+            preprocessing: run.preprocessing.clone(),
+            postprocessing: run.postprocessing.clone(),
+            timeout: run.timeout_seconds,
+            retries: u32::try_from(run.max_retries).ok(),
+            attempt: Some(0),
+        }
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }

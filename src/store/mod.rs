@@ -13,13 +13,14 @@
 pub mod postgres;
 pub mod sqlite;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::config::DatabaseConfig;
+use crate::config::{Config, DatabaseConfig, QueueKind};
 use crate::jobfile::JobDefinition;
 
 pub use postgres::PgStore;
@@ -146,6 +147,24 @@ impl QueueWakeups {
 }
 
 impl Store {
+    /// Connects to the database `config` names, for a command that creates runs: with the
+    /// table queue (which lives in this database) runs are published as they are created (see
+    /// [`PublishOnInsert`]).
+    pub async fn open(config: &Config) -> Result<Store, StoreError> {
+        let mut store = Store::connect(&config.database).await?;
+        if config.queue.kind == QueueKind::Table {
+            let inline = Arc::new(PublishOnInsert {
+                default_queue: config.rabbitmq.queue.clone(),
+                max_message_size: config.rabbitmq.max_message_size,
+            });
+            match &mut store {
+                Store::Postgres(s) => s.publish_on_insert(inline),
+                Store::Sqlite(s) => s.publish_on_insert(inline),
+            }
+        }
+        Ok(store)
+    }
+
     /// Connects to the configured database (creating it on first use) and applies the
     /// migrations.
     pub async fn connect(config: &DatabaseConfig) -> Result<Store, StoreError> {
@@ -783,6 +802,42 @@ pub struct ScheduledRow {
     pub starts_at: Option<DateTime<Utc>>,
     pub paused: bool,
     pub paused_note: Option<String>,
+}
+
+/// Runs published as they are created. With the table queue in the store's own database, the
+/// transaction that creates a run can queue its message too: a run that is due at once (queued,
+/// with no later start) is inserted already published, together with its message, instead of
+/// being published by a scheduler's outbox pass in a second transaction. The outbox keeps
+/// every other case: runs that wait for a later start, retries, messages larger than
+/// `rabbitmq.max_message_size` (recorded dead there, with the reason), and runs put back after
+/// staying unclaimed.
+#[derive(Debug)]
+pub struct PublishOnInsert {
+    default_queue: String,
+    max_message_size: usize,
+}
+
+impl PublishOnInsert {
+    /// The message (queue, body) of a new run with id `id`, as the outbox would publish it;
+    /// `None` for a run that is on a queue already (a bare message) or whose message is too
+    /// large.
+    pub(crate) fn message(&self, id: Uuid, run: &NewRun) -> Option<(String, Vec<u8>)> {
+        if run.published {
+            return None;
+        }
+        let message = crate::queue::JobMessage::of_new_run(id, run);
+        let mut body = message.to_bytes();
+        // The stored run cannot hold NUL characters; its message is built from what is stored.
+        if body.windows(6).any(|w| w == b"\\u0000") {
+            body = serde_json::to_value(&message)
+                .map(|v| without_nul(&v).to_string().into_bytes())
+                .unwrap_or(body);
+        }
+        (body.len() <= self.max_message_size).then(|| {
+            let queue = run.queue.as_ref().unwrap_or(&self.default_queue);
+            (queue.clone(), body)
+        })
+    }
 }
 
 /// A run to insert (manual, webhook, fan-out child, or a bare message of the original).

@@ -4,6 +4,7 @@
 //! by its session; notifications travel by LISTEN/NOTIFY.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -26,9 +27,16 @@ pub const NOTIFY_CHANNEL: &str = "jobschleuder";
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Set when the queue is the table queue in this database (see [`PublishOnInsert`]).
+    inline: Option<Arc<PublishOnInsert>>,
 }
 
 impl PgStore {
+    /// Publishes due runs into the table queue as they are created.
+    pub(super) fn publish_on_insert(&mut self, inline: Arc<PublishOnInsert>) {
+        self.inline = Some(inline);
+    }
+
     /// Connects, creating the database if it does not exist yet, and applies the migrations.
     pub async fn connect(config: &DatabaseConfig) -> Result<PgStore, StoreError> {
         let target = config.describe();
@@ -64,14 +72,14 @@ impl PgStore {
                     target: target.clone(),
                     source,
                 })?;
-        let store = PgStore { pool };
+        let store = PgStore { pool, inline: None };
         store.migrate(&target).await?;
         Ok(store)
     }
 
     /// Wraps an existing pool and applies the migrations.
     pub async fn from_pool(pool: PgPool) -> Result<PgStore, StoreError> {
-        let store = PgStore { pool };
+        let store = PgStore { pool, inline: None };
         store.migrate("the given pool").await?;
         Ok(store)
     }
@@ -508,7 +516,7 @@ impl Outbox {
             .fetch_all(&mut *self.tx)
             .await
             .context("recording unpublishable runs dead")?;
-            if chain_in(&mut self.tx, &ended).await? > 0 {
+            if chain_in(&mut self.tx, &ended, None).await? > 0 {
                 notify_on(&mut self.tx, "run").await?;
             }
         }
@@ -735,7 +743,7 @@ impl PgStore {
             .await
             .context("looking for runs still going")?
         };
-        let mut runs = RunColumns::default();
+        let mut runs = RunColumns::publishing(self.inline.clone());
         let mut replaced: Vec<Uuid> = Vec::new();
         let mut advance_ids = Vec::new();
         let mut advance_to = Vec::new();
@@ -845,7 +853,7 @@ impl PgStore {
         &self,
         runs: &[NewRun],
     ) -> Result<Vec<(Uuid, bool)>, StoreError> {
-        let mut columns = RunColumns::default();
+        let mut columns = RunColumns::publishing(self.inline.clone());
         for run in runs {
             columns.push(run, None);
         }
@@ -887,7 +895,7 @@ impl PgStore {
             tx.rollback().await.context("ending an insert")?;
             return Ok(None);
         }
-        let mut columns = RunColumns::default();
+        let mut columns = RunColumns::publishing(self.inline.clone());
         for run in runs {
             columns.push(run, None);
         }
@@ -1228,7 +1236,7 @@ impl PgStore {
         .fetch_all(&mut *tx)
         .await
         .context("recording finished runs")?;
-        let chained = chain_in(&mut tx, &recorded).await?;
+        let chained = chain_in(&mut tx, &recorded, self.inline.clone()).await?;
         if chained > 0 || finishes.iter().any(|f| matches!(f.end, RunEnd::Retry(_))) {
             notify_on(&mut tx, "run").await?;
         }
@@ -1300,7 +1308,7 @@ impl PgStore {
         .await
         .context("queueing orphaned runs again")?;
         let ended: Vec<EndedRun> = handled.iter().map(|o| o.ended.clone()).collect();
-        chain_in(&mut tx, &ended).await?;
+        chain_in(&mut tx, &ended, self.inline.clone()).await?;
         notify_on(&mut tx, "run").await?;
         tx.commit().await.context("committing orphaned runs")?;
         Ok(handled
@@ -1376,7 +1384,7 @@ impl PgStore {
         .fetch_all(&mut *tx)
         .await
         .context("recording a run dead")?;
-        if chain_in(&mut tx, &ended).await? > 0 {
+        if chain_in(&mut tx, &ended, self.inline.clone()).await? > 0 {
             notify_on(&mut tx, "run").await?;
         }
         tx.commit().await.context("committing a dead run")?;
@@ -1401,7 +1409,7 @@ impl PgStore {
         let mut created = 0;
         let mut done = 0;
         for chunk in slots.chunks(IMPORT_CHUNK) {
-            let mut columns = RunColumns::default();
+            let mut columns = RunColumns::publishing(self.inline.clone());
             for slot in chunk {
                 columns.push(
                     &NewRun::of_job(job, "backfill"),
@@ -1730,10 +1738,12 @@ impl PgStore {
             ids[index] = Some(id);
         }
         outcome.run_ids = ids.into_iter().flatten().collect();
-        let mut columns = RunColumns::default();
+        let mut columns = RunColumns::publishing(self.inline.clone());
         for run in &fresh {
             columns.push(run, None);
         }
+        // Debounced runs wait for their window to end: they go out through the outbox.
+        columns.hold(delayed.iter().map(|d| d.0));
         if !columns.ids.is_empty() {
             let created: HashSet<Uuid> = columns
                 .insert(&mut tx)
@@ -1883,7 +1893,11 @@ impl PgStore {
 /// Creates, within the transaction that recorded `ended`, the runs their jobs chain (trigger
 /// `chain`, parent = the ended run, the ended run under `trigger_run` in the arguments).
 /// Returns how many were created.
-async fn chain_in(tx: &mut PgConnection, ended: &[EndedRun]) -> Result<usize, StoreError> {
+async fn chain_in(
+    tx: &mut PgConnection,
+    ended: &[EndedRun],
+    inline: Option<Arc<PublishOnInsert>>,
+) -> Result<usize, StoreError> {
     let names = chained_names(ended);
     if names.is_empty() {
         return Ok(0);
@@ -1899,7 +1913,7 @@ async fn chain_in(tx: &mut PgConnection, ended: &[EndedRun]) -> Result<usize, St
     if planned.is_empty() {
         return Ok(0);
     }
-    let mut columns = RunColumns::default();
+    let mut columns = RunColumns::publishing(inline);
     for run in &planned {
         columns.push(run, None);
     }
@@ -2002,9 +2016,28 @@ struct RunColumns {
     /// `queued`, or `skipped` (recorded at once, with its reason in `errors`).
     statuses: Vec<&'static str>,
     errors: Vec<Option<String>>,
+    /// Publishes due runs as they are inserted (see [`PublishOnInsert`]).
+    inline: Option<Arc<PublishOnInsert>>,
+    /// Runs left to the outbox even so.
+    held: HashSet<Uuid>,
+    /// Each run's message (queue, body), with `inline`.
+    messages: Vec<Option<(String, Vec<u8>)>>,
 }
 
 impl RunColumns {
+    /// Columns of runs to insert; `inline`: publish those that are due in the same statement.
+    fn publishing(inline: Option<Arc<PublishOnInsert>>) -> RunColumns {
+        RunColumns {
+            inline,
+            ..RunColumns::default()
+        }
+    }
+
+    /// Leaves runs to the outbox (they get a start time after the insert).
+    fn hold(&mut self, ids: impl Iterator<Item = Uuid>) {
+        self.held.extend(ids);
+    }
+
     /// Sets the start time and the skip reason of the run pushed last.
     fn set_last(&mut self, not_before: Option<DateTime<Utc>>, skipped: Option<String>) {
         if let (Some(slot), Some(status), Some(error)) = (
@@ -2039,15 +2072,38 @@ impl RunColumns {
         self.scheduled_for.push(slot.map(|s| s.1));
         self.parents.push(run.parent_id);
         self.published.push(run.published);
+        let id = self.ids[self.ids.len() - 1];
+        self.messages.push(
+            self.inline
+                .as_ref()
+                .and_then(|inline| inline.message(id, run)),
+        );
     }
 
     /// Inserts the runs; a run whose identity exists already is left out: a scheduled slot
     /// (job name and scheduled time) that has its run, or a run id inserted before (ids of
     /// fan-out children and bare messages are derived from what they come from, so a retried
     /// insert creates nothing new). Returns the runs inserted.
+    ///
+    /// With the table queue in this database, the due ones among them are published in the
+    /// same statement: their messages are queued and they are marked published, so that a run
+    /// is published exactly when it exists, with no outbox write after it.
     async fn insert(&self, tx: &mut PgConnection) -> Result<Vec<CreatedRun>, StoreError> {
+        let mut published = self.published.clone();
+        let (mut message_ids, mut queues, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, message) in self.messages.iter().enumerate() {
+            let due = self.statuses[i] == "queued" && self.not_before[i].is_none();
+            if let (Some((queue, body)), true) = (message, due && !self.held.contains(&self.ids[i]))
+            {
+                published[i] = true;
+                message_ids.push(self.ids[i]);
+                queues.push(queue.as_str());
+                bodies.push(body.as_slice());
+            }
+        }
         let rows: Vec<CreatedRow> = sqlx::query_as(
-            "INSERT INTO job_runs (id, job_name, job, job_id, registry_id, trigger, queue, arguments, preprocessing,
+            "WITH created AS (
+             INSERT INTO job_runs (id, job_name, job, job_id, registry_id, trigger, queue, arguments, preprocessing,
                                    postprocessing, timeout_seconds, max_retries, scheduled_for, parent_id, published_at,
                                    not_before, status, error, finished_at)
              SELECT u.id, u.job_name, u.job, u.job_id, u.registry_id, u.trigger, u.queue, u.arguments::jsonb, u.pre,
@@ -2059,7 +2115,14 @@ impl RunColumns {
                AS u(id, job_name, job, job_id, registry_id, trigger, queue, arguments, pre, post, timeout, retries,
                     scheduled_for, parent_id, published, not_before, status, error)
              ON CONFLICT DO NOTHING
-             RETURNING id, job_name, scheduled_for, status, error",
+             RETURNING id, job_name, scheduled_for, status, error),
+             queued AS (
+                INSERT INTO queue_messages (queue, body)
+                SELECT m.queue, m.body
+                FROM UNNEST($19::uuid[], $20::text[], $21::bytea[]) WITH ORDINALITY AS m(id, queue, body, n)
+                WHERE m.id IN (SELECT id FROM created)
+                ORDER BY m.n)
+             SELECT * FROM created",
         )
         .bind(&self.ids)
         .bind(&self.job_names)
@@ -2075,13 +2138,19 @@ impl RunColumns {
         .bind(&self.retries)
         .bind(&self.scheduled_for)
         .bind(&self.parents)
-        .bind(&self.published)
+        .bind(&published)
         .bind(&self.not_before)
         .bind(&self.statuses)
         .bind(&self.errors)
+        .bind(&message_ids)
+        .bind(&queues)
+        .bind(&bodies)
         .fetch_all(&mut *tx)
         .await
         .context("inserting runs")?;
+        if !queues.is_empty() {
+            wake_consumers(tx, queues).await?;
+        }
         Ok(rows
             .into_iter()
             .map(|(id, job_name, scheduled_for, status, error)| CreatedRun {
@@ -2116,7 +2185,15 @@ async fn insert_messages(
     .execute(&mut *tx)
     .await
     .context("publishing to the table queue")?;
-    let mut distinct = queues;
+    wake_consumers(tx, queues).await
+}
+
+/// Wakes the consumers of `queues` (in every process) when `tx` commits.
+async fn wake_consumers<Q: AsRef<str>>(
+    tx: &mut PgConnection,
+    queues: Vec<Q>,
+) -> Result<(), StoreError> {
+    let mut distinct: Vec<&str> = queues.iter().map(|q| q.as_ref()).collect();
     distinct.sort_unstable();
     distinct.dedup();
     sqlx::query("SELECT pg_notify($1, q) FROM UNNEST($2::text[]) AS q")

@@ -87,6 +87,11 @@ fn turns(path: &Path) -> Arc<tokio::sync::Mutex<()>> {
 pub(super) struct WriteTx {
     tx: sqlx::Transaction<'static, sqlx::Sqlite>,
     _turn: tokio::sync::OwnedMutexGuard<()>,
+    /// The store's [`PublishOnInsert`], for runs this transaction creates.
+    inline: Option<Arc<PublishOnInsert>>,
+    /// Table queues this transaction queued messages in: their consumers in this process are
+    /// woken when it commits.
+    queued: Vec<String>,
 }
 
 impl std::ops::Deref for WriteTx {
@@ -104,7 +109,9 @@ impl std::ops::DerefMut for WriteTx {
 
 impl WriteTx {
     async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+        self.tx.commit().await?;
+        crate::queue::table::wake(self.queued.iter().map(String::as_str));
+        Ok(())
     }
 
     async fn rollback(self) -> Result<(), sqlx::Error> {
@@ -134,6 +141,8 @@ pub struct SqliteStore {
     poll: Duration,
     /// How long a worker's lease lasts without a heartbeat (five heartbeats).
     lease: Duration,
+    /// Set when the queue is the table queue in this file (see [`PublishOnInsert`]).
+    inline: Option<Arc<PublishOnInsert>>,
 }
 
 /// SQLite's primary result code of `error` (the low byte of its extended code), if it is a
@@ -238,7 +247,13 @@ impl SqliteStore {
             path,
             poll: config.poll_interval,
             lease: config.worker_lease,
+            inline: None,
         })
+    }
+
+    /// Publishes due runs into the table queue as they are created.
+    pub(super) fn publish_on_insert(&mut self, inline: Arc<PublishOnInsert>) {
+        self.inline = Some(inline);
     }
 
     /// A write transaction that holds the file's write lock from its start.
@@ -249,7 +264,12 @@ impl SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .context(context)?;
-        Ok(WriteTx { tx, _turn: turn })
+        Ok(WriteTx {
+            tx,
+            _turn: turn,
+            inline: self.inline.clone(),
+            queued: Vec::new(),
+        })
     }
 
     fn tell(&self, what: &str) {
@@ -1844,15 +1864,23 @@ impl Planned {
 }
 
 /// Inserts runs; one whose identity exists already (slot, or id) is left out. Returns the runs
-/// inserted.
+/// inserted. With the table queue in this file, the due ones are published in the same
+/// transaction (see [`PublishOnInsert`]).
 async fn insert_planned(
-    tx: &mut SqliteConnection,
+    tx: &mut WriteTx,
     runs: &[Planned],
     now: DateTime<Utc>,
 ) -> Result<Vec<CreatedRun>, StoreError> {
     let mut created = Vec::new();
+    let mut messages = Vec::new();
     for planned in runs {
         let run = &planned.run;
+        let message = match &tx.inline {
+            Some(inline) if planned.status == "queued" && planned.not_before.is_none() => {
+                inline.message(planned.id, run)
+            }
+            _ => None,
+        };
         let inserted = sqlx::query(
             "INSERT INTO job_runs (id, job_name, job, job_id, registry_id, trigger, queue, arguments,
                                    preprocessing, postprocessing, timeout_seconds, max_retries,
@@ -1877,15 +1905,16 @@ async fn insert_planned(
         .bind(run.max_retries)
         .bind(planned.scheduled_for)
         .bind(run.parent_id)
-        .bind(run.published)
+        .bind(run.published || message.is_some())
         .bind(planned.not_before)
         .bind(planned.status)
         .bind(planned.error.as_deref())
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await
         .context("inserting runs")?;
         if inserted.rows_affected() == 1 {
+            messages.extend(message);
             created.push(CreatedRun {
                 id: planned.id,
                 job_name: run.job_name.clone(),
@@ -1895,12 +1924,19 @@ async fn insert_planned(
             });
         }
     }
+    if !messages.is_empty() {
+        insert_messages(tx, &messages, now).await?;
+        tx.queued
+            .extend(messages.into_iter().map(|(queue, _)| queue));
+        tx.queued.sort_unstable();
+        tx.queued.dedup();
+    }
     Ok(created)
 }
 
 /// Creates, within `tx`, the runs that the ended runs chain; how many.
 async fn chain_in(
-    tx: &mut SqliteConnection,
+    tx: &mut WriteTx,
     ended: &[EndedRun],
     now: DateTime<Utc>,
 ) -> Result<usize, StoreError> {
@@ -1915,7 +1951,7 @@ async fn chain_in(
         )),
         names.iter()
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut **tx)
     .await
     .context("reading chained jobs")?;
     let planned = plan_chain(ended, &jobs);

@@ -460,9 +460,23 @@ async fn publishing(state: Arc<State>, mut receiver: mpsc::UnboundedReceiver<Pen
             continue;
         }
         // Some were not published: the broker failed, or a scheduler published them first,
-        // or a debounced run is not due yet on the database's clock. Trying again is
+        // or a debounced run is not due yet on the database's clock. Runs that no longer wait
+        // (published elsewhere, or ended) are done; the rest are tried again, which is
         // harmless: the outbox publishes each run once.
+        let still_waiting: Option<std::collections::HashSet<Uuid>> =
+            state.store.runs_by_id(&ids).await.ok().map(|runs| {
+                runs.into_iter()
+                    .filter(|r| r.status == "queued" && r.published_at.is_none())
+                    .map(|r| r.id)
+                    .collect()
+            });
         for mut pending in due {
+            if let Some(waiting_ids) = &still_waiting {
+                pending.ids.retain(|id| waiting_ids.contains(id));
+                if pending.ids.is_empty() {
+                    continue;
+                }
+            }
             pending.tries += 1;
             if pending.tries >= PUBLISH_TRIES {
                 tracing::warn!(runs = ?pending.ids, "runs left unpublished; a running scheduler publishes them");

@@ -37,6 +37,10 @@ impl PgStore {
         self.inline = Some(inline);
     }
 
+    pub(super) fn publishes_on_insert(&self) -> bool {
+        self.inline.is_some()
+    }
+
     /// Connects, creating the database if it does not exist yet, and applies the migrations.
     pub async fn connect(config: &DatabaseConfig) -> Result<PgStore, StoreError> {
         let target = config.describe();

@@ -27,6 +27,15 @@ fn show_jobs_json(cluster: &Cluster) -> Value {
     serde_json::from_str(&out).expect("--json prints JSON")
 }
 
+/// The names of `registry --show-jobs --json`'s jobs, in its order.
+fn job_names(jobs: &Value) -> Vec<&str> {
+    jobs.as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect()
+}
+
 crate::on_every_store! {
 async fn import_the_seed_file_and_show_it(backend: Backend) {
     let Some(cluster) = Cluster::on_with_plugins(backend, "import_the_seed_file_and_show_it", "", "").await else {
@@ -44,12 +53,7 @@ async fn import_the_seed_file_and_show_it(backend: Backend) {
     );
 
     let jobs = show_jobs_json(&cluster);
-    let names: Vec<&str> = jobs
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["name"].as_str().unwrap())
-        .collect();
+    let names = job_names(&jobs);
     assert_eq!(
         names,
         ["hello world", "backup devices", "retry failed backups"]
@@ -207,12 +211,7 @@ async fn reimport_replaces_jobs_keeps_names_and_run_history(backend: Backend) {
     );
 
     let jobs = show_jobs_json(&cluster);
-    let names: Vec<&str> = jobs
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["name"].as_str().unwrap())
-        .collect();
+    let names = job_names(&jobs);
     assert_eq!(names, ["hello world", "report"]);
     assert_eq!(
         cluster

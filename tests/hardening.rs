@@ -881,15 +881,17 @@ crate::on_backends! {
         let Some(cluster) = Cluster::on(
             backend,
             "with_the_table_queue_a_run_and_its_message_are_created_together",
-            FAST,
+            &format!("{FAST}rabbitmq:\n  max_message_size: 4096\n"),
         )
         .await
         else {
             return;
         };
-        cluster.import(
-            "jobs:\n- id: now\n  job: hello_world\n  schedule: '0 0 1 1 *'\n  arguments: {device: sw1}\n",
-        );
+        cluster.import(&format!(
+            "jobs:\n- id: now\n  job: hello_world\n  schedule: '0 0 1 1 *'\n  arguments: {{device: sw1}}\n\
+             - id: huge\n  job: hello_world\n  schedule: '0 0 1 1 *'\n  arguments: {{blob: {}}}\n  on_failure: [now]\n",
+            "x".repeat(5000)
+        ));
         let id = cluster.run_now("now");
         let run = cluster.run(&id).await;
         assert_eq!(run.status, "queued");
@@ -908,6 +910,27 @@ crate::on_backends! {
         );
         assert_eq!(message.args["device"], "sw1");
 
+        // A message too large to queue stays out of the table queue: the command that created
+        // the run records it dead at once, with the reason (no scheduler runs here), and the
+        // run it chains on failure is published by that same transaction.
+        let huge = cluster.run_now("huge");
+        let run = cluster.run(&huge).await;
+        assert_eq!(run.status, "dead", "{:?}", run.error);
+        let error = run.error.clone().unwrap_or_default();
+        assert!(error.contains("max_message_size"), "{error}");
+        let chained: Vec<_> = cluster
+            .runs()
+            .await
+            .into_iter()
+            .filter(|r| r.trigger == "chain")
+            .collect();
+        assert_eq!(chained.len(), 1, "{chained:?}");
+        assert_eq!(chained[0].published_at, Some(chained[0].created_at));
+        let messages = cluster.drain_queue().await;
+        assert_eq!(messages.len(), 1, "only the chained run's message");
+        let message = jobschleuder::queue::JobMessage::parse(&messages[0]).unwrap();
+        assert_eq!(message.run_id, Some(chained[0].id));
+
         // A message that cannot be queued: the run is not created either.
         let refuse = if backend.postgres() {
             "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -924,6 +947,6 @@ crate::on_backends! {
             1,
         );
         assert!(error.contains("no messages today"), "{error}");
-        assert_eq!(cluster.runs().await.len(), 1, "no run without its message");
+        assert_eq!(cluster.runs().await.len(), 3, "no run without its message");
     }
 }

@@ -77,22 +77,20 @@ pub async fn run(config: &Config, args: &SchedulerArgs) -> Result<()> {
         })?;
         let job_name = job.name.clone().unwrap_or_else(|| job.id.to_string());
         let ids = store.insert_runs(&[NewRun::of_job(&job, "manual")]).await?;
-        if store.publishes_on_insert() {
-            tracing::info!(run = %ids[0], job = %job_name, trigger = "manual", "run queued");
-        } else {
-            let mut publisher = Publisher::new(config, &store, "scheduler --run-now");
-            match sched::publish_queued(&store, &mut publisher, &config.rabbitmq.queue, Some(&ids))
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(run = %ids[0], job = %job_name, trigger = "manual", "run queued")
-                }
-                Err(e) => {
-                    tracing::warn!(run = %ids[0], job = %job_name, error = %e, "run queued; publishing failed, a running scheduler publishes it")
-                }
+        // With the table queue the run is published already, unless its message is too large:
+        // this pass then records it dead at once.
+        let mut publisher = Publisher::new(config, &store, "scheduler --run-now");
+        match sched::publish_queued(&store, &mut publisher, &config.rabbitmq.queue, Some(&ids))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(run = %ids[0], job = %job_name, trigger = "manual", "run queued")
             }
-            publisher.close().await;
+            Err(e) => {
+                tracing::warn!(run = %ids[0], job = %job_name, error = %e, "run queued; publishing failed, a running scheduler publishes it")
+            }
         }
+        publisher.close().await;
         writeln!(stdout, "{}", ids[0])?;
     }
 

@@ -120,9 +120,7 @@ pub async fn run_job(
         .await
         .map_err(|e| Refusal::writing(&e))?;
     let created: Vec<Uuid> = outcome.created.iter().map(|(id, _)| *id).collect();
-    if !state.store.publishes_on_insert() {
-        state.publish_later(created, tokio::time::Instant::now());
-    }
+    state.publish_later(created, tokio::time::Instant::now());
     let id = outcome.run_ids[0];
     tracing::info!(run = %id, job = %name, trigger = "manual", duplicate = outcome.duplicate, "run requested through the API");
     let mut body = json!({

@@ -285,9 +285,7 @@ async fn handle(
         .filter(|(_, due)| due.is_some())
         .map(|(id, _)| *id)
         .collect();
-    if !state.store.publishes_on_insert() {
-        state.publish_later(now, tokio::time::Instant::now());
-    }
+    state.publish_later(now, tokio::time::Instant::now());
     if let Some(window) = hook.debounce {
         state.publish_later(
             delayed,

@@ -174,15 +174,6 @@ impl Store {
         Ok(Store::Postgres(PgStore::connect(config).await?))
     }
 
-    /// Whether runs are published by the transaction that creates them (see
-    /// [`PublishOnInsert`]): then only runs that wait for a later start need publishing.
-    pub fn publishes_on_insert(&self) -> bool {
-        match self {
-            Store::Postgres(store) => store.publishes_on_insert(),
-            Store::Sqlite(store) => store.publishes_on_insert(),
-        }
-    }
-
     /// Which database this is: `postgres` or `sqlite`.
     pub fn kind(&self) -> &'static str {
         match self {

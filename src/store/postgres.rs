@@ -37,10 +37,6 @@ impl PgStore {
         self.inline = Some(inline);
     }
 
-    pub(super) fn publishes_on_insert(&self) -> bool {
-        self.inline.is_some()
-    }
-
     /// Connects, creating the database if it does not exist yet, and applies the migrations.
     pub async fn connect(config: &DatabaseConfig) -> Result<PgStore, StoreError> {
         let target = config.describe();
@@ -486,6 +482,8 @@ async fn db_now(conn: &mut PgConnection) -> Result<DateTime<Utc>, StoreError> {
 /// The transaction that holds an outbox batch's rows (`FOR UPDATE SKIP LOCKED`).
 pub(super) struct Outbox {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// The store's [`PublishOnInsert`], for runs chained to runs recorded dead here.
+    inline: Option<Arc<PublishOnInsert>>,
 }
 
 impl Outbox {
@@ -520,7 +518,7 @@ impl Outbox {
             .fetch_all(&mut *self.tx)
             .await
             .context("recording unpublishable runs dead")?;
-            if chain_in(&mut self.tx, &ended, None).await? > 0 {
+            if chain_in(&mut self.tx, &ended, self.inline.clone()).await? > 0 {
                 notify_on(&mut self.tx, "run").await?;
             }
         }
@@ -934,7 +932,10 @@ impl PgStore {
         .context("reading runs to publish")?;
         Ok(OutboxBatch {
             runs,
-            inner: OutboxInner::Postgres(Outbox { tx }),
+            inner: OutboxInner::Postgres(Outbox {
+                tx,
+                inline: self.inline.clone(),
+            }),
         })
     }
 

@@ -256,10 +256,6 @@ impl SqliteStore {
         self.inline = Some(inline);
     }
 
-    pub(super) fn publishes_on_insert(&self) -> bool {
-        self.inline.is_some()
-    }
-
     /// A write transaction that holds the file's write lock from its start.
     async fn write(&self, context: &'static str) -> Result<WriteTx, StoreError> {
         let turn = self.turn.clone().lock_owned().await;

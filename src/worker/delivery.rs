@@ -629,10 +629,9 @@ async fn fan_out(
 }
 
 /// Publishes runs this worker created (fan-out children, bare messages) at once; those that
-/// fail stay in the outbox for the scheduler. (With the table queue they are published as
-/// they are created.)
+/// fail stay in the outbox for the scheduler.
 async fn publish_runs(context: &Context, run_id: Uuid, ids: &[Uuid]) {
-    if ids.is_empty() || context.store.publishes_on_insert() {
+    if ids.is_empty() {
         return;
     }
     let mut publisher = context.publisher.lock().await;

@@ -369,6 +369,37 @@ async fn the_database_is_created_on_first_use() {
     assert!(ok, "{}", stderr(&out));
 }
 
+/// Prepared statements run many times with new values; planning each execution anew cost the
+/// run path more than running it. Every pooled connection plans them once.
+#[tokio::test]
+async fn pooled_connections_plan_prepared_statements_once() {
+    crate::needs_postgres!("pooled_connections_plan_prepared_statements_once");
+    let db = TestDb::new().await;
+    let text = format!("database:\n  url: {}\n  max_connections: 3\n", db.url);
+    let config = jobschleuder::config::Config::from_str_with_env(
+        std::path::Path::new("config.yaml"),
+        &text,
+        &|_| None,
+    )
+    .expect("config");
+    let store = jobschleuder::store::Store::open(&config)
+        .await
+        .expect("database");
+    let pool = store.pg_pool().expect("a Postgres store");
+    // Three connections held at once: each one the pool opened.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(pool.acquire().await.expect("a connection"));
+    }
+    for conn in &mut held {
+        let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap();
+        assert_eq!(mode, "force_generic_plan");
+    }
+}
+
 #[tokio::test]
 async fn old_finished_runs_are_pruned_and_others_kept() {
     crate::needs_postgres!("old_finished_runs_are_pruned_and_others_kept");

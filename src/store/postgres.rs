@@ -17,6 +17,21 @@ use super::*;
 use crate::config::DatabaseConfig;
 use crate::jobfile::JobDefinition;
 
+/// Plans each prepared statement once per connection. Every statement here is prepared once
+/// and run many times with new values, and Postgres would plan the run path's statements anew
+/// at each execution (it estimates their reusable plan higher): 1.6-2.9 ms of planning for a
+/// claim that runs in 0.75 ms. A server without the setting (before Postgres 12) plans as it
+/// does.
+async fn prefer_generic_plans(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    if let Err(e) = conn
+        .execute("SET plan_cache_mode = force_generic_plan")
+        .await
+    {
+        tracing::debug!(error = %e, "the server does not take plan_cache_mode; planning as it does");
+    }
+    Ok(())
+}
+
 /// Embedded migrations: every subcommand that uses the database applies them on connect.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -46,7 +61,8 @@ impl PgStore {
         })?;
         let pool_options = PgPoolOptions::new()
             .max_connections(config.max_connections)
-            .acquire_timeout(Duration::from_secs(10));
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(|conn, _| Box::pin(prefer_generic_plans(conn)));
         // One plain connection first: it fails fast (the pool would retry until its timeout)
         // and tells a missing database from an unreachable server.
         match PgConnection::connect_with(&options).await {

@@ -5,19 +5,22 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::store::{Finish, RunEnd, Store, StoreError};
 
 /// Most requests written in one statement.
 const BATCH_MAX: usize = 512;
-/// Batches of one kind written at the same time (each on its own pooled connection).
-const BATCHES_IN_FLIGHT: usize = 3;
 
 /// Collects requests from many tasks and serves them in batches; each caller gets its own
 /// answer. The batch function retries until the database answers: state changes are never
 /// dropped.
+///
+/// One batch of a kind at a time: the requests that arrive while it is written make the next
+/// one. Fewer, larger statements cost the database less CPU per run than several small ones in
+/// parallel, and on a machine where the database, the broker and the workers share the cores,
+/// that CPU is what runs wait for (README, Performance).
 pub(super) struct Batcher<Req, Resp> {
     sender: mpsc::Sender<(Req, oneshot::Sender<Resp>)>,
 }
@@ -29,14 +32,8 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         Fut: std::future::Future<Output = Vec<Resp>> + Send + 'static,
     {
         let (sender, mut receiver) = mpsc::channel::<(Req, oneshot::Sender<Resp>)>(BATCH_MAX * 4);
-        let serve = Arc::new(serve);
-        // A few batches in flight at once: while one waits for its commit, the next fills.
-        let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
         tokio::spawn(async move {
             while let Some(first) = receiver.recv().await {
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    break;
-                };
                 let mut requests = vec![first];
                 while requests.len() < BATCH_MAX {
                     match receiver.try_recv() {
@@ -46,14 +43,10 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                 }
                 let (inputs, replies): (Vec<Req>, Vec<oneshot::Sender<Resp>>) =
                     requests.into_iter().unzip();
-                let serve = serve.clone();
-                tokio::spawn(async move {
-                    let answers = serve(inputs).await;
-                    for (reply, answer) in replies.into_iter().zip(answers) {
-                        let _ = reply.send(answer);
-                    }
-                    drop(permit);
-                });
+                let answers = serve(inputs).await;
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(answer);
+                }
             }
         });
         Batcher { sender }

@@ -931,21 +931,32 @@ impl PgStore {
         only: Option<&[Uuid]>,
     ) -> Result<OutboxBatch, StoreError> {
         let mut tx = self.pool.begin().await.context("starting to publish")?;
-        let runs: Vec<OutboxRun> = sqlx::query_as(
+        // Two statements, not one with `$2 IS NULL OR`: plans are generic (see
+        // `prefer_generic_plans`), and a generic plan could not look the given runs up by id.
+        let only_these = if only.is_some() {
+            "AND id = ANY($2)"
+        } else {
+            ""
+        };
+        let sql = format!(
             "SELECT id, job_name, job, arguments, preprocessing, postprocessing, timeout_seconds, max_retries,
                     attempt, queue
              FROM job_runs
              WHERE status = 'queued' AND published_at IS NULL AND (not_before IS NULL OR not_before <= now())
-               AND ($2::uuid[] IS NULL OR id = ANY($2))
+               {only_these}
              ORDER BY created_at
              LIMIT $1
-             FOR UPDATE SKIP LOCKED",
-        )
-        .bind(i64::from(limit))
-        .bind(only)
-        .fetch_all(&mut *tx)
-        .await
-        .context("reading runs to publish")?;
+             FOR UPDATE SKIP LOCKED"
+        );
+        let query = sqlx::query_as(&sql).bind(i64::from(limit));
+        let query = match only {
+            Some(ids) => query.bind(ids),
+            None => query,
+        };
+        let runs: Vec<OutboxRun> = query
+            .fetch_all(&mut *tx)
+            .await
+            .context("reading runs to publish")?;
         Ok(OutboxBatch {
             runs,
             inner: OutboxInner::Postgres(Outbox {
@@ -987,17 +998,28 @@ impl PgStore {
         &self,
         due_by: Option<DateTime<Utc>>,
     ) -> Result<Vec<ScheduledRow>, StoreError> {
-        sqlx::query_as(
+        // Without `$1 IS NULL OR`, for the generic plan's sake (see `outbox`).
+        let due = if due_by.is_some() {
+            "WHERE s.next_run <= $1"
+        } else {
+            ""
+        };
+        let query = format!(
             "SELECT r.id AS registry_id, j.id AS job_id, COALESCE(j.name, j.id::text) AS job_name, j.job,
                     r.schedule, r.timezone, s.next_run, j.jitter_seconds, r.paused, r.paused_note
              FROM schedule s JOIN registry r ON r.id = s.job JOIN jobs j ON j.id = r.job
-             WHERE $1::timestamptz IS NULL OR s.next_run <= $1
-             ORDER BY s.next_run, r.id",
-        )
-        .bind(due_by)
-        .fetch_all(&self.pool)
-        .await
-        .context("reading the schedule")
+             {due}
+             ORDER BY s.next_run, r.id"
+        );
+        let query = sqlx::query_as(&query);
+        let query = match due_by {
+            Some(due_by) => query.bind(due_by),
+            None => query,
+        };
+        query
+            .fetch_all(&self.pool)
+            .await
+            .context("reading the schedule")
     }
 
     /// A job by id (digits) or by name.
@@ -1548,20 +1570,38 @@ impl PgStore {
                 .context("looking up the job of runs")?,
             ),
         };
-        sqlx::query_as(&format!(
-            "SELECT {RUN_COLUMNS} FROM job_runs
-             WHERE ($1::text IS NULL OR job_name = $1) AND ($2::text IS NULL OR status = $2)
-               AND ($4::text IS NULL OR trigger = $4)
+        // Only the filters given, each a parameter of its own: plans are generic (see
+        // `prefer_generic_plans`), and a generic plan of `$1 IS NULL OR job_name = $1` could
+        // not use the name index.
+        let mut filters = Vec::new();
+        let mut values = Vec::new();
+        let given = [
+            ("job_name", name),
+            ("status", status.map(str::to_string)),
+            ("trigger", trigger.map(str::to_string)),
+        ];
+        for (column, value) in given {
+            if let Some(value) = value {
+                values.push(value);
+                // $1 is the limit.
+                filters.push(format!("{column} = ${}", values.len() + 1));
+            }
+        }
+        let filters = if filters.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", filters.join(" AND "))
+        };
+        let query = format!(
+            "SELECT {RUN_COLUMNS} FROM job_runs {filters}
              ORDER BY created_at DESC, id
-             LIMIT $3"
-        ))
-        .bind(name)
-        .bind(status)
-        .bind(limit)
-        .bind(trigger)
-        .fetch_all(&self.pool)
-        .await
-        .context("reading runs")
+             LIMIT $1"
+        );
+        let mut query = sqlx::query_as(&query).bind(limit);
+        for value in values {
+            query = query.bind(value);
+        }
+        query.fetch_all(&self.pool).await.context("reading runs")
     }
 
     pub async fn run(&self, id: Uuid) -> Result<Option<RunRow>, StoreError> {

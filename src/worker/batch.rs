@@ -43,9 +43,17 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                 }
                 let (inputs, replies): (Vec<Req>, Vec<oneshot::Sender<Resp>>) =
                     requests.into_iter().unzip();
-                let answers = serve(inputs).await;
-                for (reply, answer) in replies.into_iter().zip(answers) {
-                    let _ = reply.send(answer);
+                // A task of its own: a batch that panics loses its answers (its callers see
+                // the batcher gone), not the batcher.
+                match tokio::spawn(serve(inputs)).await {
+                    Ok(answers) => {
+                        for (reply, answer) in replies.into_iter().zip(answers) {
+                            let _ = reply.send(answer);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "a batch failed; its requests get no answer")
+                    }
                 }
             }
         });

@@ -388,6 +388,19 @@ impl Store {
         dispatch!(self, s => s.finish_runs(finishes).await)
     }
 
+    /// `finish_runs` and then `claim_runs` in one transaction: one commit for both. Returns
+    /// what each of them returns.
+    pub async fn finish_and_claim_runs(
+        &self,
+        finishes: &[Finish],
+        worker: &str,
+        token: i32,
+        nonce: Uuid,
+        claims: &[(Uuid, bool)],
+    ) -> Result<(Vec<Uuid>, Vec<Claim>), StoreError> {
+        dispatch!(self, s => s.finish_and_claim_runs(finishes, worker, token, nonce, claims).await)
+    }
+
     /// Running runs whose worker's lease is gone (the worker died, or its host did), as
     /// (run, claim token, attempt): a suspect is one claim, not a run id that may have been
     /// claimed again meanwhile.

@@ -1118,86 +1118,8 @@ impl PgStore {
         nonce: Uuid,
         claims: &[(Uuid, bool)],
     ) -> Result<Vec<Claim>, StoreError> {
-        let ids: Vec<Uuid> = claims.iter().map(|c| c.0).collect();
-        let redelivered: Vec<bool> = claims.iter().map(|c| c.1).collect();
-        let rows: Vec<ClaimRow> = sqlx::query_as(
-            &format!("WITH input AS (SELECT * FROM UNNEST($2::uuid[], $3::bool[]) AS u(id, redelivered)),
-             lease AS (SELECT EXISTS (
-                SELECT 1 FROM pg_locks l
-                WHERE l.locktype = 'advisory' AND l.granted
-                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                  AND l.classid = $1::oid AND l.objid = $5::oid AND l.objsubid = 2) AS held),
-             claimed AS (
-                UPDATE job_runs r
-                SET status = 'running', attempt = r.attempt + 1, worker = $4, claim_token = $5,
-                    claim_nonce = $6, started_at = now(), finished_at = NULL,
-                    published_at = COALESCE(r.published_at, now())
-                FROM (SELECT id, bool_or(redelivered) AS redelivered FROM input GROUP BY id) i
-                WHERE r.id = i.id
-                  AND (SELECT held FROM lease)
-                  AND r.cancel_requested_at IS NULL
-                  AND ((r.status = 'queued' AND (r.not_before IS NULL OR r.not_before <= now()))
-                       OR (r.status = 'running' AND i.redelivered AND {LEASE_GONE}))
-                RETURNING r.id, r.attempt, r.trigger)
-             SELECT i.id,
-                    COALESCE(c.attempt, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.attempt END),
-                    r.status,
-                    COALESCE(c.trigger, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.trigger END),
-                    (SELECT held FROM lease),
-                    COALESCE(r.scheduled_for, r.created_at),
-                    r.parent_id,
-                    (SELECT g.timezone FROM jobs j JOIN registry g ON g.job = j.id
-                     WHERE j.name = r.job_name LIMIT 1)
-             FROM input i LEFT JOIN claimed c ON c.id = i.id LEFT JOIN job_runs r ON r.id = i.id"),
-        )
-        .bind(LEASE_CLASS)
-        .bind(&ids)
-        .bind(&redelivered)
-        .bind(worker)
-        .bind(token)
-        .bind(nonce)
-        .fetch_all(&self.pool)
-        .await
-        .context("claiming runs")?;
-        // Fenced in the statement itself: without the lease held by this worker's session,
-        // nothing is claimed, and the deliveries go back to be claimed later.
-        if rows.iter().any(|row| !row.4) {
-            tracing::warn!("this worker does not hold its lease: claiming nothing");
-            return Ok(vec![Claim::Unavailable; claims.len()]);
-        }
-        let mut by_id: HashMap<Uuid, ClaimState> = HashMap::new();
-        for (id, attempt, status, trigger, _, scheduled_for, parent, timezone) in rows {
-            let run = ClaimedRun {
-                scheduled_for,
-                parent,
-                timezone,
-            };
-            by_id.insert(id, (attempt, status, trigger, run));
-        }
-        // The same run twice in one batch: the first claims it, the second is a duplicate.
-        let mut seen = HashSet::new();
-        Ok(ids
-            .iter()
-            .map(|id| {
-                if !seen.insert(*id) {
-                    return Claim::Running;
-                }
-                match by_id.get(id) {
-                    Some((Some(attempt), _, trigger, run)) => Claim::Claimed {
-                        attempt: *attempt,
-                        trigger: trigger.clone().unwrap_or_else(|| "manual".into()),
-                        run: run.clone(),
-                    },
-                    Some((None, Some(status), _, _))
-                        if status == "running" || status == "queued" =>
-                    {
-                        Claim::Running
-                    }
-                    Some((None, Some(status), _, _)) => Claim::Finished(status.clone()),
-                    _ => Claim::Unknown,
-                }
-            })
-            .collect())
+        let mut conn = self.pool.acquire().await.context("claiming runs")?;
+        claim_in(&mut conn, worker, token, nonce, claims).await
     }
 
     /// Records how runs ended, in one statement. A retry goes back to the outbox with its
@@ -1208,87 +1130,40 @@ impl PgStore {
     /// Retrying this after a lost reply is harmless: a result recorded the first time no
     /// longer matches a running claim.
     pub async fn finish_runs(&self, finishes: &[Finish]) -> Result<Vec<Uuid>, StoreError> {
-        // In id order, as cancels lock runs: fewer deadlocks between a batch and a cancel.
-        let mut sorted: Vec<&Finish> = finishes.iter().collect();
-        sorted.sort_by_key(|f| f.id);
-        let finishes = sorted;
-        let ids: Vec<Uuid> = finishes.iter().map(|f| f.id).collect();
-        let statuses: Vec<&str> = finishes
-            .iter()
-            .map(|f| match f.end {
-                RunEnd::Succeeded => "succeeded",
-                RunEnd::Failed => "failed",
-                RunEnd::Dead => "dead",
-                RunEnd::Cancelled => "cancelled",
-                RunEnd::Retry(_) => "queued",
-            })
-            .collect();
-        let results: Vec<Option<String>> = finishes
-            .iter()
-            .map(|f| f.result.as_ref().map(jsonb_text))
-            .collect();
-        let errors: Vec<Option<String>> = finishes
-            .iter()
-            .map(|f| f.error.as_deref().map(text_without_nul))
-            .collect();
-        let delays: Vec<Option<f64>> = finishes
-            .iter()
-            .map(|f| match f.end {
-                RunEnd::Retry(delay) => Some(delay.as_secs_f64()),
-                _ => None,
-            })
-            .collect();
-        let tokens: Vec<i32> = finishes.iter().map(|f| f.token).collect();
-        let attempts: Vec<i32> = finishes.iter().map(|f| f.attempt).collect();
         let mut tx = self.pool.begin().await.context("starting to record runs")?;
-        // A run whose cancel was asked for ends cancelled, however its call ended (a plugin
-        // that ignores the flag may have finished its work: its result is kept, and its
-        // success chains nothing): it is not tried again. Decided from `r` in SET, which is
-        // the row as it is when the update takes it (a cancel committed while this waited for
-        // the row counts).
-        let status =
-            "CASE WHEN r.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE u.status END";
-        let recorded: Vec<EndedRun> = sqlx::query_as(&format!(
-            "UPDATE job_runs r
-             SET status = {status},
-                 finished_at = CASE WHEN {status} = 'queued' THEN NULL ELSE now() END,
-                 published_at = CASE WHEN {status} = 'queued' THEN NULL ELSE r.published_at END,
-                 result = u.result::jsonb,
-                 error = CASE WHEN r.cancel_requested_at IS NOT NULL
-                              THEN COALESCE(r.cancel_reason, 'cancelled')
-                                   || COALESCE(' (' || u.error || ')',
-                                               CASE WHEN u.status = 'succeeded'
-                                                    THEN ' (its job had finished before it could be stopped)' END,
-                                               '')
-                              ELSE u.error END,
-                 -- Kept when the run ends: when it was meant to start (its jitter, its retry).
-                 not_before = CASE WHEN {status} = 'queued'
-                                   THEN now() + u.delay * interval '1 second' ELSE r.not_before END
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::int4[], $7::int4[])
-               AS u(id, status, result, error, delay, token, attempt)
-             WHERE r.id = u.id AND r.status = 'running' AND r.claim_token = u.token AND r.attempt = u.attempt
-             RETURNING {ENDED}"
-        ))
-        .bind(&ids)
-        .bind(&statuses)
-        .bind(&results)
-        .bind(&errors)
-        .bind(&delays)
-        .bind(&tokens)
-        .bind(&attempts)
-        .fetch_all(&mut *tx)
-        .await
-        .context("recording finished runs")?;
-        let chained = chain_in(&mut tx, &recorded, self.inline.clone()).await?;
-        if chained > 0 || finishes.iter().any(|f| matches!(f.end, RunEnd::Retry(_))) {
-            notify_on(&mut tx, "run").await?;
-        }
+        let not_recorded = finish_in(&mut tx, finishes, self.inline.clone()).await?;
         tx.commit().await.context("committing finished runs")?;
-        let recorded: HashSet<Uuid> = recorded.into_iter().map(|r| r.id).collect();
-        Ok(ids
-            .into_iter()
-            .filter(|id| !recorded.contains(id))
-            .collect())
+        Ok(not_recorded)
+    }
+
+    /// `finish_runs` and then `claim_runs`, in one transaction (one commit for both).
+    pub async fn finish_and_claim_runs(
+        &self,
+        finishes: &[Finish],
+        worker: &str,
+        token: i32,
+        nonce: Uuid,
+        claims: &[(Uuid, bool)],
+    ) -> Result<(Vec<Uuid>, Vec<Claim>), StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("starting to record and claim runs")?;
+        let not_recorded = if finishes.is_empty() {
+            Vec::new()
+        } else {
+            finish_in(&mut tx, finishes, self.inline.clone()).await?
+        };
+        let claimed = if claims.is_empty() {
+            Vec::new()
+        } else {
+            claim_in(&mut tx, worker, token, nonce, claims).await?
+        };
+        tx.commit()
+            .await
+            .context("committing recorded and claimed runs")?;
+        Ok((not_recorded, claimed))
     }
 
     /// Running runs whose worker's lease is gone (the worker died, or its host did), as
@@ -1954,6 +1829,180 @@ impl PgStore {
 /// Creates, within the transaction that recorded `ended`, the runs their jobs chain (trigger
 /// `chain`, parent = the ended run, the ended run under `trigger_run` in the arguments).
 /// Returns how many were created.
+/// The claim of `PgStore::claim_runs`, on `conn` (in a transaction or not).
+async fn claim_in(
+    conn: &mut PgConnection,
+    worker: &str,
+    token: i32,
+    nonce: Uuid,
+    claims: &[(Uuid, bool)],
+) -> Result<Vec<Claim>, StoreError> {
+    let ids: Vec<Uuid> = claims.iter().map(|c| c.0).collect();
+    let redelivered: Vec<bool> = claims.iter().map(|c| c.1).collect();
+    let rows: Vec<ClaimRow> = sqlx::query_as(
+        &format!("WITH input AS (SELECT * FROM UNNEST($2::uuid[], $3::bool[]) AS u(id, redelivered)),
+         lease AS (SELECT EXISTS (
+            SELECT 1 FROM pg_locks l
+            WHERE l.locktype = 'advisory' AND l.granted
+              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+              AND l.classid = $1::oid AND l.objid = $5::oid AND l.objsubid = 2) AS held),
+         claimed AS (
+            UPDATE job_runs r
+            SET status = 'running', attempt = r.attempt + 1, worker = $4, claim_token = $5,
+                claim_nonce = $6, started_at = now(), finished_at = NULL,
+                published_at = COALESCE(r.published_at, now())
+            FROM (SELECT id, bool_or(redelivered) AS redelivered FROM input GROUP BY id) i
+            WHERE r.id = i.id
+              AND (SELECT held FROM lease)
+              AND r.cancel_requested_at IS NULL
+              AND ((r.status = 'queued' AND (r.not_before IS NULL OR r.not_before <= now()))
+                   OR (r.status = 'running' AND i.redelivered AND {LEASE_GONE}))
+            RETURNING r.id, r.attempt, r.trigger)
+         SELECT i.id,
+                COALESCE(c.attempt, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.attempt END),
+                r.status,
+                COALESCE(c.trigger, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.trigger END),
+                (SELECT held FROM lease),
+                COALESCE(r.scheduled_for, r.created_at),
+                r.parent_id,
+                (SELECT g.timezone FROM jobs j JOIN registry g ON g.job = j.id
+                 WHERE j.name = r.job_name LIMIT 1)
+         FROM input i LEFT JOIN claimed c ON c.id = i.id LEFT JOIN job_runs r ON r.id = i.id"),
+    )
+    .bind(LEASE_CLASS)
+    .bind(&ids)
+    .bind(&redelivered)
+    .bind(worker)
+    .bind(token)
+    .bind(nonce)
+    .fetch_all(&mut *conn)
+    .await
+    .context("claiming runs")?;
+    // Fenced in the statement itself: without the lease held by this worker's session,
+    // nothing is claimed, and the deliveries go back to be claimed later.
+    if rows.iter().any(|row| !row.4) {
+        tracing::warn!("this worker does not hold its lease: claiming nothing");
+        return Ok(vec![Claim::Unavailable; claims.len()]);
+    }
+    let mut by_id: HashMap<Uuid, ClaimState> = HashMap::new();
+    for (id, attempt, status, trigger, _, scheduled_for, parent, timezone) in rows {
+        let run = ClaimedRun {
+            scheduled_for,
+            parent,
+            timezone,
+        };
+        by_id.insert(id, (attempt, status, trigger, run));
+    }
+    // The same run twice in one batch: the first claims it, the second is a duplicate.
+    let mut seen = HashSet::new();
+    Ok(ids
+        .iter()
+        .map(|id| {
+            if !seen.insert(*id) {
+                return Claim::Running;
+            }
+            match by_id.get(id) {
+                Some((Some(attempt), _, trigger, run)) => Claim::Claimed {
+                    attempt: *attempt,
+                    trigger: trigger.clone().unwrap_or_else(|| "manual".into()),
+                    run: run.clone(),
+                },
+                Some((None, Some(status), _, _)) if status == "running" || status == "queued" => {
+                    Claim::Running
+                }
+                Some((None, Some(status), _, _)) => Claim::Finished(status.clone()),
+                _ => Claim::Unknown,
+            }
+        })
+        .collect())
+}
+
+/// The update of `PgStore::finish_runs`, in `tx`; the ids of runs not recorded.
+async fn finish_in(
+    tx: &mut PgConnection,
+    finishes: &[Finish],
+    inline: Option<Arc<PublishOnInsert>>,
+) -> Result<Vec<Uuid>, StoreError> {
+    // In id order, as cancels lock runs: fewer deadlocks between a batch and a cancel.
+    let mut sorted: Vec<&Finish> = finishes.iter().collect();
+    sorted.sort_by_key(|f| f.id);
+    let finishes = sorted;
+    let ids: Vec<Uuid> = finishes.iter().map(|f| f.id).collect();
+    let statuses: Vec<&str> = finishes
+        .iter()
+        .map(|f| match f.end {
+            RunEnd::Succeeded => "succeeded",
+            RunEnd::Failed => "failed",
+            RunEnd::Dead => "dead",
+            RunEnd::Cancelled => "cancelled",
+            RunEnd::Retry(_) => "queued",
+        })
+        .collect();
+    let results: Vec<Option<String>> = finishes
+        .iter()
+        .map(|f| f.result.as_ref().map(jsonb_text))
+        .collect();
+    let errors: Vec<Option<String>> = finishes
+        .iter()
+        .map(|f| f.error.as_deref().map(text_without_nul))
+        .collect();
+    let delays: Vec<Option<f64>> = finishes
+        .iter()
+        .map(|f| match f.end {
+            RunEnd::Retry(delay) => Some(delay.as_secs_f64()),
+            _ => None,
+        })
+        .collect();
+    let tokens: Vec<i32> = finishes.iter().map(|f| f.token).collect();
+    let attempts: Vec<i32> = finishes.iter().map(|f| f.attempt).collect();
+    // A run whose cancel was asked for ends cancelled, however its call ended (a plugin
+    // that ignores the flag may have finished its work: its result is kept, and its
+    // success chains nothing): it is not tried again. Decided from `r` in SET, which is
+    // the row as it is when the update takes it (a cancel committed while this waited for
+    // the row counts).
+    let status = "CASE WHEN r.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE u.status END";
+    let recorded: Vec<EndedRun> = sqlx::query_as(&format!(
+        "UPDATE job_runs r
+         SET status = {status},
+             finished_at = CASE WHEN {status} = 'queued' THEN NULL ELSE now() END,
+             published_at = CASE WHEN {status} = 'queued' THEN NULL ELSE r.published_at END,
+             result = u.result::jsonb,
+             error = CASE WHEN r.cancel_requested_at IS NOT NULL
+                          THEN COALESCE(r.cancel_reason, 'cancelled')
+                               || COALESCE(' (' || u.error || ')',
+                                           CASE WHEN u.status = 'succeeded'
+                                                THEN ' (its job had finished before it could be stopped)' END,
+                                           '')
+                          ELSE u.error END,
+             -- Kept when the run ends: when it was meant to start (its jitter, its retry).
+             not_before = CASE WHEN {status} = 'queued'
+                               THEN now() + u.delay * interval '1 second' ELSE r.not_before END
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::int4[], $7::int4[])
+           AS u(id, status, result, error, delay, token, attempt)
+         WHERE r.id = u.id AND r.status = 'running' AND r.claim_token = u.token AND r.attempt = u.attempt
+         RETURNING {ENDED}"
+    ))
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&results)
+    .bind(&errors)
+    .bind(&delays)
+    .bind(&tokens)
+    .bind(&attempts)
+    .fetch_all(&mut *tx)
+    .await
+    .context("recording finished runs")?;
+    let chained = chain_in(tx, &recorded, inline).await?;
+    if chained > 0 || finishes.iter().any(|f| matches!(f.end, RunEnd::Retry(_))) {
+        notify_on(&mut *tx, "run").await?;
+    }
+    let recorded: HashSet<Uuid> = recorded.into_iter().map(|r| r.id).collect();
+    Ok(ids
+        .into_iter()
+        .filter(|id| !recorded.contains(id))
+        .collect())
+}
+
 async fn chain_in(
     tx: &mut PgConnection,
     ended: &[EndedRun],

@@ -857,162 +857,43 @@ impl SqliteStore {
         claims: &[(Uuid, bool)],
     ) -> Result<Vec<Claim>, StoreError> {
         let mut tx = self.write("claiming runs").await?;
-        let now = Utc::now();
-        let held: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM worker_leases WHERE token = ? AND expires_at > ?)",
-        )
-        .bind(token)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await
-        .context("checking the worker lease")?;
-        if !held {
-            tx.rollback().await.context("claiming runs")?;
-            tracing::warn!("this worker does not hold its lease: claiming nothing");
-            return Ok(vec![Claim::Unavailable; claims.len()]);
-        }
-        let mut redelivered: HashMap<Uuid, bool> = HashMap::new();
-        for (id, again) in claims {
-            *redelivered.entry(*id).or_default() |= *again;
-        }
-        let mut answers: HashMap<Uuid, Claim> = HashMap::new();
-        for (id, again) in &redelivered {
-            let row: Option<ClaimedRow> = sqlx::query_as(
-                "SELECT r.status, r.attempt, r.trigger, r.claim_nonce, r.not_before,
-                        r.cancel_requested_at IS NOT NULL AS cancel_requested,
-                        r.status = 'running' AND NOT EXISTS (
-                            SELECT 1 FROM worker_leases l WHERE l.token = r.claim_token AND l.expires_at > ?2)
-                          AS lease_gone,
-                        COALESCE(r.scheduled_for, r.created_at) AS slot, r.parent_id,
-                        (SELECT g.timezone FROM jobs j JOIN registry g ON g.job = j.id
-                         WHERE j.name = r.job_name LIMIT 1) AS timezone
-                 FROM job_runs r WHERE r.id = ?1",
-            )
-            .bind(id)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await
-            .context("claiming runs")?;
-            let Some(row) = row else {
-                answers.insert(*id, Claim::Unknown);
-                continue;
-            };
-            let run = ClaimedRun {
-                scheduled_for: row.slot,
-                parent: row.parent_id,
-                timezone: row.timezone.clone(),
-            };
-            let claimable = !row.cancel_requested
-                && ((row.status == "queued" && row.not_before.is_none_or(|t| t <= now))
-                    || (row.status == "running" && *again && row.lease_gone));
-            let answer = if claimable {
-                sqlx::query(
-                    "UPDATE job_runs
-                     SET status = 'running', attempt = attempt + 1, worker = ?, claim_token = ?,
-                         claim_nonce = ?, started_at = ?, finished_at = NULL,
-                         published_at = COALESCE(published_at, ?)
-                     WHERE id = ?",
-                )
-                .bind(worker)
-                .bind(token)
-                .bind(nonce)
-                .bind(now)
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .context("claiming runs")?;
-                Claim::Claimed {
-                    attempt: row.attempt + 1,
-                    trigger: row.trigger,
-                    run,
-                }
-            } else if row.status == "running" && row.claim_nonce == Some(nonce) {
-                // This statement's own first try, whose reply was lost.
-                Claim::Claimed {
-                    attempt: row.attempt,
-                    trigger: row.trigger,
-                    run,
-                }
-            } else if row.status == "running" || row.status == "queued" {
-                Claim::Running
-            } else {
-                Claim::Finished(row.status)
-            };
-            answers.insert(*id, answer);
-        }
+        let claimed = claim_in(&mut tx, worker, token, nonce, claims).await?;
         tx.commit().await.context("claiming runs")?;
-        let mut seen = HashSet::new();
-        Ok(claims
-            .iter()
-            .map(|(id, _)| {
-                if !seen.insert(*id) {
-                    return Claim::Running;
-                }
-                answers.get(id).cloned().unwrap_or(Claim::Unknown)
-            })
-            .collect())
+        Ok(claimed)
     }
 
     pub async fn finish_runs(&self, finishes: &[Finish]) -> Result<Vec<Uuid>, StoreError> {
-        let mut sorted: Vec<&Finish> = finishes.iter().collect();
-        sorted.sort_by_key(|f| f.id);
         let mut tx = self.write("starting to record runs").await?;
-        let now = Utc::now();
-        let mut recorded: Vec<EndedRun> = Vec::new();
-        for finish in &sorted {
-            let (status, delay) = match finish.end {
-                RunEnd::Succeeded => ("succeeded", None),
-                RunEnd::Failed => ("failed", None),
-                RunEnd::Dead => ("dead", None),
-                RunEnd::Cancelled => ("cancelled", None),
-                RunEnd::Retry(delay) => ("queued", Some(delay)),
-            };
-            let retry_at = delay.map(|d| now + d);
-            // A run whose cancel was asked for ends cancelled, however its call ended.
-            let status_sql =
-                "CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE ?1 END";
-            let ended: Option<EndedRun> = sqlx::query_as(&format!(
-                "UPDATE job_runs AS r
-                 SET status = {status_sql},
-                     finished_at = CASE WHEN {status_sql} = 'queued' THEN NULL ELSE ?2 END,
-                     published_at = CASE WHEN {status_sql} = 'queued' THEN NULL ELSE published_at END,
-                     result = ?3,
-                     error = CASE WHEN cancel_requested_at IS NOT NULL
-                                  THEN COALESCE(cancel_reason, 'cancelled')
-                                       || COALESCE(' (' || ?4 || ')',
-                                                   CASE WHEN ?1 = 'succeeded'
-                                                        THEN ' (its job had finished before it could be stopped)' END,
-                                                   '')
-                                  ELSE ?4 END,
-                     not_before = CASE WHEN {status_sql} = 'queued' THEN ?5 ELSE not_before END
-                 WHERE id = ?6 AND status = 'running' AND claim_token = ?7 AND attempt = ?8
-                 RETURNING {}", ended_columns()
-            ))
-            .bind(status)
-            .bind(now)
-            .bind(finish.result.as_ref().map(jsonb_text))
-            .bind(finish.error.as_deref())
-            .bind(retry_at)
-            .bind(finish.id)
-            .bind(finish.token)
-            .bind(finish.attempt)
-            .fetch_optional(&mut *tx)
-            .await
-            .context("recording finished runs")?;
-            recorded.extend(ended);
-        }
-        let chained = chain_in(&mut tx, &recorded, now).await?;
+        let (not_recorded, tell) = finish_in(&mut tx, finishes).await?;
         tx.commit().await.context("committing finished runs")?;
-        if chained > 0 || finishes.iter().any(|f| matches!(f.end, RunEnd::Retry(_))) {
+        if tell {
             self.tell("run");
         }
-        let recorded: HashSet<Uuid> = recorded.into_iter().map(|r| r.id).collect();
-        Ok(sorted
-            .iter()
-            .map(|f| f.id)
-            .filter(|id| !recorded.contains(id))
-            .collect())
+        Ok(not_recorded)
+    }
+
+    pub async fn finish_and_claim_runs(
+        &self,
+        finishes: &[Finish],
+        worker: &str,
+        token: i32,
+        nonce: Uuid,
+        claims: &[(Uuid, bool)],
+    ) -> Result<(Vec<Uuid>, Vec<Claim>), StoreError> {
+        let mut tx = self.write("starting to record and claim runs").await?;
+        let (not_recorded, tell) = finish_in(&mut tx, finishes).await?;
+        let claimed = if claims.is_empty() {
+            Vec::new()
+        } else {
+            claim_in(&mut tx, worker, token, nonce, claims).await?
+        };
+        tx.commit()
+            .await
+            .context("committing recorded and claimed runs")?;
+        if tell {
+            self.tell("run");
+        }
+        Ok((not_recorded, claimed))
     }
 
     pub async fn orphaned_runs(&self) -> Result<Vec<ClaimKey>, StoreError> {
@@ -1935,6 +1816,168 @@ async fn insert_planned(
 }
 
 /// Creates, within `tx`, the runs that the ended runs chain; how many.
+/// The claim of `SqliteStore::claim_runs`, in `tx`.
+async fn claim_in(
+    tx: &mut WriteTx,
+    worker: &str,
+    token: i32,
+    nonce: Uuid,
+    claims: &[(Uuid, bool)],
+) -> Result<Vec<Claim>, StoreError> {
+    let now = Utc::now();
+    let held: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM worker_leases WHERE token = ? AND expires_at > ?)",
+    )
+    .bind(token)
+    .bind(now)
+    .fetch_one(&mut **tx)
+    .await
+    .context("checking the worker lease")?;
+    if !held {
+        tracing::warn!("this worker does not hold its lease: claiming nothing");
+        return Ok(vec![Claim::Unavailable; claims.len()]);
+    }
+    let mut redelivered: HashMap<Uuid, bool> = HashMap::new();
+    for (id, again) in claims {
+        *redelivered.entry(*id).or_default() |= *again;
+    }
+    let mut answers: HashMap<Uuid, Claim> = HashMap::new();
+    for (id, again) in &redelivered {
+        let row: Option<ClaimedRow> = sqlx::query_as(
+            "SELECT r.status, r.attempt, r.trigger, r.claim_nonce, r.not_before,
+                    r.cancel_requested_at IS NOT NULL AS cancel_requested,
+                    r.status = 'running' AND NOT EXISTS (
+                        SELECT 1 FROM worker_leases l WHERE l.token = r.claim_token AND l.expires_at > ?2)
+                      AS lease_gone,
+                    COALESCE(r.scheduled_for, r.created_at) AS slot, r.parent_id,
+                    (SELECT g.timezone FROM jobs j JOIN registry g ON g.job = j.id
+                     WHERE j.name = r.job_name LIMIT 1) AS timezone
+             FROM job_runs r WHERE r.id = ?1",
+        )
+        .bind(id)
+        .bind(now)
+        .fetch_optional(&mut **tx)
+        .await
+        .context("claiming runs")?;
+        let Some(row) = row else {
+            answers.insert(*id, Claim::Unknown);
+            continue;
+        };
+        let run = ClaimedRun {
+            scheduled_for: row.slot,
+            parent: row.parent_id,
+            timezone: row.timezone.clone(),
+        };
+        let claimable = !row.cancel_requested
+            && ((row.status == "queued" && row.not_before.is_none_or(|t| t <= now))
+                || (row.status == "running" && *again && row.lease_gone));
+        let answer = if claimable {
+            sqlx::query(
+                "UPDATE job_runs
+                 SET status = 'running', attempt = attempt + 1, worker = ?, claim_token = ?,
+                     claim_nonce = ?, started_at = ?, finished_at = NULL,
+                     published_at = COALESCE(published_at, ?)
+                 WHERE id = ?",
+            )
+            .bind(worker)
+            .bind(token)
+            .bind(nonce)
+            .bind(now)
+            .bind(now)
+            .bind(id)
+            .execute(&mut **tx)
+            .await
+            .context("claiming runs")?;
+            Claim::Claimed {
+                attempt: row.attempt + 1,
+                trigger: row.trigger,
+                run,
+            }
+        } else if row.status == "running" && row.claim_nonce == Some(nonce) {
+            // This statement's own first try, whose reply was lost.
+            Claim::Claimed {
+                attempt: row.attempt,
+                trigger: row.trigger,
+                run,
+            }
+        } else if row.status == "running" || row.status == "queued" {
+            Claim::Running
+        } else {
+            Claim::Finished(row.status)
+        };
+        answers.insert(*id, answer);
+    }
+    let mut seen = HashSet::new();
+    Ok(claims
+        .iter()
+        .map(|(id, _)| {
+            if !seen.insert(*id) {
+                return Claim::Running;
+            }
+            answers.get(id).cloned().unwrap_or(Claim::Unknown)
+        })
+        .collect())
+}
+
+/// The updates of `SqliteStore::finish_runs`, in `tx`: the ids of runs not recorded, and
+/// whether schedulers are to be told.
+async fn finish_in(tx: &mut WriteTx, finishes: &[Finish]) -> Result<(Vec<Uuid>, bool), StoreError> {
+    let mut sorted: Vec<&Finish> = finishes.iter().collect();
+    sorted.sort_by_key(|f| f.id);
+    let now = Utc::now();
+    let mut recorded: Vec<EndedRun> = Vec::new();
+    for finish in &sorted {
+        let (status, delay) = match finish.end {
+            RunEnd::Succeeded => ("succeeded", None),
+            RunEnd::Failed => ("failed", None),
+            RunEnd::Dead => ("dead", None),
+            RunEnd::Cancelled => ("cancelled", None),
+            RunEnd::Retry(delay) => ("queued", Some(delay)),
+        };
+        let retry_at = delay.map(|d| now + d);
+        // A run whose cancel was asked for ends cancelled, however its call ended.
+        let status_sql = "CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE ?1 END";
+        let ended: Option<EndedRun> = sqlx::query_as(&format!(
+            "UPDATE job_runs AS r
+             SET status = {status_sql},
+                 finished_at = CASE WHEN {status_sql} = 'queued' THEN NULL ELSE ?2 END,
+                 published_at = CASE WHEN {status_sql} = 'queued' THEN NULL ELSE published_at END,
+                 result = ?3,
+                 error = CASE WHEN cancel_requested_at IS NOT NULL
+                              THEN COALESCE(cancel_reason, 'cancelled')
+                                   || COALESCE(' (' || ?4 || ')',
+                                               CASE WHEN ?1 = 'succeeded'
+                                                    THEN ' (its job had finished before it could be stopped)' END,
+                                               '')
+                              ELSE ?4 END,
+                 not_before = CASE WHEN {status_sql} = 'queued' THEN ?5 ELSE not_before END
+             WHERE id = ?6 AND status = 'running' AND claim_token = ?7 AND attempt = ?8
+             RETURNING {}", ended_columns()
+        ))
+        .bind(status)
+        .bind(now)
+        .bind(finish.result.as_ref().map(jsonb_text))
+        .bind(finish.error.as_deref())
+        .bind(retry_at)
+        .bind(finish.id)
+        .bind(finish.token)
+        .bind(finish.attempt)
+        .fetch_optional(&mut **tx)
+        .await
+        .context("recording finished runs")?;
+        recorded.extend(ended);
+    }
+    let chained = chain_in(tx, &recorded, now).await?;
+    let tell = chained > 0 || finishes.iter().any(|f| matches!(f.end, RunEnd::Retry(_)));
+    let recorded: HashSet<Uuid> = recorded.into_iter().map(|r| r.id).collect();
+    let not_recorded = sorted
+        .iter()
+        .map(|f| f.id)
+        .filter(|id| !recorded.contains(id))
+        .collect();
+    Ok((not_recorded, tell))
+}
+
 async fn chain_in(
     tx: &mut WriteTx,
     ended: &[EndedRun],

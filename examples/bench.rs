@@ -15,7 +15,8 @@
 //!   200-byte messages published with confirms, consumed by 4 consumers with manual acks — and
 //!   (b) the full path: runs inserted in Postgres, published with confirms, consumed by the
 //!   worker calling `hello_world`, recorded, acknowledged. Prints both rates and their ratio.
-//! - `burst`: 100 entries due in the same second, one worker with 8 slots: scheduled → started.
+//! - `burst`: 100 entries due in the same second, one worker with 8 slots: scheduled → started;
+//!   then again with `worker.lookahead: 8` (`burst_lookahead_...`).
 //! - `lag`: 100 entries due every second for 10 seconds: scheduled → published.
 //! - `due`: 10,000 entries due in the same second: one scheduler pass (create, then publish).
 //! - `import` / `init`: `registry --import` of 100,000 jobs, then `scheduler --init`: wall time
@@ -91,10 +92,10 @@ async fn main() -> Result<(), Error> {
         "cores",
     );
     for scenario in wanted {
-        let scratch = Scratch::new(&bench, scenario).await?;
+        let mut scratch = Scratch::new(&bench, scenario).await?;
         let result = match scenario {
             "throughput" => throughput(&bench, &scratch, &mut report).await,
-            "burst" => burst(&scratch, &mut report).await,
+            "burst" => burst(&mut scratch, &mut report).await,
             "lag" => lag(&scratch, &mut report).await,
             "due" => due(&scratch, &mut report).await,
             "import" => import_and_init(&bench, &scratch, &mut report, false).await,
@@ -669,8 +670,21 @@ async fn slot_ahead(store: &Store, ahead: i64) -> Result<DateTime<Utc>, Error> {
     Ok((now + chrono::TimeDelta::seconds(ahead)).duration_trunc(chrono::TimeDelta::seconds(1))?)
 }
 
-async fn burst(scratch: &Scratch, report: &mut Report) -> Result<(), Error> {
+async fn burst(scratch: &mut Scratch, report: &mut Report) -> Result<(), Error> {
     scratch.import(100, "hello_world", "0 0 1 1 *").await?;
+    burst_round(scratch, report, "burst").await?;
+    // Again with deliveries waiting for a slot (`worker.lookahead`).
+    if let Some(pool) = scratch.store.pg_pool() {
+        sqlx::query("DELETE FROM job_runs").execute(pool).await?;
+    }
+    scratch.config.worker.lookahead = 8;
+    burst_round(scratch, report, "burst_lookahead").await?;
+    scratch.config.worker.lookahead = 0;
+    Ok(())
+}
+
+/// 100 entries due in the same second, one worker with 8 slots; figures named `prefix_...`.
+async fn burst_round(scratch: &Scratch, report: &mut Report, prefix: &str) -> Result<(), Error> {
     let slot = slot_ahead(&scratch.store, 3).await?;
     scratch
         .store
@@ -685,27 +699,19 @@ async fn burst(scratch: &Scratch, report: &mut Report) -> Result<(), Error> {
         )
         .await?;
     running.stop().await;
-    let (p50, p99, _) = scratch
-        .percentiles(
-            "SELECT EXTRACT(EPOCH FROM started_at - scheduled_for)::float8 FROM job_runs WHERE scheduled_for IS NOT NULL",
-        )
-        .await?;
-    report.add("burst_scheduled_to_started_p50", p50, "ms");
-    report.add("burst_scheduled_to_started_p99", p99, "ms");
-    let (p50, p99, _) = scratch
-        .percentiles(
-            "SELECT EXTRACT(EPOCH FROM published_at - scheduled_for)::float8 FROM job_runs WHERE scheduled_for IS NOT NULL",
-        )
-        .await?;
-    report.add("burst_scheduled_to_published_p50", p50, "ms");
-    report.add("burst_scheduled_to_published_p99", p99, "ms");
-    let (p50, p99, _) = scratch
-        .percentiles(
-            "SELECT EXTRACT(EPOCH FROM created_at - scheduled_for)::float8 FROM job_runs WHERE scheduled_for IS NOT NULL",
-        )
-        .await?;
-    report.add("burst_scheduled_to_created_p50", p50, "ms");
-    report.add("burst_scheduled_to_created_p99", p99, "ms");
+    for (figure, column) in [
+        ("started", "started_at"),
+        ("published", "published_at"),
+        ("created", "created_at"),
+    ] {
+        let (p50, p99, _) = scratch
+            .percentiles(&format!(
+                "SELECT EXTRACT(EPOCH FROM {column} - scheduled_for)::float8 FROM job_runs WHERE scheduled_for IS NOT NULL"
+            ))
+            .await?;
+        report.add(&format!("{prefix}_scheduled_to_{figure}_p50"), p50, "ms");
+        report.add(&format!("{prefix}_scheduled_to_{figure}_p99"), p99, "ms");
+    }
     Ok(())
 }
 

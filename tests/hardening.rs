@@ -372,6 +372,62 @@ async fn a_worker_whose_slots_all_hang_stops_and_queues_its_runs_again(backend: 
 }
 
 crate::on_every_backend! {
+async fn lookahead_deliveries_wait_for_a_slot_and_nothing_is_lost_on_stop(backend: Backend) {
+    let Some(cluster) = Cluster::on(
+        backend,
+        "lookahead_deliveries_wait_for_a_slot_and_nothing_is_lost_on_stop",
+        "worker:\n  lookahead: 2\n  grace_period: 1\n",
+    )
+    .await
+    else {
+        return;
+    };
+    cluster.import("jobs:\n- id: busy\n  job: command\n  arguments: {command: [sleep, '60']}\n");
+    let mut worker = cluster.worker("w1", 1);
+    for _ in 0..4 {
+        cluster.run_ok(&["scheduler", "--run-now", "busy"]);
+    }
+    // One slot runs one job; two deliveries wait in the worker for it; the fourth stays in
+    // the queue for other workers.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (held, ready) = (cluster.held().await, cluster.depth().await);
+        if (held, ready) == (3, 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "held {held}, ready {ready}, not 3 and 1:\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let running = "SELECT count(*) FROM job_runs WHERE status = 'running'";
+    assert_eq!(cluster.count(running).await, 1, "no more jobs than slots");
+    // Stopped: the running job is interrupted and queued for its next attempt, the waiting
+    // deliveries go back to the queue unclaimed.
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", cluster.logs());
+    assert_eq!(cluster.count(running).await, 0);
+    assert_eq!(
+        cluster
+            .count("SELECT count(*) FROM job_runs WHERE status = 'queued'")
+            .await,
+        4,
+        "{}",
+        cluster.logs()
+    );
+    // The broker's counts lag a little behind.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.held().await > 0 {
+        assert!(Instant::now() < deadline, "deliveries still held after the worker stopped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+}
+
+crate::on_every_backend! {
 async fn sigterm_is_seen_while_every_slot_is_busy(backend: Backend) {
     let Some(cluster) = Cluster::on(backend, "sigterm_is_seen_while_every_slot_is_busy", "worker:\n  grace_period: 1\n").await else {
         return;
@@ -472,6 +528,71 @@ async fn claims_and_inserts_retried_after_a_lost_reply_change_nothing(backend: B
         .await
         .unwrap();
     assert_eq!(early, [Claim::Running]);
+}
+}
+
+crate::on_every_store! {
+async fn a_result_and_the_next_claim_are_written_together(backend: Backend) {
+    let Some(cluster) = Cluster::on(backend, "a_result_and_the_next_claim_are_written_together", "").await else {
+        return;
+    };
+    let store = cluster.store.clone();
+    let (done, next, never) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let run = |id| crate::util::new_run(Some(id), None);
+    store.insert_runs(&[run(done), run(next), run(never)]).await.unwrap();
+    let lease = store.worker_lease().await.unwrap();
+    let token = lease.token;
+    let claimed = store
+        .claim_runs("w1", token, Uuid::new_v4(), &[(done, false)])
+        .await
+        .unwrap();
+    assert!(matches!(claimed[0], Claim::Claimed { attempt: 1, .. }));
+    let finish = |id, attempt| Finish {
+        id,
+        token,
+        attempt,
+        end: RunEnd::Succeeded,
+        result: Some(serde_json::json!({ "ok": true })),
+        error: None,
+    };
+    // A result for a run that is not running is reported, not recorded; the others are.
+    let nonce = Uuid::new_v4();
+    let (not_recorded, claims) = store
+        .finish_and_claim_runs(&[finish(done, 1), finish(never, 1)], "w1", token, nonce, &[(next, false)])
+        .await
+        .unwrap();
+    assert_eq!(not_recorded, [never]);
+    assert_eq!(cluster.run(&never.to_string()).await.status, "queued");
+    assert!(matches!(claims[..], [Claim::Claimed { attempt: 1, .. }]), "{claims:?}");
+    let (recorded, claimed) = (cluster.run(&done.to_string()).await, cluster.run(&next.to_string()).await);
+    assert_eq!(recorded.status, "succeeded");
+    assert_eq!((claimed.status.as_str(), claimed.attempt), ("running", 1));
+
+    // Retried after a lost reply: the result is not recorded twice, and the claim finds its
+    // own first try.
+    let (not_recorded, claims) = store
+        .finish_and_claim_runs(&[finish(done, 1)], "w1", token, nonce, &[(next, false)])
+        .await
+        .unwrap();
+    assert_eq!(not_recorded, [done]);
+    assert!(matches!(claims[..], [Claim::Claimed { attempt: 1, .. }]), "{claims:?}");
+
+    // Without the lease, the claims are refused as unavailable and nothing is claimed; the
+    // results in the same transaction are recorded.
+    let third = Uuid::new_v4();
+    store.insert_runs(&[run(third)]).await.unwrap();
+    let unheld = token.wrapping_add(1).max(1);
+    let (_, claims) = store
+        .finish_and_claim_runs(&[finish(next, 1)], "w1", unheld, Uuid::new_v4(), &[(third, false)])
+        .await
+        .unwrap();
+    assert_eq!(claims, [Claim::Unavailable]);
+    assert_eq!(cluster.run(&third.to_string()).await.status, "queued");
+    assert_eq!(
+        cluster.run(&next.to_string()).await.status,
+        "succeeded",
+        "the result (under its own claim's token) is recorded all the same"
+    );
 }
 }
 

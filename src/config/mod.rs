@@ -220,6 +220,8 @@ pub struct WorkerConfig {
     pub retry_backoff_max: Duration,
     /// How long calls wait for a plugin's `on_startup` before they fail (it may hang).
     pub startup_timeout: Duration,
+    /// Deliveries a worker process may hold beyond its slots, waiting for a slot to free.
+    pub lookahead: u16,
 }
 
 /// `runs:` settings.
@@ -561,6 +563,7 @@ struct RawWorker {
     retry_backoff: Option<f64>,
     retry_backoff_max: Option<f64>,
     startup_timeout: Option<f64>,
+    lookahead: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1039,6 +1042,7 @@ fn build(
             60.0,
             "worker.startup_timeout",
         )?,
+        lookahead: wrk.as_ref().and_then(|w| w.lookahead).unwrap_or(0),
     };
     let runs = RunsConfig {
         retention: match raw.runs.and_then(|r| r.retention_days) {
@@ -1246,6 +1250,19 @@ mod tests {
 
         let err = load("databse:\n  host: x\n").unwrap_err().to_string();
         assert!(err.contains("databse"), "{err}");
+
+        let err = load("worker:\n  lookahead: -1\n").unwrap_err().to_string();
+        assert!(
+            err.contains("worker.lookahead") && err.contains("line 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lookahead_is_off_unless_set() {
+        assert_eq!(load("# nothing\n").unwrap().worker.lookahead, 0);
+        let config = load("worker:\n  lookahead: 8\n").unwrap();
+        assert_eq!(config.worker.lookahead, 8);
     }
 
     #[test]

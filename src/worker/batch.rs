@@ -8,10 +8,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::store::{Finish, RunEnd, Store, StoreError};
+use crate::store::{Claim, Finish, RunEnd, Store, StoreError};
 
 /// Most requests written in one statement.
 const BATCH_MAX: usize = 512;
+/// From this many results and claims in one batch on, they are written in two transactions at
+/// once instead of one: one transaction saves a commit when batches are small (a burst on a few
+/// slots), two use more of the database's cores when they are large (README, Performance).
+const SPLIT_AT: usize = 16;
 
 /// Collects requests from many tasks and serves them in batches; each caller gets its own
 /// answer. The batch function retries until the database answers: state changes are never
@@ -94,12 +98,159 @@ where
     }
 }
 
+/// A write a delivery hands to its worker's writer: the claim before its job, the result
+/// after it.
+pub(super) enum Write {
+    /// The run, and whether its delivery is a re-delivery.
+    Claim(Uuid, bool),
+    /// The result, counted until it is committed.
+    Finish(Finish, Recording),
+}
+
+/// The answer to a `Write`, of the same kind.
+pub(super) enum Written {
+    Claim(Claim),
+    /// Whether the delivery may be settled.
+    Finish(bool),
+}
+
+/// Who claims: this worker, under its lease.
+#[derive(Clone)]
+pub(super) struct Claimer {
+    pub(super) store: Store,
+    pub(super) worker: String,
+    pub(super) token: i32,
+    /// Whether this worker's session holds its lease.
+    pub(super) held: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Writes one batch of claims and results. When there are a few of both, the results and the
+/// claims go in one transaction: a slot's result and the next run's claim (of the same slot or
+/// another) cost one commit, not two. Should that transaction fail for good, each kind is
+/// written on its own, with its own fallbacks. Many of both (`SPLIT_AT`) go in two
+/// transactions at once.
+pub(super) async fn write_batch(claimer: &Claimer, batch: Vec<Write>) -> Vec<Written> {
+    let mut claims = Vec::new();
+    let mut finishes = Vec::new();
+    let mut recording = Vec::new();
+    let kinds: Vec<bool> = batch
+        .into_iter()
+        .map(|write| match write {
+            Write::Claim(id, redelivered) => {
+                claims.push((id, redelivered));
+                true
+            }
+            Write::Finish(finish, counted) => {
+                finishes.push(finish);
+                recording.push(counted);
+                false
+            }
+        })
+        .collect();
+    // Fenced: while the lease is lost, a sweeper may hand this worker's runs to others, so
+    // nothing new is claimed until it is held again (the claim statement checks it too).
+    // Results are written all the same.
+    let held = *claimer.held.borrow();
+    let (settled, claimed) = if !held {
+        let settled = record_batch(&claimer.store, &finishes).await;
+        (settled, vec![Claim::Unavailable; claims.len()])
+    } else if finishes.is_empty() {
+        (Vec::new(), claim_batch(claimer, &claims).await)
+    } else if claims.is_empty() {
+        (record_batch(&claimer.store, &finishes).await, Vec::new())
+    } else if finishes.len() + claims.len() >= SPLIT_AT {
+        // Many of both: two transactions at once, as the database has more than one core.
+        tokio::join!(
+            record_batch(&claimer.store, &finishes),
+            claim_batch(claimer, &claims)
+        )
+    } else {
+        // One nonce per statement: a retry after a lost reply recognizes its own claims.
+        let nonce = Uuid::new_v4();
+        match until_ok("recording and claiming runs", || {
+            claimer.store.finish_and_claim_runs(
+                &finishes,
+                &claimer.worker,
+                claimer.token,
+                nonce,
+                &claims,
+            )
+        })
+        .await
+        {
+            Ok((not_recorded, claimed)) => {
+                log_not_recorded(&finishes, &not_recorded);
+                (vec![true; finishes.len()], claimed)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, runs = finishes.len() + claims.len(), "recording and claiming runs together failed; writing them apart");
+                (
+                    record_batch(&claimer.store, &finishes).await,
+                    claim_batch(claimer, &claims).await,
+                )
+            }
+        }
+    };
+    // The guards go when the results are committed, not before.
+    drop(recording);
+    let (mut settled, mut claimed) = (settled.into_iter(), claimed.into_iter());
+    kinds
+        .into_iter()
+        .map(|claim| {
+            if claim {
+                Written::Claim(claimed.next().unwrap_or(Claim::Unavailable))
+            } else {
+                Written::Finish(settled.next().unwrap_or(false))
+            }
+        })
+        .collect()
+}
+
+/// Claims delivered runs; one answer per run. A batch that fails for good is claimed run by
+/// run, so that one run's problem does not refuse the others.
+async fn claim_batch(claimer: &Claimer, batch: &[(Uuid, bool)]) -> Vec<Claim> {
+    let Claimer {
+        store,
+        worker,
+        token,
+        ..
+    } = claimer;
+    let nonce = Uuid::new_v4();
+    match until_ok("claiming runs", || {
+        store.claim_runs(worker, *token, nonce, batch)
+    })
+    .await
+    {
+        Ok(claims) => claims,
+        Err(e) if batch.len() == 1 => {
+            tracing::error!(error = %e, "claiming a run failed");
+            vec![Claim::Refused(e.to_string())]
+        }
+        Err(e) => {
+            tracing::error!(error = %e, runs = batch.len(), "claiming a batch failed; claiming its runs one by one");
+            let mut answers = Vec::with_capacity(batch.len());
+            for one in batch.chunks(1) {
+                let nonce = Uuid::new_v4();
+                let claimed = until_ok("claiming a run", || {
+                    store.claim_runs(worker, *token, nonce, one)
+                })
+                .await;
+                answers.push(match claimed {
+                    Ok(mut claims) => claims.pop().unwrap_or(Claim::Unavailable),
+                    Err(e) => Claim::Refused(e.to_string()),
+                });
+            }
+            answers
+        }
+    }
+}
+
 /// Records finished runs; returns, per run, whether its delivery may be acknowledged. A batch
 /// that fails for good is recorded run by run, and a run whose result cannot be stored is
 /// recorded failed with the reason, so a worker never stalls on one. A run that cannot be
 /// recorded at all is not acknowledged: its delivery returns to the queue. A result that
 /// arrives for a run taken over meanwhile is logged.
-pub(super) async fn record_batch(store: &Store, batch: &[Finish]) -> Vec<bool> {
+async fn record_batch(store: &Store, batch: &[Finish]) -> Vec<bool> {
     match until_ok("recording runs", || store.finish_runs(batch)).await {
         Ok(not_recorded) => {
             log_not_recorded(batch, &not_recorded);

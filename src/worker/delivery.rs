@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
-use super::batch::{until_ok, Recording};
+use super::batch::{until_ok, Recording, Write, Written};
 use super::{Context, InFlight};
 use crate::jobfile::{MAX_JOB, MAX_NAME};
 use crate::plugin::{Args, Outcome, PluginError, RunCall};
@@ -118,7 +119,10 @@ pub(super) async fn blocking<T: Send + 'static>(
     }
 }
 
-pub(super) async fn handle(context: &Context, delivery: Delivery) {
+/// Handles one delivery in the slot `slot`, which is given back as soon as the job has ended:
+/// its result is recorded and its delivery settled while the next delivery (already here
+/// with `worker.lookahead`) is claimed.
+pub(super) async fn handle(context: &Context, delivery: Delivery, slot: OwnedSemaphorePermit) {
     let message = match JobMessage::parse(&delivery.data) {
         Ok(message) => message,
         Err(error) => {
@@ -172,10 +176,10 @@ pub(super) async fn handle(context: &Context, delivery: Delivery) {
     );
     // Without its lease the worker keeps the delivery and tries again (returning it would
     // count a delivery against the message each time, and an outage would use them up).
-    let mut claim = context.claims.call((run_id, delivery.redelivered)).await;
+    let mut claim = claim_run(context, run_id, delivery.redelivered).await;
     while claim == Some(Claim::Unavailable) {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        claim = context.claims.call((run_id, delivery.redelivered)).await;
+        claim = claim_run(context, run_id, delivery.redelivered).await;
     }
     let (attempt, trigger, run) = match claim {
         Some(Claim::Claimed {
@@ -229,10 +233,22 @@ pub(super) async fn handle(context: &Context, delivery: Delivery) {
         );
     }
     run_claimed(
-        context, &delivery, &message, run_id, attempt, &trigger, previous, limit,
+        context, &delivery, &message, run_id, attempt, &trigger, previous, limit, slot,
     )
     .await;
     settled(context, run_id, attempt);
+}
+
+/// Claims the run through the worker's writer; `None` when the writer is gone.
+async fn claim_run(context: &Context, run_id: Uuid, redelivered: bool) -> Option<Claim> {
+    match context
+        .writes
+        .call(Write::Claim(run_id, redelivered))
+        .await?
+    {
+        Written::Claim(claim) => Some(claim),
+        Written::Finish(_) => None,
+    }
 }
 
 /// What a claimed run's plugin calls may know of it (the SDK's `Run`), and a fresh
@@ -359,6 +375,7 @@ async fn run_claimed(
     trigger: &str,
     previous: u64,
     limit: u64,
+    slot: OwnedSemaphorePermit,
 ) {
     let job_name = message
         .job_name
@@ -421,6 +438,8 @@ async fn run_claimed(
         }
     };
     let dead = finished.end == RunEnd::Dead;
+    // The job is over: its slot may take the next delivery while this one is recorded.
+    drop(slot);
     if !record(context, finished).await {
         // Not recorded: the delivery stays unacknowledged (returning it now would only bring
         // it back as a duplicate of a running run). It returns to the queue when this worker's
@@ -443,14 +462,17 @@ async fn run_claimed(
 async fn record(context: &Context, finish: Finish) -> bool {
     let (id, attempt) = (finish.id, finish.attempt);
     let recording = Recording::new(&context.recording);
-    let answer = context.finishes.enqueue((finish, recording)).await;
+    let answer = context
+        .writes
+        .enqueue(Write::Finish(finish, recording))
+        .await;
     if answer.is_some() {
         // The recorder has it (and commits it even if this task is aborted): no longer this
         // worker's to interrupt.
         settled(context, id, attempt);
     }
     match answer {
-        Some(answer) => answer.await.unwrap_or(false),
+        Some(answer) => matches!(answer.await, Ok(Written::Finish(true))),
         None => {
             tracing::warn!(
                 "the recorder stopped before a run was recorded; its delivery returns to the queue"
@@ -652,6 +674,7 @@ mod tests {
             retry_backoff: Duration::from_secs(10),
             retry_backoff_max: Duration::from_secs(60),
             startup_timeout: Duration::from_secs(60),
+            lookahead: 0,
         };
         let delays: Vec<u64> = (1..=6).map(|n| retry_delay(&config, n).as_secs()).collect();
         assert_eq!(delays, [10, 20, 40, 60, 60, 60]);

@@ -41,9 +41,9 @@ use crate::plugin::PluginHost;
 use crate::queue::{Queue, QueueError};
 use crate::scheduler::Publisher;
 use crate::shutdown::Shutdown;
-use crate::store::{Claim, Finish, Store};
+use crate::store::Store;
 
-use batch::{record_batch, until_ok, Batcher, Recording};
+use batch::{write_batch, Batcher, Claimer, Write, Written};
 use delivery::handle;
 pub use delivery::retry_delay;
 use stop::{drain, interrupt, InFlight};
@@ -57,8 +57,8 @@ struct Context {
     /// This process's lease token (see `Store::worker_lease`).
     token: i32,
     queue: String,
-    claims: Batcher<(Uuid, bool), Claim>,
-    finishes: Batcher<(Finish, Recording), bool>,
+    /// Claims and results, written in batches.
+    writes: Batcher<Write, Written>,
     /// Publishes fan-out children; one publisher (and channel) for the whole worker.
     publisher: Mutex<Publisher>,
     /// Runs this process has claimed and not yet recorded, with what is needed to record them
@@ -159,66 +159,16 @@ pub async fn run(
             }
         }
     };
-    let claims = {
-        let store = store.clone();
-        let worker = options.id.clone();
-        let token = lease.token;
-        let held = lease.held.clone();
-        Batcher::spawn(move |batch: Vec<(Uuid, bool)>| {
-            let store = store.clone();
-            let worker = worker.clone();
-            let mut held = held.clone();
-            async move {
-                // Fenced: while the lease is lost, a sweeper may hand this worker's runs to
-                // others, so nothing new is claimed until it is held again.
-                if held.wait_for(|held| *held).await.is_err() {
-                    return vec![Claim::Unavailable; batch.len()];
-                }
-                // One nonce per statement: a retry after a lost reply recognizes its own claims.
-                let nonce = Uuid::new_v4();
-                match until_ok("claiming runs", || {
-                    store.claim_runs(&worker, token, nonce, &batch)
-                })
-                .await
-                {
-                    Ok(claims) => claims,
-                    Err(e) if batch.len() == 1 => {
-                        tracing::error!(error = %e, "claiming a run failed");
-                        vec![Claim::Refused(e.to_string())]
-                    }
-                    Err(e) => {
-                        // One run's problem must not refuse the others: each on its own.
-                        tracing::error!(error = %e, runs = batch.len(), "claiming a batch failed; claiming its runs one by one");
-                        let mut answers = Vec::with_capacity(batch.len());
-                        for one in batch.chunks(1) {
-                            let nonce = Uuid::new_v4();
-                            let claimed = until_ok("claiming a run", || {
-                                store.claim_runs(&worker, token, nonce, one)
-                            })
-                            .await;
-                            answers.push(match claimed {
-                                Ok(mut claims) => claims.pop().unwrap_or(Claim::Unavailable),
-                                Err(e) => Claim::Refused(e.to_string()),
-                            });
-                        }
-                        answers
-                    }
-                }
-            }
-        })
-    };
-    let finishes = {
-        let store = store.clone();
-        Batcher::spawn(move |batch: Vec<(Finish, Recording)>| {
-            let store = store.clone();
-            async move {
-                // The guards go when the batch is committed, not before.
-                let (finishes, recording): (Vec<Finish>, Vec<Recording>) =
-                    batch.into_iter().unzip();
-                let answers = record_batch(&store, &finishes).await;
-                drop(recording);
-                answers
-            }
+    let writes = {
+        let claimer = Claimer {
+            store: store.clone(),
+            worker: options.id.clone(),
+            token: lease.token,
+            held: lease.held.clone(),
+        };
+        Batcher::spawn(move |batch: Vec<Write>| {
+            let claimer = claimer.clone();
+            async move { write_batch(&claimer, batch).await }
         })
     };
     let context = Arc::new(Context {
@@ -228,8 +178,7 @@ pub async fn run(
         worker_id: options.id.clone(),
         token: lease.token,
         queue: options.queue.clone(),
-        claims,
-        finishes,
+        writes,
         publisher: Mutex::new(Publisher::new(
             config,
             &store,
@@ -242,6 +191,10 @@ pub async fn run(
     let cancel_watch = tokio::spawn(watch_cancels(context.clone()));
     let slots = options.slots.max(1);
     let semaphore = Arc::new(Semaphore::new(slots));
+    // Unacknowledged deliveries at most: one per slot, and those waiting for a slot.
+    let prefetch = u16::try_from(slots)
+        .unwrap_or(u16::MAX)
+        .saturating_add(config.worker.lookahead);
     let mut tasks: JoinSet<()> = JoinSet::new();
     let tag = format!("jobschleuder-{}-{}", options.id, std::process::id());
     let mut backoff = Duration::from_millis(200);
@@ -254,13 +207,7 @@ pub async fn run(
         let role = format!("worker {}", options.id);
         let session = async {
             let broker = Queue::connect(config, &store, &role).await?;
-            let consumer = broker
-                .consume(
-                    &options.queue,
-                    u16::try_from(slots).unwrap_or(u16::MAX),
-                    &tag,
-                )
-                .await?;
+            let consumer = broker.consume(&options.queue, prefetch, &tag).await?;
             Ok::<_, QueueError>((broker, consumer))
         };
         // Jobs may be running meanwhile (the connection was lost under them): a stop signal
@@ -316,12 +263,9 @@ pub async fn run(
                 }
                 next = consumer.next(), if permit.is_some() => match next {
                     Some(Ok(delivery)) => {
-                        let permit = permit.take();
+                        let slot = permit.take().expect("a delivery is read only with a slot");
                         let context = context.clone();
-                        tasks.spawn(async move {
-                            handle(&context, delivery).await;
-                            drop(permit);
-                        });
+                        tasks.spawn(async move { handle(&context, delivery, slot).await });
                     }
                     Some(Err(e)) => {
                         let text = e.to_string();

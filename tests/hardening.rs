@@ -596,6 +596,65 @@ async fn a_result_and_the_next_claim_are_written_together(backend: Backend) {
 }
 }
 
+/// Postgres only: row locks held across an outbox pass's publishing are Postgres's own (on
+/// SQLite one writer at a time holds the whole file).
+#[tokio::test]
+async fn claims_written_with_results_give_up_on_rows_an_outbox_pass_holds() {
+    crate::needs_servers!("claims_written_with_results_give_up_on_rows_an_outbox_pass_holds");
+    let cluster = Cluster::new("").await;
+    let store = cluster.store.clone();
+    let (held, done) = (Uuid::new_v4(), Uuid::new_v4());
+    let run = |id| crate::util::new_run(Some(id), None);
+    store.insert_runs(&[run(held), run(done)]).await.unwrap();
+    let lease = store.worker_lease().await.unwrap();
+    let token = lease.token;
+    let claimed = store
+        .claim_runs("w1", token, Uuid::new_v4(), &[(done, false)])
+        .await
+        .unwrap();
+    assert!(matches!(claimed[0], Claim::Claimed { attempt: 1, .. }));
+    let finish = Finish {
+        id: done,
+        token,
+        attempt: 1,
+        end: RunEnd::Succeeded,
+        result: None,
+        error: None,
+    };
+    // An outbox pass holds `held` while it waits for its confirms.
+    let pass = store.outbox(10, Some(&[held])).await.unwrap();
+    assert_eq!(pass.runs.len(), 1);
+    let together = tokio::time::timeout(
+        Duration::from_secs(60),
+        store.finish_and_claim_runs(
+            std::slice::from_ref(&finish),
+            "w1",
+            token,
+            Uuid::new_v4(),
+            &[(held, false)],
+        ),
+    )
+    .await
+    .expect("the claim waited for the outbox pass to end");
+    let error = together.expect_err("the claim cannot have its row");
+    assert!(error.is_lock_timeout(), "{error}");
+    // Nothing of the transaction was written.
+    assert_eq!(cluster.run(&done.to_string()).await.status, "running");
+    assert_eq!(cluster.run(&held.to_string()).await.status, "queued");
+    // Once the pass is over, both go through.
+    pass.settle(&[held], &[]).await.unwrap();
+    let (not_recorded, claims) = store
+        .finish_and_claim_runs(&[finish], "w1", token, Uuid::new_v4(), &[(held, false)])
+        .await
+        .unwrap();
+    assert!(not_recorded.is_empty());
+    assert!(
+        matches!(claims[..], [Claim::Claimed { attempt: 1, .. }]),
+        "{claims:?}"
+    );
+    assert_eq!(cluster.run(&done.to_string()).await.status, "succeeded");
+}
+
 crate::on_every_store! {
 async fn orphans_are_fenced_by_claim_late_results_are_reported_and_crash_loops_end_dead(backend: Backend) {
     let Some(cluster) = Cluster::on(backend, "orphans_are_fenced_by_claim_late_results_are_reported_and_crash_loops_end_dead", "").await else {

@@ -390,6 +390,10 @@ impl Store {
 
     /// `finish_runs` and then `claim_runs` in one transaction: one commit for both. Returns
     /// what each of them returns.
+    ///
+    /// On Postgres the claims wait at most `CLAIM_LOCK_WAIT` for a row that another
+    /// transaction holds (an outbox pass waiting for its confirms): then the whole transaction
+    /// fails with a lock timeout (`StoreError::is_lock_timeout`) and nothing of it is written.
     pub async fn finish_and_claim_runs(
         &self,
         finishes: &[Finish],
@@ -633,6 +637,12 @@ impl StoreError {
             }),
             _ => false,
         }
+    }
+
+    /// Whether a row lock could not be had in time (Postgres's `lock_timeout`, or `NOWAIT`).
+    pub fn is_lock_timeout(&self) -> bool {
+        matches!(self, StoreError::Query { source: sqlx::Error::Database(db), .. }
+            if db.code().as_deref() == Some("55P03"))
     }
 }
 

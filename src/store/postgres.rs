@@ -561,6 +561,10 @@ pub(super) async fn next_notification(
         .context("waiting for notifications")
 }
 
+/// How long claims written together with results wait for a row lock before their
+/// transaction gives up (see `Store::finish_and_claim_runs`).
+pub const CLAIM_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// First key of worker leases (`pg_advisory_lock(LEASE_CLASS, token)`).
 const LEASE_CLASS: i32 = 0x6a73_776b; // "jswk"
 
@@ -1145,9 +1149,17 @@ impl PgStore {
         nonce: Uuid,
         claims: &[(Uuid, bool)],
     ) -> Result<(Vec<Uuid>, Vec<Claim>), StoreError> {
+        let begin = if claims.is_empty() {
+            "BEGIN".to_string()
+        } else {
+            format!(
+                "BEGIN; SET LOCAL lock_timeout = {}",
+                CLAIM_LOCK_WAIT.as_millis()
+            )
+        };
         let mut tx = self
             .pool
-            .begin()
+            .begin_with(begin)
             .await
             .context("starting to record and claim runs")?;
         let not_recorded = if finishes.is_empty() {
@@ -1826,9 +1838,6 @@ impl PgStore {
     }
 }
 
-/// Creates, within the transaction that recorded `ended`, the runs their jobs chain (trigger
-/// `chain`, parent = the ended run, the ended run under `trigger_run` in the arguments).
-/// Returns how many were created.
 /// The claim of `PgStore::claim_runs`, on `conn` (in a transaction or not).
 async fn claim_in(
     conn: &mut PgConnection,
@@ -1849,7 +1858,7 @@ async fn claim_in(
          claimed AS (
             UPDATE job_runs r
             SET status = 'running', attempt = r.attempt + 1, worker = $4, claim_token = $5,
-                claim_nonce = $6, started_at = now(), finished_at = NULL,
+                claim_nonce = $6, started_at = statement_timestamp(), finished_at = NULL,
                 published_at = COALESCE(r.published_at, now())
             FROM (SELECT id, bool_or(redelivered) AS redelivered FROM input GROUP BY id) i
             WHERE r.id = i.id
@@ -2003,6 +2012,9 @@ async fn finish_in(
         .collect())
 }
 
+/// Creates, within the transaction that recorded `ended`, the runs their jobs chain (trigger
+/// `chain`, parent = the ended run, the ended run under `trigger_run` in the arguments).
+/// Returns how many were created.
 async fn chain_in(
     tx: &mut PgConnection,
     ended: &[EndedRun],

@@ -1815,7 +1815,6 @@ async fn insert_planned(
     Ok(created)
 }
 
-/// Creates, within `tx`, the runs that the ended runs chain; how many.
 /// The claim of `SqliteStore::claim_runs`, in `tx`.
 async fn claim_in(
     tx: &mut WriteTx,
@@ -1978,6 +1977,7 @@ async fn finish_in(tx: &mut WriteTx, finishes: &[Finish]) -> Result<(Vec<Uuid>, 
     Ok((not_recorded, tell))
 }
 
+/// Creates, within `tx`, the runs that the ended runs chain; how many.
 async fn chain_in(
     tx: &mut WriteTx,
     ended: &[EndedRun],

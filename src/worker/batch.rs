@@ -79,7 +79,20 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
 
 /// Retries a database write with backoff while the failure is transient (connection lost,
 /// server restarting); a permanent failure (bad data) is returned.
-pub(super) async fn until_ok<T, F, Fut>(what: &'static str, mut attempt: F) -> Result<T, StoreError>
+pub(super) async fn until_ok<T, F, Fut>(what: &'static str, attempt: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    retrying(what, StoreError::is_transient, attempt).await
+}
+
+/// `until_ok`, retrying the failures `retry` picks.
+async fn retrying<T, F, Fut>(
+    what: &'static str,
+    retry: impl Fn(&StoreError) -> bool,
+    mut attempt: F,
+) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -88,7 +101,7 @@ where
     loop {
         match attempt().await {
             Ok(value) => return Ok(value),
-            Err(e) if e.is_transient() => {
+            Err(e) if retry(&e) => {
                 tracing::warn!(error = %e, "{what} failed; retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -128,7 +141,7 @@ pub(super) struct Claimer {
 /// claims go in one transaction: a slot's result and the next run's claim (of the same slot or
 /// another) cost one commit, not two. Should that transaction fail for good, each kind is
 /// written on its own, with its own fallbacks. Many of both (`SPLIT_AT`) go in two
-/// transactions at once.
+/// transactions at once. Claims wait for locked rows only so long (see `together`).
 pub(super) async fn write_batch(claimer: &Claimer, batch: Vec<Write>) -> Vec<Written> {
     let mut claims = Vec::new();
     let mut finishes = Vec::new();
@@ -151,45 +164,18 @@ pub(super) async fn write_batch(claimer: &Claimer, batch: Vec<Write>) -> Vec<Wri
     // nothing new is claimed until it is held again (the claim statement checks it too).
     // Results are written all the same.
     let held = *claimer.held.borrow();
-    let (settled, claimed) = if !held {
+    let (settled, claimed) = if !held || claims.is_empty() {
         let settled = record_batch(&claimer.store, &finishes).await;
         (settled, vec![Claim::Unavailable; claims.len()])
-    } else if finishes.is_empty() {
-        (Vec::new(), claim_batch(claimer, &claims).await)
-    } else if claims.is_empty() {
-        (record_batch(&claimer.store, &finishes).await, Vec::new())
-    } else if finishes.len() + claims.len() >= SPLIT_AT {
+    } else if finishes.len() + claims.len() >= SPLIT_AT && !finishes.is_empty() {
         // Many of both: two transactions at once, as the database has more than one core.
-        tokio::join!(
+        let (settled, (_, claimed)) = tokio::join!(
             record_batch(&claimer.store, &finishes),
-            claim_batch(claimer, &claims)
-        )
+            together(claimer, &[], &claims)
+        );
+        (settled, claimed)
     } else {
-        // One nonce per statement: a retry after a lost reply recognizes its own claims.
-        let nonce = Uuid::new_v4();
-        match until_ok("recording and claiming runs", || {
-            claimer.store.finish_and_claim_runs(
-                &finishes,
-                &claimer.worker,
-                claimer.token,
-                nonce,
-                &claims,
-            )
-        })
-        .await
-        {
-            Ok((not_recorded, claimed)) => {
-                log_not_recorded(&finishes, &not_recorded);
-                (vec![true; finishes.len()], claimed)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, runs = finishes.len() + claims.len(), "recording and claiming runs together failed; writing them apart");
-                (
-                    record_batch(&claimer.store, &finishes).await,
-                    claim_batch(claimer, &claims).await,
-                )
-            }
-        }
+        together(claimer, &finishes, &claims).await
     };
     // The guards go when the results are committed, not before.
     drop(recording);
@@ -204,6 +190,56 @@ pub(super) async fn write_batch(claimer: &Claimer, batch: Vec<Write>) -> Vec<Wri
             }
         })
         .collect()
+}
+
+/// Results and claims in one transaction; per result whether its delivery may be settled,
+/// per claim its answer.
+///
+/// A claim never holds results back for long: should a run being claimed be held by another
+/// transaction (an outbox pass waiting for its confirms) longer than the claims may wait, the
+/// results are written alone and the claims answered `Unavailable`, which their callers try
+/// again shortly.
+async fn together(
+    claimer: &Claimer,
+    finishes: &[Finish],
+    claims: &[(Uuid, bool)],
+) -> (Vec<bool>, Vec<Claim>) {
+    // One nonce per statement: a retry after a lost reply recognizes its own claims.
+    let nonce = Uuid::new_v4();
+    let written = retrying(
+        "recording and claiming runs",
+        |e| e.is_transient() && !e.is_lock_timeout(),
+        || {
+            claimer.store.finish_and_claim_runs(
+                finishes,
+                &claimer.worker,
+                claimer.token,
+                nonce,
+                claims,
+            )
+        },
+    )
+    .await;
+    match written {
+        Ok((not_recorded, claimed)) => {
+            log_not_recorded(finishes, &not_recorded);
+            (vec![true; finishes.len()], claimed)
+        }
+        Err(e) if e.is_lock_timeout() => {
+            tracing::debug!(runs = claims.len(), "runs to claim are held by another transaction (an outbox pass waiting for its confirms); claiming them again shortly");
+            (
+                record_batch(&claimer.store, finishes).await,
+                vec![Claim::Unavailable; claims.len()],
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, runs = finishes.len() + claims.len(), "recording and claiming runs together failed; writing them apart");
+            (
+                record_batch(&claimer.store, finishes).await,
+                claim_batch(claimer, claims).await,
+            )
+        }
+    }
 }
 
 /// Claims delivered runs; one answer per run. A batch that fails for good is claimed run by
@@ -251,6 +287,9 @@ async fn claim_batch(claimer: &Claimer, batch: &[(Uuid, bool)]) -> Vec<Claim> {
 /// recorded at all is not acknowledged: its delivery returns to the queue. A result that
 /// arrives for a run taken over meanwhile is logged.
 async fn record_batch(store: &Store, batch: &[Finish]) -> Vec<bool> {
+    if batch.is_empty() {
+        return Vec::new();
+    }
     match until_ok("recording runs", || store.finish_runs(batch)).await {
         Ok(not_recorded) => {
             log_not_recorded(batch, &not_recorded);

@@ -531,6 +531,24 @@ async fn claims_and_inserts_retried_after_a_lost_reply_change_nothing(backend: B
 }
 }
 
+/// Takes a worker lease and claims `id` under it (its first attempt); the lease is held while
+/// the returned value lives.
+async fn claim_one(
+    store: &jobschleuder::store::Store,
+    id: Uuid,
+) -> jobschleuder::store::WorkerLease {
+    let lease = store.worker_lease().await.unwrap();
+    let claimed = store
+        .claim_runs("w1", lease.token, Uuid::new_v4(), &[(id, false)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(claimed[0], Claim::Claimed { attempt: 1, .. }),
+        "{claimed:?}"
+    );
+    lease
+}
+
 crate::on_every_store! {
 async fn a_result_and_the_next_claim_are_written_together(backend: Backend) {
     let Some(cluster) = Cluster::on(backend, "a_result_and_the_next_claim_are_written_together", "").await else {
@@ -540,13 +558,8 @@ async fn a_result_and_the_next_claim_are_written_together(backend: Backend) {
     let (done, next, never) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let run = |id| crate::util::new_run(Some(id), None);
     store.insert_runs(&[run(done), run(next), run(never)]).await.unwrap();
-    let lease = store.worker_lease().await.unwrap();
+    let lease = claim_one(&store, done).await;
     let token = lease.token;
-    let claimed = store
-        .claim_runs("w1", token, Uuid::new_v4(), &[(done, false)])
-        .await
-        .unwrap();
-    assert!(matches!(claimed[0], Claim::Claimed { attempt: 1, .. }));
     let finish = |id, attempt| Finish {
         id,
         token,
@@ -606,13 +619,8 @@ async fn claims_written_with_results_give_up_on_rows_an_outbox_pass_holds() {
     let (held, done) = (Uuid::new_v4(), Uuid::new_v4());
     let run = |id| crate::util::new_run(Some(id), None);
     store.insert_runs(&[run(held), run(done)]).await.unwrap();
-    let lease = store.worker_lease().await.unwrap();
+    let lease = claim_one(&store, done).await;
     let token = lease.token;
-    let claimed = store
-        .claim_runs("w1", token, Uuid::new_v4(), &[(done, false)])
-        .await
-        .unwrap();
-    assert!(matches!(claimed[0], Claim::Claimed { attempt: 1, .. }));
     let finish = Finish {
         id: done,
         token,

@@ -244,7 +244,7 @@ impl Broker {
             }
         }
         let mut outcomes: Vec<Option<Published>> = vec![None; batch.len()];
-        let mut confirms = Vec::with_capacity(batch.len());
+        let mut sending = Vec::with_capacity(batch.len());
         for (index, outgoing) in batch.iter().enumerate() {
             if let Some(refusal) = refused_queues.get(outgoing.queue.as_str()) {
                 outcomes[index] = Some(match refusal {
@@ -262,25 +262,30 @@ impl Broker {
                 )));
                 continue;
             }
-            let confirm = self
-                .channel
-                .basic_publish(
-                    ShortString::from(""),
-                    ShortString::from(outgoing.queue.as_str()),
-                    // Mandatory: a message no queue takes (the queue was deleted) comes back
-                    // instead of vanishing.
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &payload,
-                    BasicProperties::default()
-                        .with_delivery_mode(2)
-                        .with_content_type(ShortString::from("application/json")),
-                )
-                .await
-                .map_err(amqp("publishing"))?;
-            confirms.push((index, confirm));
+            sending.push((index, outgoing.queue.as_str(), payload));
+        }
+        // Handed to the connection all at once, in order: its I/O loop writes them together,
+        // instead of one hand-over (and thread switch) per message, each waited for.
+        let sent = join_all(sending.iter().map(|(_, queue, payload)| {
+            self.channel.basic_publish(
+                ShortString::from(""),
+                ShortString::from(*queue),
+                // Mandatory: a message no queue takes (the queue was deleted) comes back
+                // instead of vanishing.
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                payload,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type(ShortString::from("application/json")),
+            )
+        }))
+        .await;
+        let mut confirms = Vec::with_capacity(sending.len());
+        for ((index, _, _), confirm) in sending.iter().zip(sent) {
+            confirms.push((*index, confirm.map_err(amqp("publishing"))?));
         }
         let (indexes, confirms): (Vec<usize>, Vec<_>) = confirms.into_iter().unzip();
         let results = join_all(confirms).await;

@@ -359,11 +359,14 @@ mod tests {
 
     #[test]
     fn connection_refused_is_retryable() {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // A port bound but never listened on: a connection to it is refused, and it stays this
+        // test's while the test runs (a port freed again could be taken at once by another
+        // test's server, running in parallel, which would then answer).
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        socket.bind(&any.into()).unwrap();
+        let port = socket.local_addr().unwrap().as_socket().unwrap().port();
         let err =
             call(json!({"url": format!("http://127.0.0.1:{port}/"), "timeout": 2})).unwrap_err();
         assert!(err.retryable, "{}", err.message);

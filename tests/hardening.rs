@@ -549,6 +549,52 @@ async fn claim_one(
     lease
 }
 
+/// Publishing and claiming a run change no column an index of `job_runs` reads, so Postgres
+/// rewrites the row in place (a heap-only update): no index entries, and the old version is
+/// reclaimed without VACUUM. An index on `status`, `published_at` or `claim_token` (or with
+/// one of them in its condition) turns each step into a full update again, which was
+/// Postgres's largest cost per run.
+#[tokio::test]
+async fn publishing_and_claiming_a_run_are_heap_only_updates() {
+    crate::needs_postgres!("publishing_and_claiming_a_run_are_heap_only_updates");
+    let db = crate::util::TestDb::new().await;
+    let pool = db.pool().await;
+    let store = jobschleuder::store::Store::from_pool(pool.clone())
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    store
+        .insert_runs(&[crate::util::new_run(Some(id), None)])
+        .await
+        .unwrap();
+    let batch = store.outbox(10, Some(&[id])).await.unwrap();
+    assert_eq!(batch.runs.len(), 1, "the run is in the outbox");
+    batch.settle(&[id], &[]).await.unwrap();
+    let _lease = claim_one(&store, id).await;
+    // A backend reports its table statistics when it goes idle or exits: closing the pool
+    // makes every connection that wrote report.
+    pool.close().await;
+    let reader = db.pool().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (updates, hot): (i64, i64) = loop {
+        let counts: (i64, i64) = sqlx::query_as(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'job_runs'",
+        )
+        .fetch_one(&reader)
+        .await
+        .unwrap();
+        if counts.0 >= 2 || Instant::now() > deadline {
+            break counts;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(updates, 2, "the run was published and claimed");
+    assert_eq!(
+        hot, 2,
+        "publishing and claiming rewrote the row in place, not every index of job_runs"
+    );
+}
+
 crate::on_every_store! {
 async fn a_result_and_the_next_claim_are_written_together(backend: Backend) {
     let Some(cluster) = Cluster::on(backend, "a_result_and_the_next_claim_are_written_together", "").await else {

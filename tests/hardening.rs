@@ -571,6 +571,12 @@ async fn publishing_and_claiming_a_run_are_heap_only_updates() {
     assert_eq!(batch.runs.len(), 1, "the run is in the outbox");
     batch.settle(&[id], &[]).await.unwrap();
     let _lease = claim_one(&store, id).await;
+    // The listing by state reads the open runs.
+    let ids =
+        |runs: Vec<jobschleuder::store::RunRow>| runs.iter().map(|r| r.id).collect::<Vec<_>>();
+    let running = store.runs(None, Some("running"), None, 10).await.unwrap();
+    let queued = store.runs(None, Some("queued"), None, 10).await.unwrap();
+    assert_eq!((ids(running), ids(queued)), (vec![id], vec![]));
     // A backend reports its table statistics when it goes idle or exits: closing the pool
     // makes every connection that wrote report.
     pool.close().await;

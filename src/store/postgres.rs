@@ -567,8 +567,9 @@ pub const CLAIM_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(
 
 /// SQL condition that a run is open: queued or running, exactly the runs whose `finished_at`
 /// is NULL. Every lookup of open runs that is not by id says it, so that it reads the index
-/// of open runs (`job_runs_open_idx`); no index reads `status`, `published_at` or
-/// `claim_token`, so publishing and claiming a run are heap-only (HOT) updates.
+/// of open runs (`job_runs_open_idx`). No index reads a column that publishing or claiming a
+/// run changes (`status`, `published_at`, `claim_token`, `claim_nonce`, `attempt`, `worker`,
+/// `started_at`), so both are heap-only (HOT) updates.
 const OPEN: &str = "finished_at IS NULL";
 
 /// First key of worker leases (`pg_advisory_lock(LEASE_CLASS, token)`).
@@ -1473,6 +1474,10 @@ impl PgStore {
                 // $1 is the limit.
                 filters.push(format!("{column} = ${}", values.len() + 1));
             }
+        }
+        // Open runs are read through their own index, not by walking the whole history.
+        if matches!(status, Some("queued" | "running")) {
+            filters.push(OPEN.to_string());
         }
         let filters = if filters.is_empty() {
             String::new()

@@ -602,6 +602,25 @@ async fn publishing_and_claiming_a_run_are_heap_only_updates() {
 }
 
 crate::on_every_store! {
+/// A new run's id starts with the time it was made (UUID version 7), so that the primary
+/// key's index grows at its right-hand end instead of taking each new run on a random page.
+async fn new_runs_get_ids_in_the_order_they_were_made(backend: Backend) {
+    let Some(cluster) = Cluster::on(backend, "new_runs_get_ids_in_the_order_they_were_made", "").await else {
+        return;
+    };
+    let store = cluster.store.clone();
+    let mut made = Vec::new();
+    for batch in [5, 1, 1] {
+        let runs: Vec<_> = (0..batch).map(|_| crate::util::new_run(None, None)).collect();
+        made.extend(store.insert_runs(&runs).await.unwrap());
+    }
+    assert_eq!(made.len(), 7);
+    assert!(made.iter().all(|id| id.get_version_num() == 7), "{made:?}");
+    assert!(made.windows(2).all(|w| w[0] < w[1]), "not in the order made: {made:?}");
+}
+}
+
+crate::on_every_store! {
 async fn a_result_and_the_next_claim_are_written_together(backend: Backend) {
     let Some(cluster) = Cluster::on(backend, "a_result_and_the_next_claim_are_written_together", "").await else {
         return;

@@ -1644,7 +1644,7 @@ impl PgStore {
         });
         for index in order {
             let wanted = &runs[index];
-            let id = wanted.run.id.unwrap_or_else(Uuid::new_v4);
+            let id = wanted.run.id.unwrap_or_else(super::new_run_id);
             if let Some(key) = &wanted.debounce {
                 if let Some(&mine) = taken.get(key.key.as_str()) {
                     fresh[mine].arguments = wanted.run.arguments.clone();
@@ -2182,7 +2182,7 @@ impl RunColumns {
         self.not_before.push(None);
         self.statuses.push("queued");
         self.errors.push(None);
-        self.ids.push(run.id.unwrap_or_else(Uuid::new_v4));
+        self.ids.push(run.id.unwrap_or_else(super::new_run_id));
         self.job_names.push(text_without_nul(&run.job_name));
         self.jobs.push(text_without_nul(&run.job));
         self.job_ids.push(run.job_id);

@@ -1224,7 +1224,7 @@ impl SqliteStore {
         let mut taken: HashMap<&str, usize> = HashMap::new();
         let mut ids: Vec<Option<Uuid>> = vec![None; runs.len()];
         for (index, wanted) in runs.iter().enumerate() {
-            let id = wanted.run.id.unwrap_or_else(Uuid::new_v4);
+            let id = wanted.run.id.unwrap_or_else(super::new_run_id);
             if let Some(key) = &wanted.debounce {
                 if let Some(&mine) = taken.get(key.key.as_str()) {
                     fresh[mine].arguments = wanted.run.arguments.clone();
@@ -1733,7 +1733,7 @@ struct Planned {
 impl Planned {
     fn new(run: NewRun, slot: Option<(i32, DateTime<Utc>)>) -> Planned {
         Planned {
-            id: run.id.unwrap_or_else(Uuid::new_v4),
+            id: run.id.unwrap_or_else(super::new_run_id),
             run,
             registry_id: slot.map(|s| s.0),
             scheduled_for: slot.map(|s| s.1),

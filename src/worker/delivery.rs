@@ -308,7 +308,7 @@ async fn adopt_bare_message(context: &Context, delivery: &Delivery, message: &Jo
     // Fixed before the first try: an insert retried after a lost reply creates nothing new.
     let id = match &message_id {
         Some(m) => derived_run_id(format!("{}:{m}", context.queue).as_bytes()),
-        None => Uuid::new_v4(),
+        None => crate::store::new_run_id(),
     };
     let new = NewRun {
         id: Some(id),

@@ -680,6 +680,115 @@ async fn a_result_and_the_next_claim_are_written_together(backend: Backend) {
 }
 }
 
+crate::on_every_store! {
+/// Results written together with claims end each run as `finish_runs` alone would: on
+/// Postgres most go in the claims' statement, and those that need more (a job that chains
+/// another, a retry) in a transaction after it.
+async fn results_that_chain_or_retry_are_written_with_claims_as_they_are_alone(backend: Backend) {
+    let Some(cluster) = Cluster::on(backend, "results_that_chain_or_retry_are_written_with_claims_as_they_are_alone", "").await else {
+        return;
+    };
+    cluster.import("jobs:\n- id: first\n  job: hello_world\n  on_success: [second]\n- id: second\n  job: hello_world\n");
+    let store = cluster.store.clone();
+    let [plain, chains, retried, late, next] = [(); 5].map(|_| Uuid::new_v4());
+    let run = |id, job: &str| jobschleuder::store::NewRun {
+        job_name: job.into(),
+        ..crate::util::new_run(Some(id), None)
+    };
+    store
+        .insert_runs(&[run(plain, "j"), run(chains, "first"), run(retried, "j"), run(late, "j"), run(next, "j")])
+        .await
+        .unwrap();
+    let lease = store.worker_lease().await.unwrap();
+    let token = lease.token;
+    let claimed = store
+        .claim_runs("w1", token, Uuid::new_v4(), &[(plain, false), (chains, false), (retried, false)])
+        .await
+        .unwrap();
+    assert!(claimed.iter().all(|c| matches!(c, Claim::Claimed { attempt: 1, .. })), "{claimed:?}");
+    let finish = |id, end| Finish {
+        id,
+        token,
+        attempt: 1,
+        end,
+        result: Some(serde_json::json!({ "run": id.to_string() })),
+        error: None,
+    };
+    let (not_recorded, claims) = store
+        .finish_and_claim_runs(
+            &[
+                finish(plain, RunEnd::Succeeded),
+                finish(chains, RunEnd::Succeeded),
+                finish(retried, RunEnd::Retry(Duration::from_secs(3600))),
+                finish(late, RunEnd::Succeeded),
+            ],
+            "w1",
+            token,
+            Uuid::new_v4(),
+            &[(next, false)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(not_recorded, [late], "only the result of a run that was not running is reported");
+    assert!(matches!(claims[..], [Claim::Claimed { attempt: 1, .. }]), "{claims:?}");
+    for (id, status) in [(plain, "succeeded"), (chains, "succeeded"), (retried, "queued"), (late, "queued"), (next, "running")] {
+        assert_eq!(cluster.run(&id.to_string()).await.status, status, "run {id}");
+    }
+    let ended = cluster.run(&plain.to_string()).await;
+    assert_eq!(ended.result, Some(serde_json::json!({ "run": plain.to_string() })));
+    assert!(ended.finished_at.is_some());
+    let again = cluster.run(&retried.to_string()).await;
+    assert!(
+        again.finished_at.is_none() && again.published_at.is_none(),
+        "a retry goes back to the outbox: {again:?}"
+    );
+    assert!(again.not_before.is_some_and(|at| at > chrono::Utc::now() + chrono::TimeDelta::minutes(50)));
+    let chained = store.runs(Some("second"), None, None, 10).await.unwrap();
+    assert_eq!(chained.len(), 1, "the chained run is created with its parent's result: {chained:?}");
+    assert_eq!((chained[0].trigger.as_str(), chained[0].parent_id), ("chain", Some(chains)));
+}
+}
+
+/// Postgres only: a worker's writer has two connections of its own, open and readied (its
+/// statement run once on each) before anything is written, so that a burst after a quiet
+/// hour waits neither for a new connection nor for a new server process to read the tables.
+#[tokio::test]
+async fn a_workers_writer_has_its_connections_ready_before_the_first_write() {
+    crate::needs_postgres!("a_workers_writer_has_its_connections_ready_before_the_first_write");
+    let db = crate::util::TestDb::new().await;
+    let pool = db.pool().await;
+    let store = jobschleuder::store::Store::from_pool(pool.clone())
+        .await
+        .unwrap();
+    let readied = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND state = 'idle' AND query LIKE 'WITH lease AS%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(readied().await, 0);
+    let writer = store.for_writes();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while readied().await < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        readied().await,
+        2,
+        "two connections, each readied with the writer's statement"
+    );
+    // And it writes: without a lease held, nothing is claimed.
+    let (_, claims) = writer
+        .finish_and_claim_runs(&[], "w1", 1, Uuid::new_v4(), &[(Uuid::new_v4(), false)])
+        .await
+        .unwrap();
+    assert_eq!(claims, [Claim::Unavailable]);
+}
+
 /// Postgres only: row locks held across an outbox pass's publishing are Postgres's own (on
 /// SQLite one writer at a time holds the whole file).
 #[tokio::test]

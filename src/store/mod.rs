@@ -174,6 +174,16 @@ impl Store {
         Ok(Store::Postgres(PgStore::connect(config).await?))
     }
 
+    /// The store a worker's writer uses for its claims and results: on Postgres a pool of
+    /// its own, whose connections are open and ready before the writes come (see
+    /// `PgStore::for_writes`); SQLite's writes share one connection anyway.
+    pub fn for_writes(&self) -> Store {
+        match self {
+            Store::Postgres(store) => Store::Postgres(store.for_writes()),
+            Store::Sqlite(store) => Store::Sqlite(store.clone()),
+        }
+    }
+
     /// Which database this is: `postgres` or `sqlite`.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -388,12 +398,13 @@ impl Store {
         dispatch!(self, s => s.finish_runs(finishes).await)
     }
 
-    /// `finish_runs` and then `claim_runs` in one transaction: one commit for both. Returns
-    /// what each of them returns.
+    /// `finish_runs` and `claim_runs` with one commit for both (on Postgres, the claims and
+    /// most results in one statement; see `PgStore::finish_and_claim_runs`). Returns what
+    /// each of them returns.
     ///
     /// On Postgres the claims wait at most `CLAIM_LOCK_WAIT` for a row that another
-    /// transaction holds (an outbox pass waiting for its confirms): then the whole transaction
-    /// fails with a lock timeout (`StoreError::is_lock_timeout`) and nothing of it is written.
+    /// transaction holds (an outbox pass waiting for its confirms): then the statement fails
+    /// with a lock timeout (`StoreError::is_lock_timeout`) and nothing of it is written.
     pub async fn finish_and_claim_runs(
         &self,
         finishes: &[Finish],

@@ -1141,7 +1141,48 @@ impl PgStore {
         Ok(not_recorded)
     }
 
-    /// `finish_runs` and then `claim_runs`, in one transaction (one commit for both).
+    /// A store for a worker's writer (its claims and results), with a pool of its own: two
+    /// connections, kept open and readied (`warm_up_writes`) as soon as they are made. A
+    /// burst's writes then wait neither for a connection to be made nor for a new server
+    /// process to read the tables, as they did with the shared pool (whose connections close
+    /// after ten idle minutes): the first two batches of a burst took 5-7 ms each, the
+    /// following ones under 1 ms. Two, because a connection goes back to its pool
+    /// asynchronously, and a large batch is written in two transactions at once.
+    pub fn for_writes(&self) -> PgStore {
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .min_connections(2)
+            .idle_timeout(None)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    prefer_generic_plans(conn).await?;
+                    warm_up_writes(conn).await;
+                    Ok(())
+                })
+            })
+            .connect_lazy_with((*self.pool.connect_options()).clone());
+        // Both made now, in the background (held at once, so that there are two).
+        let opening = pool.clone();
+        tokio::spawn(async move {
+            let (one, two) = tokio::join!(opening.acquire(), opening.acquire());
+            if let Err(e) = one.and(two) {
+                tracing::debug!(error = %e, "opening the writer's connections failed; they open on first use");
+            }
+        });
+        PgStore {
+            pool,
+            inline: self.inline.clone(),
+        }
+    }
+
+    /// `finish_runs` and `claim_runs` together. The claims and the results that end a run
+    /// (not a retry) of a job that chains nothing go in one statement, which commits on its
+    /// own: one round trip to the database, where a transaction takes four, and a burst's
+    /// slots wait for each. Retries and results whose job chains another need statements after
+    /// the update (the chained runs are created in the same transaction, schedulers are
+    /// told), so they are recorded afterwards in a transaction of their own, as `finish_runs`
+    /// records them.
     pub async fn finish_and_claim_runs(
         &self,
         finishes: &[Finish],
@@ -1150,32 +1191,72 @@ impl PgStore {
         nonce: Uuid,
         claims: &[(Uuid, bool)],
     ) -> Result<(Vec<Uuid>, Vec<Claim>), StoreError> {
-        let begin = if claims.is_empty() {
-            "BEGIN".to_string()
-        } else {
-            format!(
-                "BEGIN; SET LOCAL lock_timeout = {}",
-                CLAIM_LOCK_WAIT.as_millis()
-            )
-        };
-        let mut tx = self
+        let (plain, rest): (Vec<&Finish>, Vec<&Finish>) = finishes
+            .iter()
+            .partition(|f| !matches!(f.end, RunEnd::Retry(_)));
+        let ids: Vec<Uuid> = claims.iter().map(|c| c.0).collect();
+        let redelivered: Vec<bool> = claims.iter().map(|c| c.1).collect();
+        if plain.is_empty() && claims.is_empty() {
+            return Ok((self.finish_runs(finishes).await?, Vec::new()));
+        }
+        let columns = FinishColumns::of(plain.into_iter());
+        let mut conn = self
             .pool
-            .begin_with(begin)
+            .acquire()
             .await
-            .context("starting to record and claim runs")?;
-        let not_recorded = if finishes.is_empty() {
-            Vec::new()
-        } else {
-            finish_in(&mut tx, finishes, self.inline.clone()).await?
-        };
-        let claimed = if claims.is_empty() {
-            Vec::new()
-        } else {
-            claim_in(&mut tx, worker, token, nonce, claims).await?
-        };
-        tx.commit()
+            .context("recording and claiming runs")?;
+        let sql = together_sql();
+        let rows: Vec<TogetherRow> = columns
+            .bind(
+                sqlx::query_as(&sql)
+                    .bind(LEASE_CLASS)
+                    .bind(&ids)
+                    .bind(&redelivered)
+                    .bind(worker)
+                    .bind(token)
+                    .bind(nonce),
+            )
+            .bind(CLAIM_LOCK_WAIT.as_millis().to_string())
+            .fetch_all(&mut *conn)
             .await
-            .context("committing recorded and claimed runs")?;
+            .context("recording and claiming runs")?;
+        let mut ended = HashSet::new();
+        let mut answers = Vec::with_capacity(ids.len());
+        for (claim, id, attempt, status, trigger, held, scheduled_for, parent, timezone) in rows {
+            if claim {
+                let held = held.unwrap_or(false);
+                answers.push((
+                    id,
+                    attempt,
+                    status,
+                    trigger,
+                    held,
+                    scheduled_for,
+                    parent,
+                    timezone,
+                ));
+            } else {
+                ended.insert(id);
+            }
+        }
+        let claimed = claims_of(&ids, answers);
+        // Left for a transaction: retries, results of jobs that chain, and results that were
+        // not recorded (which `finish_in` reports as such).
+        let later: Vec<Finish> = rest
+            .into_iter()
+            .chain(
+                finishes
+                    .iter()
+                    .filter(|f| !matches!(f.end, RunEnd::Retry(_)) && !ended.contains(&f.id)),
+            )
+            .cloned()
+            .collect();
+        if later.is_empty() {
+            return Ok((Vec::new(), claimed));
+        }
+        let mut tx = conn.begin().await.context("starting to record runs")?;
+        let not_recorded = finish_in(&mut tx, &later, self.inline.clone()).await?;
+        tx.commit().await.context("committing finished runs")?;
         Ok((not_recorded, claimed))
     }
 
@@ -1851,36 +1932,10 @@ async fn claim_in(
 ) -> Result<Vec<Claim>, StoreError> {
     let ids: Vec<Uuid> = claims.iter().map(|c| c.0).collect();
     let redelivered: Vec<bool> = claims.iter().map(|c| c.1).collect();
-    let rows: Vec<ClaimRow> = sqlx::query_as(
-        &format!("WITH input AS (SELECT * FROM UNNEST($2::uuid[], $3::bool[]) AS u(id, redelivered)),
-         lease AS (SELECT EXISTS (
-            SELECT 1 FROM pg_locks l
-            WHERE l.locktype = 'advisory' AND l.granted
-              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-              AND l.classid = $1::oid AND l.objid = $5::oid AND l.objsubid = 2) AS held),
-         claimed AS (
-            UPDATE job_runs r
-            SET status = 'running', attempt = r.attempt + 1, worker = $4, claim_token = $5,
-                claim_nonce = $6, started_at = statement_timestamp(), finished_at = NULL,
-                published_at = COALESCE(r.published_at, now())
-            FROM (SELECT id, bool_or(redelivered) AS redelivered FROM input GROUP BY id) i
-            WHERE r.id = i.id
-              AND (SELECT held FROM lease)
-              AND r.cancel_requested_at IS NULL
-              AND ((r.status = 'queued' AND (r.not_before IS NULL OR r.not_before <= now()))
-                   OR (r.status = 'running' AND i.redelivered AND {LEASE_GONE}))
-            RETURNING r.id, r.attempt, r.trigger)
-         SELECT i.id,
-                COALESCE(c.attempt, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.attempt END),
-                r.status,
-                COALESCE(c.trigger, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.trigger END),
-                (SELECT held FROM lease),
-                COALESCE(r.scheduled_for, r.created_at),
-                r.parent_id,
-                (SELECT g.timezone FROM jobs j JOIN registry g ON g.job = j.id
-                 WHERE j.name = r.job_name LIMIT 1)
-         FROM input i LEFT JOIN claimed c ON c.id = i.id LEFT JOIN job_runs r ON r.id = i.id"),
-    )
+    let rows: Vec<ClaimRow> = sqlx::query_as(&format!(
+        "WITH lease AS (SELECT {LEASE_HELD} AS held), {} {CLAIM_ANSWERS}",
+        claimed_ctes()
+    ))
     .bind(LEASE_CLASS)
     .bind(&ids)
     .bind(&redelivered)
@@ -1890,11 +1945,125 @@ async fn claim_in(
     .fetch_all(&mut *conn)
     .await
     .context("claiming runs")?;
+    Ok(claims_of(&ids, rows))
+}
+
+/// A row of `together_sql`'s answer: whether it answers a claim, then a `ClaimRow` (for a
+/// recorded result only its id).
+type TogetherRow = (
+    bool,
+    Uuid,
+    Option<i32>,
+    Option<String>,
+    Option<String>,
+    Option<bool>,
+    Option<DateTime<Utc>>,
+    Option<Uuid>,
+    Option<String>,
+);
+
+/// The statement of `PgStore::finish_and_claim_runs`: the claims as `claim_in` makes them
+/// (`$1` to `$6`), the results as `finish_in` records them (`FinishColumns`, `$7` to `$13`),
+/// except those of jobs that chain another, and `$14` the lock timeout in milliseconds.
+///
+/// The claims wait for a locked row only so long: the timeout is set for this statement's own
+/// transaction by `lease`, which both updates read before they take a row.
+fn together_sql() -> String {
+    format!(
+        "WITH lease AS (
+             SELECT set_config('lock_timeout', $14, true) AS lock_timeout, {LEASE_HELD} AS held),
+         ended AS (
+             {}
+               AND (SELECT lock_timeout FROM lease) IS NOT NULL
+               AND NOT EXISTS (
+                   SELECT 1 FROM jobs j WHERE j.name = r.job_name
+                     AND (j.on_success IS NOT NULL OR j.on_failure IS NOT NULL))
+             RETURNING r.id),
+         {}
+         SELECT true, answers.* FROM ({CLAIM_ANSWERS}) answers
+         UNION ALL
+         SELECT false, id, NULL::int4, NULL::text, NULL::text, NULL::bool,
+                NULL::timestamptz, NULL::uuid, NULL::text
+         FROM ended",
+        finish_update(7),
+        claimed_ctes()
+    )
+}
+
+/// Readies a new connection of a writer's pool (`PgStore::for_writes`): runs the writer's
+/// statement once with nothing to write, unprepared, so that the server has read the tables,
+/// indexes and functions it uses before a burst needs them. No plan is kept: a plan made now
+/// would be made for the tables as they are now (empty on a new installation), and a
+/// connection keeps a prepared statement's plan.
+async fn warm_up_writes(conn: &mut PgConnection) {
+    let none = FinishColumns::of(std::iter::empty());
+    let sql = together_sql();
+    let warmed: Result<Vec<TogetherRow>, sqlx::Error> = none
+        .bind(
+            sqlx::query_as(&sql)
+                .persistent(false)
+                .bind(LEASE_CLASS)
+                .bind(Vec::<Uuid>::new())
+                .bind(Vec::<bool>::new())
+                .bind("")
+                .bind(0_i32)
+                .bind(Uuid::nil()),
+        )
+        .bind(CLAIM_LOCK_WAIT.as_millis().to_string())
+        .fetch_all(&mut *conn)
+        .await;
+    if let Err(e) = warmed {
+        tracing::debug!(error = %e, "readying a writer's connection failed; it is readied on first use");
+    }
+}
+
+/// Whether the lease `$5` is held (by the claiming worker's session), in a claim statement
+/// whose `$1` is `LEASE_CLASS`.
+const LEASE_HELD: &str = "EXISTS (
+    SELECT 1 FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.granted
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid = $1::oid AND l.objid = $5::oid AND l.objsubid = 2)";
+
+/// The claim's common table expressions after `lease`: the delivered runs (`$2`, `$3`) and
+/// those of them claimed for worker `$4` under lease `$5` with nonce `$6`.
+fn claimed_ctes() -> String {
+    format!(
+        "input AS (SELECT * FROM UNNEST($2::uuid[], $3::bool[]) AS u(id, redelivered)),
+     claimed AS (
+        UPDATE job_runs r
+        SET status = 'running', attempt = r.attempt + 1, worker = $4, claim_token = $5,
+            claim_nonce = $6, started_at = statement_timestamp(), finished_at = NULL,
+            published_at = COALESCE(r.published_at, now())
+        FROM (SELECT id, bool_or(redelivered) AS redelivered FROM input GROUP BY id) i
+        WHERE r.id = i.id
+          AND (SELECT held FROM lease)
+          AND r.cancel_requested_at IS NULL
+          AND ((r.status = 'queued' AND (r.not_before IS NULL OR r.not_before <= now()))
+               OR (r.status = 'running' AND i.redelivered AND {LEASE_GONE}))
+        RETURNING r.id, r.attempt, r.trigger)"
+    )
+}
+
+/// The claim's answer: a `ClaimRow` per delivered run.
+const CLAIM_ANSWERS: &str = "SELECT i.id,
+        COALESCE(c.attempt, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.attempt END),
+        r.status,
+        COALESCE(c.trigger, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.trigger END),
+        (SELECT held FROM lease),
+        COALESCE(r.scheduled_for, r.created_at),
+        r.parent_id,
+        (SELECT g.timezone FROM jobs j JOIN registry g ON g.job = j.id
+         WHERE j.name = r.job_name LIMIT 1)
+    FROM input i LEFT JOIN claimed c ON c.id = i.id LEFT JOIN job_runs r ON r.id = i.id";
+
+/// The answer to each claim of `ids`, from the claim statement's rows.
+fn claims_of(ids: &[Uuid], rows: Vec<ClaimRow>) -> Vec<Claim> {
     // Fenced in the statement itself: without the lease held by this worker's session,
     // nothing is claimed, and the deliveries go back to be claimed later.
     if rows.iter().any(|row| !row.4) {
         tracing::warn!("this worker does not hold its lease: claiming nothing");
-        return Ok(vec![Claim::Unavailable; claims.len()]);
+        return vec![Claim::Unavailable; ids.len()];
     }
     let mut by_id: HashMap<Uuid, ClaimState> = HashMap::new();
     for (id, attempt, status, trigger, _, scheduled_for, parent, timezone) in rows {
@@ -1907,8 +2076,7 @@ async fn claim_in(
     }
     // The same run twice in one batch: the first claims it, the second is a duplicate.
     let mut seen = HashSet::new();
-    Ok(ids
-        .iter()
+    ids.iter()
         .map(|id| {
             if !seen.insert(*id) {
                 return Claim::Running;
@@ -1926,54 +2094,84 @@ async fn claim_in(
                 _ => Claim::Unknown,
             }
         })
-        .collect())
+        .collect()
 }
 
-/// The update of `PgStore::finish_runs`, in `tx`; the ids of runs not recorded.
-async fn finish_in(
-    tx: &mut PgConnection,
-    finishes: &[Finish],
-    inline: Option<Arc<PublishOnInsert>>,
-) -> Result<Vec<Uuid>, StoreError> {
-    // In id order, as cancels lock runs: fewer deadlocks between a batch and a cancel.
-    let mut sorted: Vec<&Finish> = finishes.iter().collect();
-    sorted.sort_by_key(|f| f.id);
-    let finishes = sorted;
-    let ids: Vec<Uuid> = finishes.iter().map(|f| f.id).collect();
-    let statuses: Vec<&str> = finishes
-        .iter()
-        .map(|f| match f.end {
-            RunEnd::Succeeded => "succeeded",
-            RunEnd::Failed => "failed",
-            RunEnd::Dead => "dead",
-            RunEnd::Cancelled => "cancelled",
-            RunEnd::Retry(_) => "queued",
-        })
-        .collect();
-    let results: Vec<Option<String>> = finishes
-        .iter()
-        .map(|f| f.result.as_ref().map(jsonb_text))
-        .collect();
-    let errors: Vec<Option<String>> = finishes
-        .iter()
-        .map(|f| f.error.as_deref().map(text_without_nul))
-        .collect();
-    let delays: Vec<Option<f64>> = finishes
-        .iter()
-        .map(|f| match f.end {
-            RunEnd::Retry(delay) => Some(delay.as_secs_f64()),
-            _ => None,
-        })
-        .collect();
-    let tokens: Vec<i32> = finishes.iter().map(|f| f.token).collect();
-    let attempts: Vec<i32> = finishes.iter().map(|f| f.attempt).collect();
+/// Results as arrays for UNNEST, in id order (as cancels lock runs: fewer deadlocks between a
+/// batch and a cancel).
+struct FinishColumns {
+    ids: Vec<Uuid>,
+    statuses: Vec<&'static str>,
+    results: Vec<Option<String>>,
+    errors: Vec<Option<String>>,
+    delays: Vec<Option<f64>>,
+    tokens: Vec<i32>,
+    attempts: Vec<i32>,
+}
+
+impl FinishColumns {
+    fn of<'a>(finishes: impl Iterator<Item = &'a Finish>) -> FinishColumns {
+        let mut sorted: Vec<&Finish> = finishes.collect();
+        sorted.sort_by_key(|f| f.id);
+        FinishColumns {
+            ids: sorted.iter().map(|f| f.id).collect(),
+            statuses: sorted
+                .iter()
+                .map(|f| match f.end {
+                    RunEnd::Succeeded => "succeeded",
+                    RunEnd::Failed => "failed",
+                    RunEnd::Dead => "dead",
+                    RunEnd::Cancelled => "cancelled",
+                    RunEnd::Retry(_) => "queued",
+                })
+                .collect(),
+            results: sorted
+                .iter()
+                .map(|f| f.result.as_ref().map(jsonb_text))
+                .collect(),
+            errors: sorted
+                .iter()
+                .map(|f| f.error.as_deref().map(text_without_nul))
+                .collect(),
+            delays: sorted
+                .iter()
+                .map(|f| match f.end {
+                    RunEnd::Retry(delay) => Some(delay.as_secs_f64()),
+                    _ => None,
+                })
+                .collect(),
+            tokens: sorted.iter().map(|f| f.token).collect(),
+            attempts: sorted.iter().map(|f| f.attempt).collect(),
+        }
+    }
+
+    /// Binds the seven arrays, in the order `finish_update` reads them.
+    fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.statuses)
+            .bind(&self.results)
+            .bind(&self.errors)
+            .bind(&self.delays)
+            .bind(&self.tokens)
+            .bind(&self.attempts)
+    }
+}
+
+/// The update that records results, reading `FinishColumns`' arrays from parameter `$first`
+/// on. A result is recorded only for the claim it belongs to (lease token and attempt).
+fn finish_update(first: usize) -> String {
     // A run whose cancel was asked for ends cancelled, however its call ended (a plugin
     // that ignores the flag may have finished its work: its result is kept, and its
     // success chains nothing): it is not tried again. Decided from `r` in SET, which is
     // the row as it is when the update takes it (a cancel committed while this waited for
     // the row counts).
     let status = "CASE WHEN r.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE u.status END";
-    let recorded: Vec<EndedRun> = sqlx::query_as(&format!(
+    let p: Vec<String> = (first..first + 7).map(|n| format!("${n}")).collect();
+    format!(
         "UPDATE job_runs r
          SET status = {status},
              finished_at = CASE WHEN {status} = 'queued' THEN NULL ELSE now() END,
@@ -1989,21 +2187,29 @@ async fn finish_in(
              -- Kept when the run ends: when it was meant to start (its jitter, its retry).
              not_before = CASE WHEN {status} = 'queued'
                                THEN now() + u.delay * interval '1 second' ELSE r.not_before END
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::int4[], $7::int4[])
+         FROM UNNEST({}::uuid[], {}::text[], {}::text[], {}::text[], {}::float8[], {}::int4[], {}::int4[])
            AS u(id, status, result, error, delay, token, attempt)
-         WHERE r.id = u.id AND r.status = 'running' AND r.claim_token = u.token AND r.attempt = u.attempt
-         RETURNING {ENDED}"
-    ))
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&results)
-    .bind(&errors)
-    .bind(&delays)
-    .bind(&tokens)
-    .bind(&attempts)
-    .fetch_all(&mut *tx)
-    .await
-    .context("recording finished runs")?;
+         WHERE r.id = u.id AND r.status = 'running' AND r.claim_token = u.token AND r.attempt = u.attempt",
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6]
+    )
+}
+
+/// The update of `PgStore::finish_runs`, in `tx`; the ids of runs not recorded.
+async fn finish_in(
+    tx: &mut PgConnection,
+    finishes: &[Finish],
+    inline: Option<Arc<PublishOnInsert>>,
+) -> Result<Vec<Uuid>, StoreError> {
+    let columns = FinishColumns::of(finishes.iter());
+    let recorded: Vec<EndedRun> = columns
+        .bind(sqlx::query_as(&format!(
+            "{} RETURNING {ENDED}",
+            finish_update(1)
+        )))
+        .fetch_all(&mut *tx)
+        .await
+        .context("recording finished runs")?;
+    let ids = columns.ids;
     let chained = chain_in(tx, &recorded, inline).await?;
     if chained > 0 || finishes.iter().any(|f| matches!(f.end, RunEnd::Retry(_))) {
         notify_on(&mut *tx, "run").await?;

@@ -12,9 +12,10 @@ use crate::store::{Claim, Finish, RunEnd, Store, StoreError};
 
 /// Most requests written in one statement.
 const BATCH_MAX: usize = 512;
-/// From this many results and claims in one batch on, they are written in two transactions at
-/// once instead of one: one transaction saves a commit when batches are small (a burst on a few
-/// slots), two use more of the database's cores when they are large (README, Performance).
+/// From this many results and claims in one batch on, they are written as two at once (the
+/// results, the claims) instead of together: one commit is cheaper when batches are small (a
+/// burst on a few slots), two use more of the database's cores when they are large (README,
+/// Performance).
 const SPLIT_AT: usize = 16;
 
 /// Collects requests from many tasks and serves them in batches; each caller gets its own
@@ -138,10 +139,11 @@ pub(super) struct Claimer {
 }
 
 /// Writes one batch of claims and results. When there are a few of both, the results and the
-/// claims go in one transaction: a slot's result and the next run's claim (of the same slot or
-/// another) cost one commit, not two. Should that transaction fail for good, each kind is
-/// written on its own, with its own fallbacks. Many of both (`SPLIT_AT`) go in two
-/// transactions at once. Claims wait for locked rows only so long (see `together`).
+/// claims are written together (`Store::finish_and_claim_runs`, on Postgres one statement): a
+/// slot's result and the next run's claim (of the same slot or another) cost one commit, not
+/// two. Should that fail for good, each kind is written on its own, with its own fallbacks.
+/// Many of both (`SPLIT_AT`) are written as two at once, results and claims. Claims wait for
+/// locked rows only so long (see `together`).
 pub(super) async fn write_batch(claimer: &Claimer, batch: Vec<Write>) -> Vec<Written> {
     let mut claims = Vec::new();
     let mut finishes = Vec::new();
@@ -164,13 +166,16 @@ pub(super) async fn write_batch(claimer: &Claimer, batch: Vec<Write>) -> Vec<Wri
     // nothing new is claimed until it is held again (the claim statement checks it too).
     // Results are written all the same.
     let held = *claimer.held.borrow();
-    let (settled, claimed) = if !held || claims.is_empty() {
+    let (settled, claimed) = if !held {
         let settled = record_batch(&claimer.store, &finishes).await;
         (settled, vec![Claim::Unavailable; claims.len()])
-    } else if finishes.len() + claims.len() >= SPLIT_AT && !finishes.is_empty() {
+    } else if finishes.len() + claims.len() >= SPLIT_AT
+        && !finishes.is_empty()
+        && !claims.is_empty()
+    {
         // Many of both: two transactions at once, as the database has more than one core.
-        let (settled, (_, claimed)) = tokio::join!(
-            record_batch(&claimer.store, &finishes),
+        let ((settled, _), (_, claimed)) = tokio::join!(
+            together(claimer, &finishes, &[]),
             together(claimer, &[], &claims)
         );
         (settled, claimed)
@@ -192,8 +197,8 @@ pub(super) async fn write_batch(claimer: &Claimer, batch: Vec<Write>) -> Vec<Wri
         .collect()
 }
 
-/// Results and claims in one transaction; per result whether its delivery may be settled,
-/// per claim its answer.
+/// Results and claims with one commit (either may be empty); per result whether its delivery
+/// may be settled, per claim its answer.
 ///
 /// A claim never holds results back for long: should a run being claimed be held by another
 /// transaction (an outbox pass waiting for its confirms) longer than the claims may wait, the

@@ -161,7 +161,7 @@ pub async fn run(
     };
     let writes = {
         let claimer = Claimer {
-            store: store.clone(),
+            store: store.for_writes(),
             worker: options.id.clone(),
             token: lease.token,
             held: lease.held.clone(),

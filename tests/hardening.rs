@@ -533,6 +533,27 @@ async fn claims_and_inserts_retried_after_a_lost_reply_change_nothing(backend: B
 
 /// Takes a worker lease and claims `id` under it (its first attempt); the lease is held while
 /// the returned value lives.
+/// Results and claims as a worker's writer writes them: together, then the results that left
+/// for `finish_runs`. Returns the results not recorded (in id order) and the claims' answers.
+async fn write_together(
+    store: &jobschleuder::store::Store,
+    finishes: &[Finish],
+    worker: &str,
+    token: i32,
+    nonce: Uuid,
+    claims: &[(Uuid, bool)],
+) -> Result<(Vec<Uuid>, Vec<Claim>), jobschleuder::store::StoreError> {
+    let written = store
+        .finish_and_claim_runs(finishes, worker, token, nonce, claims)
+        .await?;
+    let mut not_recorded = written.not_recorded;
+    if !written.left.is_empty() {
+        not_recorded.extend(store.finish_runs(&written.left).await?);
+    }
+    not_recorded.sort();
+    Ok((not_recorded, written.claims))
+}
+
 async fn claim_one(
     store: &jobschleuder::store::Store,
     id: Uuid,
@@ -641,8 +662,7 @@ async fn a_result_and_the_next_claim_are_written_together(backend: Backend) {
     };
     // A result for a run that is not running is reported, not recorded; the others are.
     let nonce = Uuid::new_v4();
-    let (not_recorded, claims) = store
-        .finish_and_claim_runs(&[finish(done, 1), finish(never, 1)], "w1", token, nonce, &[(next, false)])
+    let (not_recorded, claims) = write_together(&store, &[finish(done, 1), finish(never, 1)], "w1", token, nonce, &[(next, false)])
         .await
         .unwrap();
     assert_eq!(not_recorded, [never]);
@@ -654,8 +674,7 @@ async fn a_result_and_the_next_claim_are_written_together(backend: Backend) {
 
     // Retried after a lost reply: the result is not recorded twice, and the claim finds its
     // own first try.
-    let (not_recorded, claims) = store
-        .finish_and_claim_runs(&[finish(done, 1)], "w1", token, nonce, &[(next, false)])
+    let (not_recorded, claims) = write_together(&store, &[finish(done, 1)], "w1", token, nonce, &[(next, false)])
         .await
         .unwrap();
     assert_eq!(not_recorded, [done]);
@@ -666,8 +685,7 @@ async fn a_result_and_the_next_claim_are_written_together(backend: Backend) {
     let third = Uuid::new_v4();
     store.insert_runs(&[run(third)]).await.unwrap();
     let unheld = token.wrapping_add(1).max(1);
-    let (_, claims) = store
-        .finish_and_claim_runs(&[finish(next, 1)], "w1", unheld, Uuid::new_v4(), &[(third, false)])
+    let (_, claims) = write_together(&store, &[finish(next, 1)], "w1", unheld, Uuid::new_v4(), &[(third, false)])
         .await
         .unwrap();
     assert_eq!(claims, [Claim::Unavailable]);
@@ -714,21 +732,33 @@ async fn results_that_chain_or_retry_are_written_with_claims_as_they_are_alone(b
         result: Some(serde_json::json!({ "run": id.to_string() })),
         error: None,
     };
-    let (not_recorded, claims) = store
-        .finish_and_claim_runs(
-            &[
-                finish(plain, RunEnd::Succeeded),
-                finish(chains, RunEnd::Succeeded),
-                finish(retried, RunEnd::Retry(Duration::from_secs(3600))),
-                finish(late, RunEnd::Succeeded),
-            ],
-            "w1",
-            token,
-            Uuid::new_v4(),
-            &[(next, false)],
-        )
+    let finishes = [
+        finish(plain, RunEnd::Succeeded),
+        finish(chains, RunEnd::Succeeded),
+        finish(retried, RunEnd::Retry(Duration::from_secs(3600))),
+        finish(late, RunEnd::Succeeded),
+    ];
+    let written = store
+        .finish_and_claim_runs(&finishes, "w1", token, Uuid::new_v4(), &[(next, false)])
         .await
         .unwrap();
+    // The claim is committed before anything is done with the results left: a writer that
+    // fails on those has still claimed the run.
+    assert_eq!(cluster.run(&next.to_string()).await.status, "running");
+    let left: Vec<Uuid> = written.left.iter().map(|f| f.id).collect();
+    if backend.postgres() {
+        let mut expected = vec![chains, retried, late];
+        expected.sort();
+        let mut left = left.clone();
+        left.sort();
+        assert_eq!(left, expected, "retries, chains and results it did not find running are left");
+        assert_eq!(cluster.run(&plain.to_string()).await.status, "succeeded");
+    } else {
+        assert!(left.is_empty(), "SQLite writes them all in one transaction");
+    }
+    let mut not_recorded = written.not_recorded;
+    not_recorded.extend(store.finish_runs(&written.left).await.unwrap());
+    let claims = written.claims;
     assert_eq!(not_recorded, [late], "only the result of a run that was not running is reported");
     assert!(matches!(claims[..], [Claim::Claimed { attempt: 1, .. }]), "{claims:?}");
     for (id, status) in [(plain, "succeeded"), (chains, "succeeded"), (retried, "queued"), (late, "queued"), (next, "running")] {
@@ -782,10 +812,16 @@ async fn a_workers_writer_has_its_connections_ready_before_the_first_write() {
         "two connections, each readied with the writer's statement"
     );
     // And it writes: without a lease held, nothing is claimed.
-    let (_, claims) = writer
-        .finish_and_claim_runs(&[], "w1", 1, Uuid::new_v4(), &[(Uuid::new_v4(), false)])
-        .await
-        .unwrap();
+    let (_, claims) = write_together(
+        &writer,
+        &[],
+        "w1",
+        1,
+        Uuid::new_v4(),
+        &[(Uuid::new_v4(), false)],
+    )
+    .await
+    .unwrap();
     assert_eq!(claims, [Claim::Unavailable]);
 }
 
@@ -814,7 +850,8 @@ async fn claims_written_with_results_give_up_on_rows_an_outbox_pass_holds() {
     assert_eq!(pass.runs.len(), 1);
     let together = tokio::time::timeout(
         Duration::from_secs(60),
-        store.finish_and_claim_runs(
+        write_together(
+            &store,
             std::slice::from_ref(&finish),
             "w1",
             token,
@@ -831,10 +868,16 @@ async fn claims_written_with_results_give_up_on_rows_an_outbox_pass_holds() {
     assert_eq!(cluster.run(&held.to_string()).await.status, "queued");
     // Once the pass is over, both go through.
     pass.settle(&[held], &[]).await.unwrap();
-    let (not_recorded, claims) = store
-        .finish_and_claim_runs(&[finish], "w1", token, Uuid::new_v4(), &[(held, false)])
-        .await
-        .unwrap();
+    let (not_recorded, claims) = write_together(
+        &store,
+        &[finish],
+        "w1",
+        token,
+        Uuid::new_v4(),
+        &[(held, false)],
+    )
+    .await
+    .unwrap();
     assert!(not_recorded.is_empty());
     assert!(
         matches!(claims[..], [Claim::Claimed { attempt: 1, .. }]),

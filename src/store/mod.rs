@@ -398,9 +398,9 @@ impl Store {
         dispatch!(self, s => s.finish_runs(finishes).await)
     }
 
-    /// `finish_runs` and `claim_runs` with one commit for both (on Postgres, the claims and
-    /// most results in one statement; see `PgStore::finish_and_claim_runs`). Returns what
-    /// each of them returns.
+    /// Claims and results written with one commit (on Postgres in one statement; see
+    /// `PgStore::finish_and_claim_runs`). The results it does not write are in
+    /// [`Together::left`], for the caller to write with `finish_runs` next.
     ///
     /// On Postgres the claims wait at most `CLAIM_LOCK_WAIT` for a row that another
     /// transaction holds (an outbox pass waiting for its confirms): then the statement fails
@@ -412,7 +412,7 @@ impl Store {
         token: i32,
         nonce: Uuid,
         claims: &[(Uuid, bool)],
-    ) -> Result<(Vec<Uuid>, Vec<Claim>), StoreError> {
+    ) -> Result<Together, StoreError> {
         dispatch!(self, s => s.finish_and_claim_runs(finishes, worker, token, nonce, claims).await)
     }
 
@@ -1024,6 +1024,21 @@ pub struct Finish {
     pub end: RunEnd,
     pub result: Option<serde_json::Value>,
     pub error: Option<String>,
+}
+
+/// What `Store::finish_and_claim_runs` wrote.
+#[derive(Debug)]
+pub struct Together {
+    /// Results not recorded because their run no longer ran under their claim (taken over,
+    /// or ended already), as `finish_runs` reports them.
+    pub not_recorded: Vec<Uuid>,
+    /// One answer per claim, in their order.
+    pub claims: Vec<Claim>,
+    /// Results left for `finish_runs`, which the caller writes next (on Postgres: retries,
+    /// results of jobs that chain another, and results whose run the statement did not find
+    /// running under their claim, which `finish_runs` then reports). Whatever becomes of
+    /// them, the claims are committed.
+    pub left: Vec<Finish>,
 }
 
 /// What `runs --cancel` did.

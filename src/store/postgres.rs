@@ -1153,6 +1153,7 @@ impl PgStore {
             .max_connections(2)
             .min_connections(2)
             .idle_timeout(None)
+            .max_lifetime(None)
             .acquire_timeout(Duration::from_secs(10))
             .after_connect(|conn, _| {
                 Box::pin(async move {
@@ -1176,13 +1177,13 @@ impl PgStore {
         }
     }
 
-    /// `finish_runs` and `claim_runs` together. The claims and the results that end a run
-    /// (not a retry) of a job that chains nothing go in one statement, which commits on its
-    /// own: one round trip to the database, where a transaction takes four, and a burst's
-    /// slots wait for each. Retries and results whose job chains another need statements after
+    /// `finish_runs` and `claim_runs` together, in one statement that commits on its own:
+    /// one round trip to the database, where a transaction takes four, and a burst's slots
+    /// wait for each. It records the results that end a run (not a retry) of a job that
+    /// chains nothing; retries and results whose job chains another need statements after
     /// the update (the chained runs are created in the same transaction, schedulers are
-    /// told), so they are recorded afterwards in a transaction of their own, as `finish_runs`
-    /// records them.
+    /// told), so they are left for `finish_runs` (`Together::left`), as are results whose run
+    /// it did not find running under their claim.
     pub async fn finish_and_claim_runs(
         &self,
         finishes: &[Finish],
@@ -1190,21 +1191,20 @@ impl PgStore {
         token: i32,
         nonce: Uuid,
         claims: &[(Uuid, bool)],
-    ) -> Result<(Vec<Uuid>, Vec<Claim>), StoreError> {
-        let (plain, rest): (Vec<&Finish>, Vec<&Finish>) = finishes
+    ) -> Result<Together, StoreError> {
+        let (plain, retries): (Vec<&Finish>, Vec<&Finish>) = finishes
             .iter()
             .partition(|f| !matches!(f.end, RunEnd::Retry(_)));
+        if plain.is_empty() && claims.is_empty() {
+            return Ok(Together {
+                not_recorded: Vec::new(),
+                claims: Vec::new(),
+                left: finishes.to_vec(),
+            });
+        }
         let ids: Vec<Uuid> = claims.iter().map(|c| c.0).collect();
         let redelivered: Vec<bool> = claims.iter().map(|c| c.1).collect();
-        if plain.is_empty() && claims.is_empty() {
-            return Ok((self.finish_runs(finishes).await?, Vec::new()));
-        }
-        let columns = FinishColumns::of(plain.into_iter());
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .context("recording and claiming runs")?;
+        let columns = FinishColumns::of(plain.iter().copied());
         let sql = together_sql();
         let rows: Vec<TogetherRow> = columns
             .bind(
@@ -1217,7 +1217,7 @@ impl PgStore {
                     .bind(nonce),
             )
             .bind(CLAIM_LOCK_WAIT.as_millis().to_string())
-            .fetch_all(&mut *conn)
+            .fetch_all(&self.pool)
             .await
             .context("recording and claiming runs")?;
         let mut ended = HashSet::new();
@@ -1239,25 +1239,15 @@ impl PgStore {
                 ended.insert(id);
             }
         }
-        let claimed = claims_of(&ids, answers);
-        // Left for a transaction: retries, results of jobs that chain, and results that were
-        // not recorded (which `finish_in` reports as such).
-        let later: Vec<Finish> = rest
-            .into_iter()
-            .chain(
-                finishes
-                    .iter()
-                    .filter(|f| !matches!(f.end, RunEnd::Retry(_)) && !ended.contains(&f.id)),
-            )
-            .cloned()
-            .collect();
-        if later.is_empty() {
-            return Ok((Vec::new(), claimed));
-        }
-        let mut tx = conn.begin().await.context("starting to record runs")?;
-        let not_recorded = finish_in(&mut tx, &later, self.inline.clone()).await?;
-        tx.commit().await.context("committing finished runs")?;
-        Ok((not_recorded, claimed))
+        Ok(Together {
+            not_recorded: Vec::new(),
+            claims: claims_of(&ids, answers),
+            left: retries
+                .into_iter()
+                .chain(plain.into_iter().filter(|f| !ended.contains(&f.id)))
+                .cloned()
+                .collect(),
+        })
     }
 
     /// Running runs whose worker's lease is gone (the worker died, or its host did), as
@@ -2040,7 +2030,8 @@ fn claimed_ctes() -> String {
           AND (SELECT held FROM lease)
           AND r.cancel_requested_at IS NULL
           AND ((r.status = 'queued' AND (r.not_before IS NULL OR r.not_before <= now()))
-               OR (r.status = 'running' AND i.redelivered AND {LEASE_GONE}))
+               OR (r.status = 'running' AND i.redelivered
+                   AND r.claim_token IS DISTINCT FROM $5 AND {LEASE_GONE}))
         RETURNING r.id, r.attempt, r.trigger)"
     )
 }

@@ -879,7 +879,7 @@ impl SqliteStore {
         token: i32,
         nonce: Uuid,
         claims: &[(Uuid, bool)],
-    ) -> Result<(Vec<Uuid>, Vec<Claim>), StoreError> {
+    ) -> Result<Together, StoreError> {
         let mut tx = self.write("starting to record and claim runs").await?;
         let (not_recorded, tell) = finish_in(&mut tx, finishes).await?;
         let claimed = if claims.is_empty() {
@@ -893,7 +893,11 @@ impl SqliteStore {
         if tell {
             self.tell("run");
         }
-        Ok((not_recorded, claimed))
+        Ok(Together {
+            not_recorded,
+            claims: claimed,
+            left: Vec::new(),
+        })
     }
 
     pub async fn orphaned_runs(&self) -> Result<Vec<ClaimKey>, StoreError> {

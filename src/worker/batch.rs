@@ -1,6 +1,7 @@
 //! Writing claims and results of many concurrent runs in batches (one statement for many runs),
 //! retrying while the database is away, and counting results on their way to it.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -226,12 +227,24 @@ async fn together(
     )
     .await;
     match written {
-        Ok((not_recorded, claimed)) => {
-            log_not_recorded(finishes, &not_recorded);
-            (vec![true; finishes.len()], claimed)
+        Ok(written) => {
+            log_not_recorded(finishes, &written.not_recorded);
+            // The claims are committed whatever becomes of the results left: those go the
+            // way of results written alone, with its fallbacks.
+            let left: HashMap<Uuid, bool> = written
+                .left
+                .iter()
+                .map(|f| f.id)
+                .zip(record_batch(&claimer.store, &written.left).await)
+                .collect();
+            let settled = finishes
+                .iter()
+                .map(|f| left.get(&f.id).copied().unwrap_or(true))
+                .collect();
+            (settled, written.claims)
         }
         Err(e) if e.is_lock_timeout() => {
-            tracing::debug!(runs = claims.len(), "runs to claim are held by another transaction (an outbox pass waiting for its confirms); claiming them again shortly");
+            tracing::debug!(claims = claims.len(), results = finishes.len(), "a row is held by another transaction (an outbox pass waiting for its confirms, a cancel); writing the results alone and claiming again shortly");
             (
                 record_batch(&claimer.store, finishes).await,
                 vec![Claim::Unavailable; claims.len()],
@@ -241,22 +254,23 @@ async fn together(
             tracing::error!(error = %e, runs = finishes.len() + claims.len(), "recording and claiming runs together failed; writing them apart");
             (
                 record_batch(&claimer.store, finishes).await,
-                claim_batch(claimer, claims).await,
+                claim_batch(claimer, nonce, claims).await,
             )
         }
     }
 }
 
 /// Claims delivered runs; one answer per run. A batch that fails for good is claimed run by
-/// run, so that one run's problem does not refuse the others.
-async fn claim_batch(claimer: &Claimer, batch: &[(Uuid, bool)]) -> Vec<Claim> {
+/// run, so that one run's problem does not refuse the others. Every try says `nonce`, the
+/// nonce of the write these claims were first part of: a run an earlier try claimed (its reply
+/// lost) is found as this worker's claim, not skipped as another's.
+async fn claim_batch(claimer: &Claimer, nonce: Uuid, batch: &[(Uuid, bool)]) -> Vec<Claim> {
     let Claimer {
         store,
         worker,
         token,
         ..
     } = claimer;
-    let nonce = Uuid::new_v4();
     match until_ok("claiming runs", || {
         store.claim_runs(worker, *token, nonce, batch)
     })
@@ -270,8 +284,14 @@ async fn claim_batch(claimer: &Claimer, batch: &[(Uuid, bool)]) -> Vec<Claim> {
         Err(e) => {
             tracing::error!(error = %e, runs = batch.len(), "claiming a batch failed; claiming its runs one by one");
             let mut answers = Vec::with_capacity(batch.len());
+            let mut seen = std::collections::HashSet::new();
             for one in batch.chunks(1) {
-                let nonce = Uuid::new_v4();
+                // The same run twice: the first claims it, the second is a duplicate (the
+                // nonce would find the first's claim as its own).
+                if !seen.insert(one[0].0) {
+                    answers.push(Claim::Running);
+                    continue;
+                }
                 let claimed = until_ok("claiming a run", || {
                     store.claim_runs(worker, *token, nonce, one)
                 })

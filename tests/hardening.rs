@@ -427,6 +427,125 @@ async fn lookahead_deliveries_wait_for_a_slot_and_nothing_is_lost_on_stop(backen
 }
 }
 
+crate::on_backends! {
+[postgres_table: PostgresTable, postgres_rabbitmq: PostgresRabbitmq]
+async fn a_slot_takes_the_waiting_delivery_in_the_commit_that_records_its_last_job(backend: Backend) {
+    // Default settings: as many deliveries wait in a worker as it has slots.
+    let Some(cluster) = Cluster::on(
+        backend,
+        "a_slot_takes_the_waiting_delivery_in_the_commit_that_records_its_last_job",
+        "worker:\n  grace_period: 1\n",
+    )
+    .await
+    else {
+        return;
+    };
+    cluster.import(
+        "jobs:\n- id: quick\n  job: hello_world\n\
+         - id: busy\n  job: command\n  arguments: {command: [sleep, '60']}\n",
+    );
+    cluster.run_ok(&["scheduler", "--run-now", "quick"]);
+    cluster.run_ok(&["scheduler", "--run-now", "busy"]);
+    // Both are in the queue before the worker starts: the quick run takes the slot, the busy
+    // one waits for it.
+    let mut worker = cluster.worker("w1", 1);
+    cluster
+        .wait_until(
+            "quick done and busy running",
+            Duration::from_secs(30),
+            "SELECT count(*) = 2 FROM job_runs WHERE (job_name = 'quick' AND status = 'succeeded') \
+             OR (job_name = 'busy' AND status = 'running')",
+        )
+        .await;
+    // The busy run was claimed by the transaction that recorded the quick one: the rows'
+    // current versions have the same writer.
+    let writers: Vec<String> = sqlx::query_scalar(
+        "SELECT xmin::text FROM job_runs WHERE job_name IN ('quick', 'busy') ORDER BY job_name",
+    )
+    .fetch_all(&cluster.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        writers[0], writers[1],
+        "the waiting run's claim and the last result were written apart:\n{}",
+        cluster.logs()
+    );
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", cluster.logs());
+}
+}
+
+crate::on_every_backend! {
+async fn a_delivery_waiting_behind_a_long_job_goes_to_a_worker_with_a_free_slot(backend: Backend) {
+    let Some(cluster) = Cluster::on(
+        backend,
+        "a_delivery_waiting_behind_a_long_job_goes_to_a_worker_with_a_free_slot",
+        "worker:\n  grace_period: 1\n",
+    )
+    .await
+    else {
+        return;
+    };
+    cluster.import(
+        "jobs:\n- id: busy\n  job: command\n  arguments: {command: [sleep, '60']}\n\
+         - id: quick\n  job: hello_world\n",
+    );
+    let mut w1 = cluster.worker("w1", 1);
+    cluster.run_ok(&["scheduler", "--run-now", "busy"]);
+    cluster
+        .wait_until(
+            "the long job running",
+            Duration::from_secs(30),
+            "SELECT count(*) = 1 FROM job_runs WHERE status = 'running'",
+        )
+        .await;
+    cluster.run_ok(&["scheduler", "--run-now", "quick"]);
+    // The quick run's delivery waits in w1, behind the long job.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (cluster.held().await, cluster.depth().await) != (2, 0) {
+        assert!(
+            Instant::now() < deadline,
+            "the quick run's delivery did not reach w1:\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A worker with a free slot gets it once w1 gives it back, long before the job ends.
+    let _w2 = cluster.worker("w2", 1);
+    cluster
+        .wait_until(
+            "the quick run done",
+            Duration::from_secs(25),
+            "SELECT count(*) = 1 FROM job_runs WHERE job_name = 'quick' AND status = 'succeeded'",
+        )
+        .await;
+    let quick = cluster
+        .runs()
+        .await
+        .into_iter()
+        .find(|r| r.job_name == "quick")
+        .expect("the quick run");
+    assert_eq!(
+        (quick.worker.as_deref(), quick.attempt),
+        (Some("w2"), 1),
+        "{}",
+        cluster.logs()
+    );
+    assert_eq!(
+        cluster
+            .count("SELECT count(*) FROM job_runs WHERE job_name = 'busy' AND status = 'running'")
+            .await,
+        1,
+        "the long job still runs"
+    );
+    assert_eq!(cluster.dead_letters().await, 0);
+    w1.signal("TERM");
+    let status = w1.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", cluster.logs());
+}
+}
+
 crate::on_every_backend! {
 async fn sigterm_is_seen_while_every_slot_is_busy(backend: Backend) {
     let Some(cluster) = Cluster::on(backend, "sigterm_is_seen_while_every_slot_is_busy", "worker:\n  grace_period: 1\n").await else {

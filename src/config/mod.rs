@@ -220,8 +220,9 @@ pub struct WorkerConfig {
     pub retry_backoff_max: Duration,
     /// How long calls wait for a plugin's `on_startup` before they fail (it may hang).
     pub startup_timeout: Duration,
-    /// Deliveries a worker process may hold beyond its slots, waiting for a slot to free.
-    pub lookahead: u16,
+    /// Deliveries a worker process may hold beyond its slots, waiting for a slot to free;
+    /// `None`: as many as it has slots.
+    pub lookahead: Option<u16>,
 }
 
 /// `runs:` settings.
@@ -1042,7 +1043,7 @@ fn build(
             60.0,
             "worker.startup_timeout",
         )?,
-        lookahead: wrk.as_ref().and_then(|w| w.lookahead).unwrap_or(0),
+        lookahead: wrk.as_ref().and_then(|w| w.lookahead),
     };
     let runs = RunsConfig {
         retention: match raw.runs.and_then(|r| r.retention_days) {
@@ -1259,10 +1260,12 @@ mod tests {
     }
 
     #[test]
-    fn lookahead_is_off_unless_set() {
-        assert_eq!(load("# nothing\n").unwrap().worker.lookahead, 0);
+    fn lookahead_is_one_per_slot_unless_set() {
+        assert_eq!(load("# nothing\n").unwrap().worker.lookahead, None);
         let config = load("worker:\n  lookahead: 8\n").unwrap();
-        assert_eq!(config.worker.lookahead, 8);
+        assert_eq!(config.worker.lookahead, Some(8));
+        let config = load("worker:\n  lookahead: 0\n").unwrap();
+        assert_eq!(config.worker.lookahead, Some(0));
     }
 
     #[test]

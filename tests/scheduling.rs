@@ -722,3 +722,39 @@ async fn a_scheduler_that_cannot_reach_the_broker_at_start_says_so_and_creates_d
         )
         .await;
 }
+
+/// `published_at` says when the broker had the message (its confirms were in), not when the
+/// outbox pass began: firing lag (`bench lag`, `/metrics`) is read from it, and publishing a
+/// large batch takes its time.
+#[tokio::test]
+async fn a_run_is_stamped_published_when_its_publish_is_done_not_when_the_pass_began() {
+    crate::needs_postgres!(
+        "a_run_is_stamped_published_when_its_publish_is_done_not_when_the_pass_began"
+    );
+    let db = crate::util::TestDb::new().await;
+    let pool = db.pool().await;
+    let store = jobschleuder::store::Store::from_pool(pool.clone())
+        .await
+        .unwrap();
+    let id = uuid::Uuid::new_v4();
+    store
+        .insert_runs(&[crate::util::new_run(Some(id), None)])
+        .await
+        .unwrap();
+    let batch = store.outbox(10, Some(&[id])).await.unwrap();
+    assert_eq!(batch.runs.len(), 1, "the run is in the outbox");
+    // The broker takes its time to confirm.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let confirmed = store.now().await.unwrap();
+    batch.settle(&[id], &[]).await.unwrap();
+    let published: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT published_at FROM job_runs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        published >= confirmed,
+        "published_at {published} is before the confirms were in ({confirmed})"
+    );
+}

@@ -514,7 +514,9 @@ impl Outbox {
             insert_messages(&mut self.tx, messages).await?;
         }
         if !published.is_empty() {
-            sqlx::query("UPDATE job_runs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL")
+            // When the broker's confirms were in, not when this transaction began (`now()`):
+            // publishing a batch takes the confirms' time, and firing lag is read from here.
+            sqlx::query("UPDATE job_runs SET published_at = statement_timestamp() WHERE id = ANY($1) AND published_at IS NULL")
                 .bind(published)
                 .execute(&mut *self.tx)
                 .await

@@ -433,6 +433,11 @@ impl PluginHost {
         kind: Kind,
     ) -> Result<Option<Arc<PythonPlugin>>, PluginError> {
         let location = self.location_for(function, kind)?;
+        // A library loaded for this location is what its calls use: no look at the file
+        // system on every call (a `stat` per run, a few percent of a worker's CPU).
+        if location.runtime.is_none() && self.loaded(location) {
+            return Ok(None);
+        }
         if !location.is_python() {
             return Ok(None);
         }
@@ -489,6 +494,15 @@ impl PluginHost {
                 provided: describe_functions(&library.functions),
             }),
         }
+    }
+
+    /// Whether the library of `location` is loaded already.
+    fn loaded(&self, location: &PluginLocation) -> bool {
+        self.inner
+            .libraries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&location.library_path())
     }
 
     fn load(&self, location: &PluginLocation, function: &str) -> Result<Arc<Library>, PluginError> {

@@ -723,6 +723,43 @@ async fn a_scheduler_that_cannot_reach_the_broker_at_start_says_so_and_creates_d
         .await;
 }
 
+#[tokio::test]
+async fn a_scheduler_whose_queue_is_refused_says_so_at_start() {
+    crate::needs_servers!("a_scheduler_whose_queue_is_refused_says_so_at_start");
+    let cluster = Cluster::new(FAST).await;
+    // The queue exists with other arguments than ours: declaring it is refused for good,
+    // which is not a broker out of reach.
+    {
+        use lapin::options::QueueDeclareOptions;
+        use lapin::types::{AMQPValue, FieldTable, ShortString};
+        let connection = lapin::Connection::connect(
+            &crate::util::cluster::amqp_url(),
+            lapin::ConnectionProperties::default(),
+        )
+        .await
+        .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut arguments = FieldTable::default();
+        arguments.insert(ShortString::from("x-max-length"), AMQPValue::LongInt(10));
+        channel
+            .queue_declare(
+                ShortString::from(cluster.queue.as_str()),
+                QueueDeclareOptions::durable(),
+                arguments,
+            )
+            .await
+            .unwrap();
+        let _ = connection.close(200, ShortString::from("bye")).await;
+    }
+    let scheduler = cluster.scheduler();
+    cluster.wait_for_log(&scheduler, "cannot be used as configured");
+    assert!(
+        !scheduler.log_text().contains("cannot reach the broker"),
+        "{}",
+        scheduler.log_text()
+    );
+}
+
 /// `published_at` says when the broker had the message (its confirms were in), not when the
 /// outbox pass began: firing lag (`bench lag`, `/metrics`) is read from it, and publishing a
 /// large batch takes its time.

@@ -615,10 +615,14 @@ pub async fn run(
                     Ok(Ok(())) => {}
                     Ok(Err(e)) if e.is_refusal() => tracing::error!(error = %e, queue = %config.rabbitmq.queue, "the queue cannot be used as configured: runs for it cannot be published (they are recorded dead with the reason)"),
                     Ok(Err(e)) => tracing::warn!(error = %e, "cannot reach the broker yet; due runs wait in the outbox until it answers"),
-                    Err(_) => tracing::warn!("the broker did not answer within {EAGER_CONNECT:?}; due runs wait in the outbox until it answers"),
+                    Err(_) => tracing::warn!("cannot reach the broker yet: no answer within {EAGER_CONNECT:?}; due runs wait in the outbox until it answers"),
                 }
             }
-            _ = shutdown.wait() => {}
+            _ = shutdown.wait() => {
+                drop(pruner);
+                publisher.close().await;
+                return Ok(total);
+            }
         }
     }
     loop {

@@ -690,11 +690,38 @@ async fn a_scheduler_connects_to_the_broker_before_anything_is_due() {
     // connection now, and the first due runs do not wait for its handshake.
     let scheduler = cluster.scheduler();
     cluster.wait_for_log(&scheduler, "connected to RabbitMQ");
-    assert_eq!(
-        cluster.queue_depth(&cluster.queue).await,
-        0,
-        "the queue is declared"
-    );
+    // The queue is declared right after the connection: a passive declaration finds it.
+    let connection = lapin::Connection::connect(
+        &crate::util::cluster::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // A failed passive declaration closes its channel: a new one each time.
+        let channel = connection.create_channel().await.unwrap();
+        let declared = channel
+            .queue_declare(
+                lapin::types::ShortString::from(cluster.queue.as_str()),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("the scheduler did not declare its queue: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let _ = connection
+        .close(200, lapin::types::ShortString::from("bye"))
+        .await;
 }
 
 #[tokio::test]

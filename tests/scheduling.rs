@@ -822,3 +822,71 @@ async fn a_run_is_stamped_published_when_its_publish_is_done_not_when_the_pass_b
         "published_at {published} is before the confirms were in ({confirmed})"
     );
 }
+
+/// A worker gets a message once the broker has it, which can be before the outbox pass has the
+/// confirms of the rest of its batch; the claim then waits for the pass's mark. The run is not
+/// recorded published after it started.
+#[tokio::test]
+async fn a_run_claimed_while_its_batch_is_confirmed_is_not_published_after_it_started() {
+    crate::needs_postgres!(
+        "a_run_claimed_while_its_batch_is_confirmed_is_not_published_after_it_started"
+    );
+    let db = crate::util::TestDb::new().await;
+    let pool = db.pool().await;
+    let store = jobschleuder::store::Store::from_pool(pool.clone())
+        .await
+        .unwrap();
+    let id = uuid::Uuid::new_v4();
+    store
+        .insert_runs(&[crate::util::new_run(Some(id), None)])
+        .await
+        .unwrap();
+    let batch = store.outbox(10, Some(&[id])).await.unwrap();
+    let claiming = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let lease = store.worker_lease().await.unwrap();
+            let claimed = store
+                .claim_runs("w1", lease.token, uuid::Uuid::new_v4(), &[(id, false)])
+                .await
+                .unwrap();
+            (lease, claimed)
+        })
+    };
+    // The claim waits for the pass's lock on the run while the rest of the batch is confirmed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the claim never waited for the outbox's lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    batch.settle(&[id], &[]).await.unwrap();
+    let (_lease, claimed) = claiming.await.unwrap();
+    assert!(
+        matches!(claimed[0], jobschleuder::store::Claim::Claimed { .. }),
+        "{claimed:?}"
+    );
+    let (published, started): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT published_at, started_at FROM job_runs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        published <= started,
+        "published at {published}, after it started at {started}"
+    );
+}

@@ -2051,7 +2051,10 @@ fn claimed_ctes() -> String {
         UPDATE job_runs r
         SET status = 'running', attempt = r.attempt + 1, worker = $4, claim_token = $5,
             claim_nonce = $6, started_at = statement_timestamp(), finished_at = NULL,
-            published_at = COALESCE(r.published_at, now())
+            -- The broker had the message by the time a worker claims it: a run claimed while
+            -- its outbox pass still waited for the rest of its batch's confirms is not
+            -- recorded published after it started.
+            published_at = LEAST(r.published_at, now())
         FROM (SELECT id, bool_or(redelivered) AS redelivered FROM input GROUP BY id) i
         WHERE r.id = i.id
           AND (SELECT held FROM lease)

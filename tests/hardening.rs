@@ -1194,26 +1194,8 @@ async fn runs_that_can_never_be_published_are_recorded_dead_and_the_rest_go_out(
     let cluster = Cluster::with_rabbitmq("  max_message_size: 4096\n", FAST).await;
     // A queue that exists with other arguments than ours: declaring it is refused.
     let other = format!("{}_other", cluster.queue);
+    cluster.declare_queue_with_other_arguments(&other).await;
     {
-        use lapin::options::QueueDeclareOptions;
-        use lapin::types::{AMQPValue, FieldTable, ShortString};
-        let connection = lapin::Connection::connect(
-            &crate::util::cluster::amqp_url(),
-            lapin::ConnectionProperties::default(),
-        )
-        .await
-        .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let mut arguments = FieldTable::default();
-        arguments.insert(ShortString::from("x-max-length"), AMQPValue::LongInt(10));
-        channel
-            .queue_declare(
-                ShortString::from(other.as_str()),
-                QueueDeclareOptions::durable(),
-                arguments,
-            )
-            .await
-            .unwrap();
         let big = "x".repeat(5000);
         cluster.import(&format!(
             "jobs:\n\
@@ -1233,7 +1215,6 @@ async fn runs_that_can_never_be_published_are_recorded_dead_and_the_rest_go_out(
         .fetch_all(&cluster.pool)
         .await
         .unwrap();
-        let _ = connection.close(200, ShortString::from("bye")).await;
         assert_eq!(runs.len(), 3, "{runs:?}");
         assert_eq!(
             (runs[0].0.as_str(), runs[0].1.as_str(), runs[0].3),

@@ -756,28 +756,9 @@ async fn a_scheduler_whose_queue_is_refused_says_so_at_start() {
     let cluster = Cluster::new(FAST).await;
     // The queue exists with other arguments than ours: declaring it is refused for good,
     // which is not a broker out of reach.
-    {
-        use lapin::options::QueueDeclareOptions;
-        use lapin::types::{AMQPValue, FieldTable, ShortString};
-        let connection = lapin::Connection::connect(
-            &crate::util::cluster::amqp_url(),
-            lapin::ConnectionProperties::default(),
-        )
-        .await
-        .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let mut arguments = FieldTable::default();
-        arguments.insert(ShortString::from("x-max-length"), AMQPValue::LongInt(10));
-        channel
-            .queue_declare(
-                ShortString::from(cluster.queue.as_str()),
-                QueueDeclareOptions::durable(),
-                arguments,
-            )
-            .await
-            .unwrap();
-        let _ = connection.close(200, ShortString::from("bye")).await;
-    }
+    cluster
+        .declare_queue_with_other_arguments(&cluster.queue)
+        .await;
     let scheduler = cluster.scheduler();
     cluster.wait_for_log(&scheduler, "cannot be used as configured");
     assert!(
@@ -787,14 +768,15 @@ async fn a_scheduler_whose_queue_is_refused_says_so_at_start() {
     );
 }
 
-/// `published_at` says when the broker had the message (its confirms were in), not when the
-/// outbox pass began: firing lag (`bench lag`, `/metrics`) is read from it, and publishing a
-/// large batch takes its time.
-#[tokio::test]
-async fn a_run_is_stamped_published_when_its_publish_is_done_not_when_the_pass_began() {
-    crate::needs_postgres!(
-        "a_run_is_stamped_published_when_its_publish_is_done_not_when_the_pass_began"
-    );
+/// A Postgres store with one run in an outbox batch being published (its row held by the
+/// batch's transaction until it is settled).
+async fn one_run_being_published() -> (
+    crate::util::TestDb,
+    sqlx::PgPool,
+    jobschleuder::store::Store,
+    uuid::Uuid,
+    jobschleuder::store::OutboxBatch,
+) {
     let db = crate::util::TestDb::new().await;
     let pool = db.pool().await;
     let store = jobschleuder::store::Store::from_pool(pool.clone())
@@ -807,6 +789,18 @@ async fn a_run_is_stamped_published_when_its_publish_is_done_not_when_the_pass_b
         .unwrap();
     let batch = store.outbox(10, Some(&[id])).await.unwrap();
     assert_eq!(batch.runs.len(), 1, "the run is in the outbox");
+    (db, pool, store, id, batch)
+}
+
+/// `published_at` says when the broker had the message (its confirms were in), not when the
+/// outbox pass began: firing lag (`bench lag`, `/metrics`) is read from it, and publishing a
+/// large batch takes its time.
+#[tokio::test]
+async fn a_run_is_stamped_published_when_its_publish_is_done_not_when_the_pass_began() {
+    crate::needs_postgres!(
+        "a_run_is_stamped_published_when_its_publish_is_done_not_when_the_pass_began"
+    );
+    let (_db, pool, store, id, batch) = one_run_being_published().await;
     // The broker takes its time to confirm.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let confirmed = store.now().await.unwrap();
@@ -831,17 +825,7 @@ async fn a_run_claimed_while_its_batch_is_confirmed_is_not_published_after_it_st
     crate::needs_postgres!(
         "a_run_claimed_while_its_batch_is_confirmed_is_not_published_after_it_started"
     );
-    let db = crate::util::TestDb::new().await;
-    let pool = db.pool().await;
-    let store = jobschleuder::store::Store::from_pool(pool.clone())
-        .await
-        .unwrap();
-    let id = uuid::Uuid::new_v4();
-    store
-        .insert_runs(&[crate::util::new_run(Some(id), None)])
-        .await
-        .unwrap();
-    let batch = store.outbox(10, Some(&[id])).await.unwrap();
+    let (_db, pool, store, id, batch) = one_run_being_published().await;
     let claiming = {
         let store = store.clone();
         tokio::spawn(async move {

@@ -542,6 +542,30 @@ impl Cluster {
             .expect("publishing to the table queue");
     }
 
+    /// Declares `queue` (durable) with an argument ours do not have (`x-max-length`), so that
+    /// declaring it as configured is refused for good. The test's queue and `<queue>_other`
+    /// are deleted with the cluster.
+    pub async fn declare_queue_with_other_arguments(&self, queue: &str) {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("amqp");
+        let channel = connection.create_channel().await.expect("channel");
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            ShortString::from("x-max-length"),
+            lapin::types::AMQPValue::LongInt(10),
+        );
+        channel
+            .queue_declare(
+                ShortString::from(queue),
+                QueueDeclareOptions::durable(),
+                arguments,
+            )
+            .await
+            .expect("declaring a queue with other arguments");
+        let _ = connection.close(200, ShortString::from("bye")).await;
+    }
+
     /// Messages waiting in `queue` (RabbitMQ).
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())

@@ -586,6 +586,8 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) -> Result<PassSummary, PassError> {
     let mut publisher = Publisher::new(config, store, "scheduler");
+    // The passes on connections of their own, so that their statements stay prepared.
+    let passes = &store.for_passes();
     let mut listener = match store.notifications().await {
         Ok(listener) => {
             tracing::info!("listening for registry changes and new runs");
@@ -634,7 +636,7 @@ pub async fn run(
                 .retry_at()
                 .is_none_or(|at| at <= tokio::time::Instant::now());
             let (created, publishing) =
-                create_and_publish(store, config, &mut publisher, broker_ready).await;
+                create_and_publish(passes, config, &mut publisher, broker_ready).await;
             match created {
                 Ok(summary) => {
                     total.newly_scheduled += summary.newly_scheduled;
@@ -666,7 +668,7 @@ pub async fn run(
             total.runs_published += published;
             if !db_failed {
                 sweeper
-                    .sweep(store, &mut publisher, &config.rabbitmq.queue)
+                    .sweep(passes, &mut publisher, &config.rabbitmq.queue)
                     .await;
             }
             Ok((db_failed, published, pass_now))
@@ -699,7 +701,7 @@ pub async fn run(
             db_backoff = (db_backoff * 2).min(Duration::from_secs(10));
         } else {
             db_backoff = Duration::from_millis(200);
-            match store.next_wakeup().await {
+            match passes.next_wakeup().await {
                 Ok(next) => {
                     // Measured on the database's clock, like the due check itself.
                     let until = |at: DateTime<Utc>| {

@@ -184,6 +184,15 @@ impl Store {
         }
     }
 
+    /// The store a scheduler's passes use: on Postgres a pool of two connections of its own,
+    /// so that the pass's statements stay prepared (see `PgStore::for_passes`).
+    pub fn for_passes(&self) -> Store {
+        match self {
+            Store::Postgres(store) => Store::Postgres(store.for_passes()),
+            Store::Sqlite(store) => Store::Sqlite(store.clone()),
+        }
+    }
+
     /// Which database this is: `postgres` or `sqlite`.
     pub fn kind(&self) -> &'static str {
         match self {

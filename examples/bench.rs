@@ -417,11 +417,13 @@ impl Running {
 
 async fn throughput(bench: &Bench, scratch: &Scratch, report: &mut Report) -> Result<(), Error> {
     let runs = THROUGHPUT_RUNS;
+    let before = CpuShares::now();
     let raw = raw_broker_loop(bench, &format!("{}.raw", scratch.name), runs, false).await?;
+    let raw_cpu = CpuShares::now().since(&before);
     report.add("throughput_raw_broker", raw, "msgs/s");
     let pipelined = raw_broker_loop(bench, &format!("{}.rawp", scratch.name), runs, true).await?;
     report.add("throughput_raw_broker_pipelined", pipelined, "msgs/s");
-    let (published, ours) = full_path(scratch, runs).await?;
+    let (published, ours, ours_cpu) = full_path(scratch, runs).await?;
     report.add("throughput_published_runs", published, "runs/s");
     report.add("throughput_recorded_runs", ours, "runs/s");
     report.add("throughput_ratio", ours / raw, "ours/raw");
@@ -430,12 +432,92 @@ async fn throughput(bench: &Bench, scratch: &Scratch, report: &mut Report) -> Re
         ours / pipelined,
         "ours/raw_pipelined",
     );
+    // CPU time per message, by process: steadier than the rates on a busy machine, and it
+    // shows where the gap between the two loops lies. Postgres is idle in the raw loop.
+    let per = |cpu: &CpuShares, ticks: u64| ticks as f64 / cpu.ticks_per_second / runs as f64 * 1e6;
+    report.add(
+        "throughput_raw_cpu_client",
+        per(&raw_cpu, raw_cpu.this),
+        "us/msg",
+    );
+    report.add(
+        "throughput_raw_cpu_broker",
+        per(&raw_cpu, raw_cpu.broker),
+        "us/msg",
+    );
+    // Ours: the publishing and the worker, both in this process.
+    report.add(
+        "throughput_cpu_ours",
+        per(&ours_cpu, ours_cpu.this),
+        "us/run",
+    );
+    report.add(
+        "throughput_cpu_postgres",
+        per(&ours_cpu, ours_cpu.postgres),
+        "us/run",
+    );
+    report.add(
+        "throughput_cpu_broker",
+        per(&ours_cpu, ours_cpu.broker),
+        "us/run",
+    );
     Ok(())
 }
 
+/// CPU time used so far (clock ticks) by this process, by Postgres's processes and by the
+/// broker's, read from `/proc`.
+#[derive(Clone, Copy)]
+struct CpuShares {
+    this: u64,
+    postgres: u64,
+    broker: u64,
+    ticks_per_second: f64,
+}
+
+impl CpuShares {
+    fn now() -> CpuShares {
+        let (mut postgres, mut broker) = (0, 0);
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            match comm.trim() {
+                "postgres" => postgres += cpu_ticks(pid),
+                "beam.smp" => broker += cpu_ticks(pid),
+                _ => {}
+            }
+        }
+        CpuShares {
+            this: cpu_ticks(std::process::id()),
+            postgres,
+            broker,
+            // SAFETY: sysconf has no preconditions.
+            ticks_per_second: unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64,
+        }
+    }
+
+    /// The time used between `earlier` and `self`. Processes that ended in between are not
+    /// counted (Postgres's connections outlive a measurement).
+    fn since(&self, earlier: &CpuShares) -> CpuShares {
+        CpuShares {
+            this: self.this.saturating_sub(earlier.this),
+            postgres: self.postgres.saturating_sub(earlier.postgres),
+            broker: self.broker.saturating_sub(earlier.broker),
+            ticks_per_second: self.ticks_per_second,
+        }
+    }
+}
+
 /// The full path for `runs` runs: rows inserted, published, consumed by the worker calling
-/// `hello_world`, recorded, acknowledged. (Publish rate, recorded rate) in runs per second.
-async fn full_path(scratch: &Scratch, runs: usize) -> Result<(f64, f64), Error> {
+/// `hello_world`, recorded, acknowledged. (Publish rate, recorded rate) in runs per second,
+/// and the CPU time it took.
+async fn full_path(scratch: &Scratch, runs: usize) -> Result<(f64, f64, CpuShares), Error> {
+    let cpu = CpuShares::now();
     let started = Instant::now();
     let started_at = chrono::Utc::now();
     let (stop, tasks) = {
@@ -474,12 +556,14 @@ async fn full_path(scratch: &Scratch, runs: usize) -> Result<(f64, f64), Error> 
         .to_std()
         .unwrap_or_else(|_| started.elapsed());
     let ours = runs as f64 / took.as_secs_f64();
+    // Before the worker stops: its connections' backends end with it.
+    let cpu = CpuShares::now().since(&cpu);
     stop.stop();
     for task in tasks {
         let _ = task.await;
     }
     publisher.close().await;
-    Ok((runs as f64 / published.as_secs_f64(), ours))
+    Ok((runs as f64 / published.as_secs_f64(), ours, cpu))
 }
 
 // ---- the embedded backends ----
@@ -489,7 +573,7 @@ async fn embedded(bench: &Bench, report: &mut Report) -> Result<(), Error> {
         let scratch = Scratch::embedded(bench, &format!("embedded_{name}"), sqlite).await?;
         let measured = full_path(&scratch, THROUGHPUT_RUNS).await;
         scratch.remove(bench).await;
-        let (published, recorded) = measured?;
+        let (published, recorded, _) = measured?;
         report.add(
             &format!("embedded_{name}_published_runs"),
             published,

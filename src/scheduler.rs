@@ -360,6 +360,40 @@ pub async fn create_and_publish(
     tokio::join!(creating, publishing)
 }
 
+/// The queues a scheduler declares as it starts: those its jobs' runs go to (`default` for
+/// jobs that name none), so that an installation whose jobs all name other queues gets no
+/// unused default queue; the default queue alone while there are no jobs (or they cannot be
+/// read), so that a queue the broker refuses is still said at start.
+async fn queues_to_declare(store: &Store, default: &str) -> Vec<String> {
+    match tokio::time::timeout(EAGER_CONNECT, store.queues_in_use(default)).await {
+        Ok(Ok(queues)) if !queues.is_empty() => queues,
+        Ok(Ok(_)) => vec![default.to_string()],
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the jobs' queues; declaring the default queue only");
+            vec![default.to_string()]
+        }
+        Err(_) => {
+            tracing::warn!("cannot read the jobs' queues: no answer within {EAGER_CONNECT:?}; declaring the default queue only");
+            vec![default.to_string()]
+        }
+    }
+}
+
+/// Connects and declares `queues`. A queue the broker refuses is logged as an error (its runs
+/// will be recorded dead) and the others are declared still; any other failure ends it.
+async fn declare_at_start(publisher: &mut Publisher, queues: &[String]) -> Result<(), QueueError> {
+    for queue in queues {
+        match publisher.declare(queue).await {
+            Ok(()) => {}
+            Err(e) if e.is_refusal() => {
+                tracing::error!(error = %e, queue = %queue, "the queue cannot be used as configured: runs for it cannot be published (they are recorded dead with the reason)")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Step 3 of a pass: publish every queued run whose time has come (only those in `only`, when
 /// given: a worker's fan-out, a manual run).
 pub async fn publish_queued(
@@ -606,16 +640,19 @@ pub async fn run(
         (false, Some(retention)) => Some(AbortOnDrop(spawn_pruner(store, retention))),
         _ => None,
     };
-    // Connected (and the default queue declared) before anything is due: the first due runs
-    // do not wait for the broker's handshake (a burst's first runs started about 5 ms sooner),
-    // and a broker out of reach is said at start. Not for long: due runs are created (and
-    // wait in the outbox) whether the broker answers or not.
+    // Connected, and the queues its jobs use declared, before anything is due: the first due
+    // runs do not wait for the broker's handshake (a burst's first runs started about 5 ms
+    // sooner), and a broker out of reach or a queue it refuses is said at start. Not for long:
+    // due runs are created (and wait in the outbox) whether the broker answers or not.
     if !once && !publisher.is_table() {
+        let declared = async {
+            let queues = queues_to_declare(store, &config.rabbitmq.queue).await;
+            tokio::time::timeout(EAGER_CONNECT, declare_at_start(&mut publisher, &queues)).await
+        };
         tokio::select! {
-            ready = tokio::time::timeout(EAGER_CONNECT, publisher.declare(&config.rabbitmq.queue)) => {
+            ready = declared => {
                 match ready {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) if e.is_refusal() => tracing::error!(error = %e, queue = %config.rabbitmq.queue, "the queue cannot be used as configured: runs for it cannot be published (they are recorded dead with the reason)"),
                     Ok(Err(e)) => tracing::warn!(error = %e, "cannot reach the broker yet; due runs wait in the outbox until it answers"),
                     Err(_) => tracing::warn!("cannot reach the broker yet: no answer within {EAGER_CONNECT:?}; due runs wait in the outbox until it answers"),
                 }

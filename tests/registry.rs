@@ -429,3 +429,34 @@ async fn old_finished_runs_are_pruned_and_others_kept() {
         .unwrap();
     assert_eq!(left, ["recent", "stuck"]);
 }
+
+crate::on_every_store! {
+async fn the_queues_in_use_are_those_jobs_name_and_the_default_for_the_rest(backend: Backend) {
+    let Some(cluster) = Cluster::on(
+        backend,
+        "the_queues_in_use_are_those_jobs_name_and_the_default_for_the_rest",
+        "",
+    )
+    .await
+    else {
+        return;
+    };
+    let store = &cluster.store;
+    // No jobs: no queue in use (the scheduler then declares the default queue alone).
+    assert!(store.queues_in_use("main").await.unwrap().is_empty());
+    cluster.import(
+        "jobs:\n\
+         - id: a\n  job: hello_world\n  queue: zeta\n\
+         - id: b\n  job: hello_world\n\
+         - id: c\n  job: hello_world\n  queue: alpha\n\
+         - id: d\n  job: hello_world\n  queue: zeta\n",
+    );
+    assert_eq!(
+        store.queues_in_use("main").await.unwrap(),
+        ["alpha", "main", "zeta"]
+    );
+    // Every job names a queue: the default one is not in use.
+    cluster.import("jobs:\n- id: a\n  job: hello_world\n  queue: zeta\n");
+    assert_eq!(store.queues_in_use("main").await.unwrap(), ["zeta"]);
+}
+}

@@ -691,37 +691,73 @@ async fn a_scheduler_connects_to_the_broker_before_anything_is_due() {
     let scheduler = cluster.scheduler();
     cluster.wait_for_log(&scheduler, "connected to RabbitMQ");
     // The queue is declared right after the connection: a passive declaration finds it.
+    wait_for_queue(&cluster.queue, "the scheduler did not declare its queue").await;
+}
+
+/// Whether the broker has a queue named `name` (a passive declaration).
+async fn queue_exists(name: &str) -> Result<(), lapin::Error> {
     let connection = lapin::Connection::connect(
         &crate::util::cluster::amqp_url(),
         lapin::ConnectionProperties::default(),
     )
     .await
     .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        // A failed passive declaration closes its channel: a new one each time.
-        let channel = connection.create_channel().await.unwrap();
-        let declared = channel
-            .queue_declare(
-                lapin::types::ShortString::from(cluster.queue.as_str()),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await;
-        match declared {
-            Ok(_) => break,
-            Err(e) if std::time::Instant::now() > deadline => {
-                panic!("the scheduler did not declare its queue: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    let declared = connection
+        .create_channel()
+        .await
+        .unwrap()
+        .queue_declare(
+            lapin::types::ShortString::from(name),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await;
     let _ = connection
         .close(200, lapin::types::ShortString::from("bye"))
         .await;
+    declared.map(|_| ())
+}
+
+/// Waits up to 10 s for the broker to have queue `name`; fails with `failure` otherwise.
+async fn wait_for_queue(name: &str, failure: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match queue_exists(name).await {
+            Ok(()) => return,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{failure}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_scheduler_declares_the_queues_its_jobs_use_at_start_and_no_unused_default() {
+    crate::needs_servers!(
+        "a_scheduler_declares_the_queues_its_jobs_use_at_start_and_no_unused_default"
+    );
+    let cluster = Cluster::new(FAST).await;
+    // Every job names another queue: the default queue would be declared for nothing (and
+    // show up on the broker, with its dead-letter pair, on an installation that never uses it).
+    let other = format!("{}_other", cluster.queue);
+    cluster.import(&format!(
+        "jobs:\n- id: elsewhere\n  job: hello_world\n  queue: {other}\n  schedule: '0 0 1 1 *'\n"
+    ));
+    let scheduler = cluster.scheduler();
+    cluster.wait_for_log(&scheduler, "connected to RabbitMQ");
+    wait_for_queue(
+        &other,
+        "the scheduler did not declare its job's queue at start",
+    )
+    .await;
+    // Declared in one go at start, so the default queue would be there by now.
+    assert!(
+        queue_exists(&cluster.queue).await.is_err(),
+        "the default queue, which no job uses, was declared:\n{}",
+        scheduler.log_text()
+    );
 }
 
 #[tokio::test]

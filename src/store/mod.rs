@@ -592,6 +592,11 @@ impl Store {
     pub async fn job_queues(&self) -> Result<Vec<String>, StoreError> {
         dispatch!(self, s => s.job_queues().await)
     }
+
+    /// The queues the jobs' runs go to, `default` for jobs that name none; sorted.
+    pub async fn queues_in_use(&self, default: &str) -> Result<Vec<String>, StoreError> {
+        dispatch!(self, s => s.queues_in_use(default).await)
+    }
 }
 
 /// Rows written per statement during an import: large enough to be fast, small enough to report

@@ -1956,6 +1956,15 @@ impl PgStore {
             .await
             .context("reading the jobs' queues")
     }
+
+    /// See [`Store::queues_in_use`](super::Store::queues_in_use).
+    pub async fn queues_in_use(&self, default: &str) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar("SELECT DISTINCT COALESCE(queue, $1) AS q FROM jobs ORDER BY q")
+            .bind(default)
+            .fetch_all(&self.pool)
+            .await
+            .context("reading the jobs' queues")
+    }
 }
 
 /// The claim of `PgStore::claim_runs`, on `conn` (in a transaction or not).

@@ -1458,6 +1458,15 @@ impl SqliteStore {
             .context("reading the jobs' queues")
     }
 
+    /// See [`Store::queues_in_use`](super::Store::queues_in_use).
+    pub async fn queues_in_use(&self, default: &str) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar("SELECT DISTINCT COALESCE(queue, ?1) AS q FROM jobs ORDER BY q")
+            .bind(default)
+            .fetch_all(&self.pool)
+            .await
+            .context("reading the jobs' queues")
+    }
+
     // ---- the table queue ----
 
     pub async fn queue_publish(&self, messages: &[(String, Vec<u8>)]) -> Result<(), StoreError> {

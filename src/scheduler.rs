@@ -363,9 +363,13 @@ pub async fn create_and_publish(
 /// The queues a scheduler declares as it starts: those its jobs' runs go to (`default` for
 /// jobs that name none), so that an installation whose jobs all name other queues gets no
 /// unused default queue; the default queue alone while there are no jobs (or they cannot be
-/// read), so that a queue the broker refuses is still said at start.
-async fn queues_to_declare(store: &Store, default: &str) -> Vec<String> {
-    match tokio::time::timeout(EAGER_CONNECT, store.queues_in_use(default)).await {
+/// read by `deadline`), so that a queue the broker refuses is still said at start.
+async fn queues_to_declare(
+    store: &Store,
+    default: &str,
+    deadline: tokio::time::Instant,
+) -> Vec<String> {
+    match tokio::time::timeout_at(deadline, store.queues_in_use(default)).await {
         Ok(Ok(queues)) if !queues.is_empty() => queues,
         Ok(Ok(_)) => vec![default.to_string()],
         Ok(Err(e)) => {
@@ -373,23 +377,36 @@ async fn queues_to_declare(store: &Store, default: &str) -> Vec<String> {
             vec![default.to_string()]
         }
         Err(_) => {
-            tracing::warn!("cannot read the jobs' queues: no answer within {EAGER_CONNECT:?}; declaring the default queue only");
+            tracing::warn!(
+                "cannot read the jobs' queues in time; declaring the default queue only"
+            );
             vec![default.to_string()]
         }
     }
 }
 
-/// Connects and declares `queues`. A queue the broker refuses is logged as an error (its runs
-/// will be recorded dead) and the others are declared still; any other failure ends it.
-async fn declare_at_start(publisher: &mut Publisher, queues: &[String]) -> Result<(), QueueError> {
+/// Connects and declares `queues`, counting in `declared` those done (refused ones too). A
+/// queue the broker refuses is logged as an error (its runs will be recorded dead) and the
+/// others are declared still, unless the refusal took the connection with it; any other
+/// failure ends it.
+async fn declare_at_start(
+    publisher: &mut Publisher,
+    queues: &[String],
+    declared: &mut usize,
+) -> Result<(), QueueError> {
     for queue in queues {
         match publisher.declare(queue).await {
             Ok(()) => {}
             Err(e) if e.is_refusal() => {
-                tracing::error!(error = %e, queue = %queue, "the queue cannot be used as configured: runs for it cannot be published (they are recorded dead with the reason)")
+                tracing::error!(error = %e, queue = %queue, "the queue cannot be used as configured: runs for it cannot be published (they are recorded dead with the reason)");
+                if publisher.retry_at().is_some() {
+                    // The broker closed the connection: the passes reconnect after a pause.
+                    return Ok(());
+                }
             }
             Err(e) => return Err(e),
         }
+        *declared += 1;
     }
     Ok(())
 }
@@ -645,16 +662,26 @@ pub async fn run(
     // sooner), and a broker out of reach or a queue it refuses is said at start. Not for long:
     // due runs are created (and wait in the outbox) whether the broker answers or not.
     if !once && !publisher.is_table() {
-        let declared = async {
-            let queues = queues_to_declare(store, &config.rabbitmq.queue).await;
-            tokio::time::timeout(EAGER_CONNECT, declare_at_start(&mut publisher, &queues)).await
+        // One deadline for reading the jobs' queues and declaring them.
+        let deadline = tokio::time::Instant::now() + EAGER_CONNECT;
+        let mut declared = 0;
+        let mut wanted = 0;
+        let started = async {
+            let queues = queues_to_declare(store, &config.rabbitmq.queue, deadline).await;
+            wanted = queues.len();
+            tokio::time::timeout_at(
+                deadline,
+                declare_at_start(&mut publisher, &queues, &mut declared),
+            )
+            .await
         };
         tokio::select! {
-            ready = declared => {
+            ready = started => {
                 match ready {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "cannot reach the broker yet; due runs wait in the outbox until it answers"),
-                    Err(_) => tracing::warn!("cannot reach the broker yet: no answer within {EAGER_CONNECT:?}; due runs wait in the outbox until it answers"),
+                    Err(_) if declared == 0 => tracing::warn!("cannot reach the broker yet: no answer within {EAGER_CONNECT:?}; due runs wait in the outbox until it answers"),
+                    Err(_) => tracing::warn!("declared {declared} of {wanted} queues within {EAGER_CONNECT:?}; the others are declared when runs are first published to them"),
                 }
             }
             _ = shutdown.wait() => {

@@ -752,7 +752,8 @@ async fn a_scheduler_declares_the_queues_its_jobs_use_at_start_and_no_unused_def
         "the scheduler did not declare its job's queue at start",
     )
     .await;
-    // Declared in one go at start, so the default queue would be there by now.
+    // Its first pass (which schedules the new entry) comes after the declarations at start.
+    cluster.wait_for_log(&scheduler, "scheduled new registry entries");
     assert!(
         queue_exists(&cluster.queue).await.is_err(),
         "the default queue, which no job uses, was declared:\n{}",
@@ -797,6 +798,35 @@ async fn a_scheduler_whose_queue_is_refused_says_so_at_start() {
         .await;
     let scheduler = cluster.scheduler();
     cluster.wait_for_log(&scheduler, "cannot be used as configured");
+    assert!(
+        !scheduler.log_text().contains("cannot reach the broker"),
+        "{}",
+        scheduler.log_text()
+    );
+}
+
+#[tokio::test]
+async fn a_scheduler_declares_its_other_queues_when_one_is_refused_at_start() {
+    crate::needs_servers!("a_scheduler_declares_its_other_queues_when_one_is_refused_at_start");
+    let cluster = Cluster::new(FAST).await;
+    // The default queue (declared first: it sorts first) is refused; a job's own queue is
+    // declared all the same.
+    cluster
+        .declare_queue_with_other_arguments(&cluster.queue)
+        .await;
+    let other = format!("{}_other", cluster.queue);
+    cluster.import(&format!(
+        "jobs:\n\
+         - id: here\n  job: hello_world\n  schedule: '0 0 1 1 *'\n\
+         - id: elsewhere\n  job: hello_world\n  queue: {other}\n  schedule: '0 0 1 1 *'\n"
+    ));
+    let scheduler = cluster.scheduler();
+    cluster.wait_for_log(&scheduler, "cannot be used as configured");
+    wait_for_queue(
+        &other,
+        "the queue after a refused one was not declared at start",
+    )
+    .await;
     assert!(
         !scheduler.log_text().contains("cannot reach the broker"),
         "{}",

@@ -718,6 +718,130 @@ async fn claims_and_inserts_retried_after_a_lost_reply_change_nothing(backend: B
 }
 }
 
+crate::on_every_store! {
+async fn a_batch_of_claims_answers_each_delivery_as_a_claim_of_its_own_would(backend: Backend) {
+    let Some(cluster) = Cluster::on(backend, "a_batch_of_claims_answers_each_delivery_as_a_claim_of_its_own_would", "").await else {
+        return;
+    };
+    cluster.import(
+        "jobs:\n- id: zoned\n  job: hello_world\n  schedule: '0 6 1 1 *'\n  timezone: Europe/Berlin\n",
+    );
+    let store = cluster.store.clone();
+    let named = |name: &str, parent: Option<Uuid>| jobschleuder::store::NewRun {
+        job_name: name.into(),
+        ..crate::util::new_run(None, parent)
+    };
+    let parent = store.insert_runs(&[named("plain", None)]).await.unwrap()[0];
+    let made = store
+        .insert_runs(&[
+            named("zoned", Some(parent)),
+            named("plain", None),
+            named("plain", None),
+            named("plain", None),
+        ])
+        .await
+        .unwrap();
+    let (child, plain, ended, taken) = (made[0], made[1], made[2], made[3]);
+    let lease = store.worker_lease().await.unwrap();
+    let token = lease.token;
+    // One run ended already, another is running under an earlier claim.
+    store
+        .claim_runs("w0", token, Uuid::new_v4(), &[(ended, false), (taken, false)])
+        .await
+        .unwrap();
+    store
+        .finish_runs(&[Finish {
+            id: ended,
+            token,
+            attempt: 1,
+            end: RunEnd::Succeeded,
+            result: None,
+            error: None,
+        }])
+        .await
+        .unwrap();
+    let created = |id: Uuid| {
+        let cluster = &cluster;
+        async move { Some(cluster.run(&id.to_string()).await.created_at) }
+    };
+    let claimed = |scheduled_for, parent, timezone: Option<&str>| Claim::Claimed {
+        attempt: 1,
+        trigger: "manual".into(),
+        run: jobschleuder::store::ClaimedRun {
+            scheduled_for,
+            parent,
+            timezone: timezone.map(str::to_string),
+        },
+    };
+    let expected = vec![
+        claimed(created(child).await, Some(parent), Some("Europe/Berlin")),
+        claimed(created(plain).await, None, None),
+        Claim::Running,
+        Claim::Finished("succeeded".into()),
+        Claim::Running,
+        Claim::Unknown,
+    ];
+    let batch = [
+        (child, false),
+        (plain, false),
+        (child, false),
+        (ended, false),
+        (taken, false),
+        (Uuid::new_v4(), false),
+    ];
+    let nonce = Uuid::new_v4();
+    let answers = store.claim_runs("w1", token, nonce, &batch).await.unwrap();
+    assert_eq!(answers, expected);
+    // The same statement again, its answer lost: the same answers.
+    let again = store.claim_runs("w1", token, nonce, &batch).await.unwrap();
+    assert_eq!(again, expected);
+
+    // A large batch, with results, as a worker's writer writes it: every claim answered.
+    let many: Vec<Uuid> = store
+        .insert_runs(&(0..300).map(|_| named("plain", None)).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let mut claims: Vec<(Uuid, bool)> = many.iter().map(|id| (*id, false)).collect();
+    claims.push((many[7], false));
+    let finishes: Vec<Finish> = [child, plain]
+        .into_iter()
+        .map(|id| Finish {
+            id,
+            token,
+            attempt: 1,
+            end: RunEnd::Succeeded,
+            result: Some(serde_json::json!({ "ok": true })),
+            error: None,
+        })
+        .collect();
+    let (not_recorded, answers) =
+        write_together(&store, &finishes, "w1", token, Uuid::new_v4(), &claims)
+            .await
+            .unwrap();
+    assert!(not_recorded.is_empty(), "{not_recorded:?}");
+    assert_eq!(answers.len(), 301);
+    assert!(
+        answers[..300]
+            .iter()
+            .all(|a| matches!(a, Claim::Claimed { attempt: 1, .. })),
+        "{answers:?}"
+    );
+    assert_eq!(answers[300], Claim::Running);
+    assert_eq!(
+        cluster
+            .count("SELECT count(*) FROM job_runs WHERE status = 'running'")
+            .await,
+        301
+    );
+    assert_eq!(
+        cluster
+            .count("SELECT count(*) FROM job_runs WHERE status = 'succeeded'")
+            .await,
+        3
+    );
+}
+}
+
 /// Takes a worker lease and claims `id` under it (its first attempt); the lease is held while
 /// the returned value lives.
 /// Results and claims as a worker's writer writes them: together, then the results that left

@@ -2090,21 +2090,36 @@ fn claimed_ctes() -> String {
           AND ((r.status = 'queued' AND (r.not_before IS NULL OR r.not_before <= now()))
                OR (r.status = 'running' AND i.redelivered
                    AND r.claim_token IS DISTINCT FROM $5 AND {LEASE_GONE}))
-        RETURNING r.id, r.attempt, r.trigger)"
+        RETURNING r.id, r.attempt, r.status, r.trigger, r.scheduled_for, r.created_at,
+                  r.parent_id, r.job_name)"
     )
 }
 
-/// The claim's answer: a `ClaimRow` per delivered run.
-const CLAIM_ANSWERS: &str = "SELECT i.id,
-        COALESCE(c.attempt, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.attempt END),
+/// The claim's answer: a `ClaimRow` per delivered run, the claimed ones from what their
+/// update returned, the others as they were before it (a duplicate of a claimed run in the
+/// same batch is answered once: `claims_of` answers its copies).
+///
+/// Not a join of the input with `claimed`: with a generic plan, which expects a handful of rows
+/// from UNNEST, Postgres joined them as a nested loop, reading the claimed runs once per
+/// delivered run. 500 claims and results in one statement took 37-58 ms that way, 15 ms this
+/// way (EXPLAIN ANALYZE, 100,000 runs in the table); the `NOT IN` is a hashed subplan.
+const CLAIM_ANSWERS: &str = "SELECT c.id, c.attempt, c.status, c.trigger, (SELECT held FROM lease),
+        COALESCE(c.scheduled_for, c.created_at), c.parent_id,
+        (SELECT g.timezone FROM jobs j JOIN registry g ON g.job = j.id
+         WHERE j.name = c.job_name LIMIT 1)
+    FROM claimed c
+    UNION ALL
+    SELECT i.id,
+        CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.attempt END,
         r.status,
-        COALESCE(c.trigger, CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.trigger END),
+        CASE WHEN r.status = 'running' AND r.claim_nonce = $6 THEN r.trigger END,
         (SELECT held FROM lease),
         COALESCE(r.scheduled_for, r.created_at),
         r.parent_id,
         (SELECT g.timezone FROM jobs j JOIN registry g ON g.job = j.id
          WHERE j.name = r.job_name LIMIT 1)
-    FROM input i LEFT JOIN claimed c ON c.id = i.id LEFT JOIN job_runs r ON r.id = i.id";
+    FROM input i LEFT JOIN job_runs r ON r.id = i.id
+    WHERE i.id NOT IN (SELECT id FROM claimed)";
 
 /// The answer to each claim of `ids`, from the claim statement's rows.
 fn claims_of(ids: &[Uuid], rows: Vec<ClaimRow>) -> Vec<Claim> {
@@ -2368,7 +2383,8 @@ type ClaimRow = (
     Option<Uuid>,
     Option<String>,
 );
-/// Attempt if claimed, status before, trigger if claimed, the run's context.
+/// Attempt if claimed, status (before the claim, for a run not claimed), trigger if claimed, the
+/// run's context.
 type ClaimState = (Option<i32>, Option<String>, Option<String>, ClaimedRun);
 
 /// An inserted run: id, job name, slot, status, error.

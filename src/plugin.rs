@@ -12,8 +12,8 @@
 //! - Secrets never come back out: the config's (passwords, also inside URLs; the `sot:` token)
 //!   and credentials on_startup hands out are masked in results, errors, panic messages and
 //!   plugin log lines, whatever key holds them.
-//! - Calls are blocking: run them on blocking threads (`tokio::task::spawn_blocking`), never on
-//!   the async runtime. A panic in plugin code is caught (by the SDK, inside the library, where
+//! - Calls are blocking: run them on threads of their own (a worker's call threads,
+//!   `tokio::task::spawn_blocking` elsewhere), never on the async runtime's. A panic in plugin code is caught (by the SDK, inside the library, where
 //!   unwinding can be stopped) and becomes a failed call; the host guards its side as well.
 
 use std::cell::Cell;

@@ -70,7 +70,7 @@ impl Failure {
     }
 }
 
-/// Runs blocking plugin code on the blocking pool, within `limit`.
+/// Runs blocking plugin code on the worker's call threads, within `limit`.
 ///
 /// A call that outlives its limit has failed, but its attempt is not over while its code
 /// still runs: this waits for the thread to return (plugins that honour their `timeout`
@@ -88,9 +88,9 @@ pub(super) async fn blocking<T: Send + 'static>(
             .filter(|run| run.attempt == attempt)
             .map(|run| run.call.clone())
     });
-    let mut handle = tokio::task::spawn_blocking(move || {
-        crate::plugin::in_run(run, || crate::plugin::within(limit, call))
-    });
+    let mut handle = context
+        .calls
+        .run(move || crate::plugin::in_run(run, || crate::plugin::within(limit, call)));
     let joined = match limit {
         Some(limit) => match tokio::time::timeout(limit, &mut handle).await {
             Ok(joined) => joined,
@@ -114,12 +114,17 @@ pub(super) async fn blocking<T: Send + 'static>(
         None => handle.await,
     };
     match joined {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e @ (PluginError::NotConfigured { .. } | PluginError::NotProvided { .. }))) => {
+        Ok(Ok(Ok(value))) => Ok(value),
+        Ok(Ok(Err(e @ (PluginError::NotConfigured { .. } | PluginError::NotProvided { .. })))) => {
             Err(Failure::UnknownJob(e))
         }
-        Ok(Err(e)) => Err(Failure::Plugin(e)),
-        Err(e) => Err(Failure::Crashed(format!("the job's thread failed: {e}"))),
+        Ok(Ok(Err(e))) => Err(Failure::Plugin(e)),
+        Ok(Err(panic)) => Err(Failure::Crashed(format!(
+            "the job's thread failed: it panicked: {panic}"
+        ))),
+        Err(_) => Err(Failure::Crashed(
+            "the job's thread failed: no thread could be started for it".into(),
+        )),
     }
 }
 

@@ -24,6 +24,7 @@
 //! released, so no other worker starts a run while this one still runs it.
 
 mod batch;
+mod calls;
 mod delivery;
 mod stop;
 mod waiting;
@@ -71,6 +72,8 @@ struct Context {
     recording: Arc<AtomicUsize>,
     /// Slots held by plugin calls that outlived their timeout and do not return.
     hung: AtomicUsize,
+    /// The threads plugin calls run on.
+    calls: calls::CallThreads,
     /// Deliveries waiting for a slot (`worker.lookahead`).
     waiting: Waiting,
 }
@@ -191,6 +194,7 @@ pub async fn run(
         in_flight: std::sync::Mutex::new(HashMap::new()),
         recording: Arc::new(AtomicUsize::new(0)),
         hung: AtomicUsize::new(0),
+        calls: calls::CallThreads::new(),
         waiting: Waiting::default(),
     });
     let cancel_watch = tokio::spawn(watch_cancels(context.clone()));

@@ -67,8 +67,8 @@ pub fn run(cli: cli::Cli) -> Result<()> {
         .build()
         .map_err(|e| Error::Runtime(format!("cannot start the async runtime: {e}")))?;
     let result = runtime.block_on(commands::dispatch(&config, &cli.command));
-    // Plugin calls abandoned after a grace period may still run on blocking threads: do not
-    // wait for them.
+    // Plugin calls abandoned after a grace period may still run on their threads: do not wait
+    // for them.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     result
 }

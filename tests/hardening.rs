@@ -735,7 +735,10 @@ async fn a_batch_of_claims_answers_each_delivery_as_a_claim_of_its_own_would(bac
     let made = store
         .insert_runs(&[
             named("zoned", Some(parent)),
-            named("plain", None),
+            jobschleuder::store::NewRun {
+                trigger: "webhook",
+                ..named("plain", None)
+            },
             named("plain", None),
             named("plain", None),
         ])
@@ -764,9 +767,9 @@ async fn a_batch_of_claims_answers_each_delivery_as_a_claim_of_its_own_would(bac
         let cluster = &cluster;
         async move { Some(cluster.run(&id.to_string()).await.created_at) }
     };
-    let claimed = |scheduled_for, parent, timezone: Option<&str>| Claim::Claimed {
+    let claimed = |trigger: &str, scheduled_for, parent, timezone: Option<&str>| Claim::Claimed {
         attempt: 1,
-        trigger: "manual".into(),
+        trigger: trigger.into(),
         run: jobschleuder::store::ClaimedRun {
             scheduled_for,
             parent,
@@ -774,8 +777,13 @@ async fn a_batch_of_claims_answers_each_delivery_as_a_claim_of_its_own_would(bac
         },
     };
     let expected = vec![
-        claimed(created(child).await, Some(parent), Some("Europe/Berlin")),
-        claimed(created(plain).await, None, None),
+        claimed(
+            "manual",
+            created(child).await,
+            Some(parent),
+            Some("Europe/Berlin"),
+        ),
+        claimed("webhook", created(plain).await, None, None),
         Claim::Running,
         Claim::Finished("succeeded".into()),
         Claim::Running,

@@ -2370,9 +2370,9 @@ async fn cancel_in(
     ))
 }
 
-/// A claim's answer row: run id, attempt if claimed, status before, trigger if claimed,
-/// whether the worker's lease is held, and what the run's plugin may know (slot or creation,
-/// parent, the job's zone).
+/// A claim's answer row: run id, attempt if claimed, status (before the claim, for a run not
+/// claimed), trigger if claimed, whether the worker's lease is held, and what the run's plugin
+/// may know (slot or creation, parent, the job's zone).
 type ClaimRow = (
     Uuid,
     Option<i32>,

@@ -1144,6 +1144,49 @@ async fn a_workers_writer_has_its_connections_ready_before_the_first_write() {
     assert_eq!(claims, [Claim::Unavailable]);
 }
 
+/// Postgres only: the writer's statement is prepared and planned as its connections open, so
+/// that a burst's first claims do not wait for that; and as the plan is kept for the
+/// connection's life, it must not be one made for the table as it is then (empty, on a new
+/// installation): it finds runs by their id, not by reading `job_runs` through.
+#[tokio::test]
+async fn a_workers_writer_plans_its_statement_at_start_for_any_size_of_the_table() {
+    crate::needs_postgres!(
+        "a_workers_writer_plans_its_statement_at_start_for_any_size_of_the_table"
+    );
+    let db = crate::util::TestDb::new().await;
+    let pool = db.pool().await;
+    let store = jobschleuder::store::Store::from_pool(pool.clone())
+        .await
+        .unwrap();
+    let writer = store.for_writes();
+    let mut conn = writer.pg_pool().unwrap().acquire().await.unwrap();
+    let prepared: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT name, generic_plans FROM pg_prepared_statements
+         WHERE statement LIKE 'WITH lease AS%'",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        prepared.len(),
+        1,
+        "the writer's statement, prepared: {prepared:?}"
+    );
+    let (name, generic_plans) = &prepared[0];
+    assert!(*generic_plans >= 1, "and planned as the connection opened");
+    // The plan that every batch of this connection will use, made while `job_runs` is empty.
+    let nil = Uuid::nil();
+    let plan: Vec<String> = sqlx::query_scalar(&format!(
+        "EXPLAIN EXECUTE {name}(0, '{{}}', '{{}}', '', 0, '{nil}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '1000')"
+    ))
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Seq Scan on job_runs"), "{plan}");
+    assert!(plan.contains("Index Scan using job_runs_pkey"), "{plan}");
+}
+
 /// Postgres only: row locks held across an outbox pass's publishing are Postgres's own (on
 /// SQLite one writer at a time holds the whole file).
 #[tokio::test]

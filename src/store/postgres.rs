@@ -2039,8 +2039,8 @@ fn together_sql() -> String {
 /// the writer's statement by running it once with nothing to write, so that a burst's first
 /// claims do not wait for that (about 4 ms on an idle server: 2 to parse, 2 to plan).
 ///
-/// The plan is made now and kept for the connection's life, whatever the table holds now
-/// (nothing, on a new installation). So the connection does without sequential scans
+/// The plan is made now and kept until an `ANALYZE` of the tables makes Postgres plan it
+/// anew, whatever the table holds now (nothing, on a new installation). So the connection does without sequential scans
 /// (`enable_seqscan = off`, set here first): every row that this statement and the writer's
 /// other statements read or write is found by a key (a run by its id, a job by its name, its
 /// registry entries by the job), which an index scan does at any table size; made on an empty

@@ -18,7 +18,8 @@
 //!   and the lapin loop again with its publishes handed over 1,000 at a time, as the outbox
 //!   does (`throughput_raw_broker_pipelined`, `throughput_ratio_pipelined`).
 //! - `burst`: 100 entries due in the same second, one worker with 8 slots: scheduled → started;
-//!   then again with `worker.lookahead: 0` (`burst_no_lookahead_...`).
+//!   then again with `worker.lookahead: 16` (`burst_lookahead_16_...`) and with
+//!   `worker.lookahead: 0` (`burst_no_lookahead_...`).
 //! - `lag`: 100 entries due every second for 10 seconds: scheduled → published.
 //! - `due`: 10,000 entries due in the same second: one scheduler pass (create, then publish).
 //! - `import` / `init`: `registry --import` of 100,000 jobs, then `scheduler --init`: wall time
@@ -799,12 +800,15 @@ async fn slot_ahead(store: &Store, ahead: i64) -> Result<DateTime<Utc>, Error> {
 async fn burst(scratch: &mut Scratch, report: &mut Report) -> Result<(), Error> {
     scratch.import(100, "hello_world", "0 0 1 1 *").await?;
     burst_round(scratch, report, "burst").await?;
-    // Again without deliveries waiting for a slot (`worker.lookahead: 0`).
-    if let Some(pool) = scratch.store.pg_pool() {
-        sqlx::query("DELETE FROM job_runs").execute(pool).await?;
+    // Again with two deliveries waiting per slot (`worker.lookahead: 16`), and without any
+    // (`worker.lookahead: 0`).
+    for (lookahead, prefix) in [(16, "burst_lookahead_16"), (0, "burst_no_lookahead")] {
+        if let Some(pool) = scratch.store.pg_pool() {
+            sqlx::query("DELETE FROM job_runs").execute(pool).await?;
+        }
+        scratch.config.worker.lookahead = Some(lookahead);
+        burst_round(scratch, report, prefix).await?;
     }
-    scratch.config.worker.lookahead = Some(0);
-    burst_round(scratch, report, "burst_no_lookahead").await?;
     scratch.config.worker.lookahead = None;
     Ok(())
 }

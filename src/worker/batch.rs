@@ -1,7 +1,7 @@
 //! Writing claims and results of many concurrent runs in batches (one statement for many runs),
 //! retrying while the database is away, and counting results on their way to it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +15,27 @@ use crate::store::{Claim, Finish, RunEnd, Store, StoreError};
 const BATCH_MAX: usize = 512;
 /// From this many results and claims in one batch on, they are written as two at once (the
 /// results, the claims) instead of together: one commit is cheaper when batches are small (a
-/// burst on a few slots), two use more of the database's cores when they are large (README,
+/// burst on a few slots: a round of up to 31 slots, their results and next claims, is one
+/// statement), two use more of the database's cores when they are large (README,
 /// Performance).
-const SPLIT_AT: usize = 16;
+const SPLIT_AT: usize = 64;
+/// The longest a batch waits for the results of the jobs the batch before it started.
+const LINGER_MAX: Duration = Duration::from_millis(2);
+
+/// What the writer knows of a request beyond its batch: short jobs that a batch's claims
+/// start end soon, and the batch after it waits a little for their results (`Batcher`).
+pub(super) trait Chained {
+    /// The run whose job this request starts, once its batch is written (a claim).
+    fn starts(&self) -> Option<Uuid>;
+    /// The run whose end this request records (a result).
+    fn ends(&self) -> Option<Uuid>;
+}
+
+/// Whether an answer lets its request's job start (a claim granted): a claim refused or
+/// skipped (a duplicate, a finished run) starts nothing, and nothing waits for it.
+pub(super) trait Answer {
+    fn starts_job(&self) -> bool;
+}
 
 /// Collects requests from many tasks and serves them in batches; each caller gets its own
 /// answer. The batch function retries until the database answers: state changes are never
@@ -27,12 +45,21 @@ const SPLIT_AT: usize = 16;
 /// one. Fewer, larger statements cost the database less CPU per run than several small ones in
 /// parallel, and on a machine where the database, the broker and the workers share the cores,
 /// that CPU is what runs wait for (README, Performance).
+///
+/// A batch that has requests waits for the results of the jobs the batch before it started,
+/// as long as that batch took to write and `LINGER_MAX` at most (tokio's timer counts whole
+/// milliseconds: up to about a millisecond more), and no longer once all of them are in.
+/// Short jobs then go round together: in a burst, a slot's result and the next claim it
+/// passes on share one commit with every other slot's, one batch a round, where slots that
+/// fell out of step (one job ended while a batch was written) made two or more batches a
+/// round, each waiting for the one before it. A long job costs the batch after its claim that
+/// wait. A writer with nothing to write does not wait.
 pub(super) struct Batcher<Req, Resp> {
     /// Requests handed over together travel together: they land in the same batch.
     sender: mpsc::Sender<Vec<(Req, oneshot::Sender<Resp>)>>,
 }
 
-impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
+impl<Req: Chained + Send + 'static, Resp: Answer + Send + 'static> Batcher<Req, Resp> {
     pub(super) fn spawn<F, Fut>(serve: F) -> Self
     where
         F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
@@ -41,20 +68,39 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         let (sender, mut receiver) =
             mpsc::channel::<Vec<(Req, oneshot::Sender<Resp>)>>(BATCH_MAX * 4);
         tokio::spawn(async move {
+            // The runs whose jobs the last batch started, and how long it took to write.
+            let mut started = HashSet::<Uuid>::new();
+            let mut took = Duration::ZERO;
             while let Some(mut requests) = receiver.recv().await {
+                let deadline = tokio::time::Instant::now() + took.min(LINGER_MAX);
+                ended(&mut started, &requests);
                 while requests.len() < BATCH_MAX {
-                    match receiver.try_recv() {
-                        Ok(next) => requests.extend(next),
-                        Err(_) => break,
-                    }
+                    let next = match receiver.try_recv() {
+                        Ok(next) => next,
+                        Err(_) if started.is_empty() => break,
+                        Err(_) => match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                            Ok(Some(next)) => next,
+                            _ => break,
+                        },
+                    };
+                    ended(&mut started, &next);
+                    requests.extend(next);
                 }
+                let starts: Vec<Option<Uuid>> = requests.iter().map(|(r, _)| r.starts()).collect();
                 let (inputs, replies): (Vec<Req>, Vec<oneshot::Sender<Resp>>) =
                     requests.into_iter().unzip();
+                let began = tokio::time::Instant::now();
                 // A task of its own: a batch that panics loses its answers (its callers see
                 // the batcher gone), not the batcher.
-                match tokio::spawn(serve(inputs)).await {
+                let served = tokio::spawn(serve(inputs)).await;
+                took = began.elapsed();
+                started.clear();
+                match served {
                     Ok(answers) => {
-                        for (reply, answer) in replies.into_iter().zip(answers) {
+                        for ((reply, answer), run) in replies.into_iter().zip(answers).zip(starts) {
+                            if let Some(run) = run.filter(|_| answer.starts_job()) {
+                                started.insert(run);
+                            }
                             let _ = reply.send(answer);
                         }
                     }
@@ -93,6 +139,15 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
             .unzip();
         self.sender.send(items).await.ok()?;
         Some(answers)
+    }
+}
+
+/// Forgets the runs whose results are among `requests`.
+fn ended<Req: Chained, Reply>(started: &mut HashSet<Uuid>, requests: &[(Req, Reply)]) {
+    for (request, _) in requests {
+        if let Some(run) = request.ends() {
+            started.remove(&run);
+        }
     }
 }
 
@@ -137,6 +192,28 @@ pub(super) enum Write {
     Claim(Uuid, bool),
     /// The result, counted until it is committed.
     Finish(Finish, Recording),
+}
+
+impl Chained for Write {
+    fn starts(&self) -> Option<Uuid> {
+        match self {
+            Write::Claim(run, _) => Some(*run),
+            Write::Finish(..) => None,
+        }
+    }
+
+    fn ends(&self) -> Option<Uuid> {
+        match self {
+            Write::Claim(..) => None,
+            Write::Finish(finish, _) => Some(finish.id),
+        }
+    }
+}
+
+impl Answer for Written {
+    fn starts_job(&self) -> bool {
+        matches!(self, Written::Claim(Claim::Claimed { .. }))
+    }
 }
 
 /// The answer to a `Write`, of the same kind.
@@ -399,6 +476,199 @@ impl Drop for Recording {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Chained for usize {
+        fn starts(&self) -> Option<Uuid> {
+            None
+        }
+
+        fn ends(&self) -> Option<Uuid> {
+            None
+        }
+    }
+
+    impl Answer for usize {
+        fn starts_job(&self) -> bool {
+            false
+        }
+    }
+
+    /// A claim, a result, or something else, of run `n`. The claims of runs from 100 on are
+    /// refused: they are answered `Other`.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Step {
+        Claim(u128),
+        End(u128),
+        Other(u128),
+    }
+
+    impl Chained for Step {
+        fn starts(&self) -> Option<Uuid> {
+            match self {
+                Step::Claim(n) => Some(Uuid::from_u128(*n)),
+                _ => None,
+            }
+        }
+
+        fn ends(&self) -> Option<Uuid> {
+            match self {
+                Step::End(n) => Some(Uuid::from_u128(*n)),
+                _ => None,
+            }
+        }
+    }
+
+    impl Answer for Step {
+        fn starts_job(&self) -> bool {
+            matches!(self, Step::Claim(_))
+        }
+    }
+
+    /// The batches a batcher wrote, in order.
+    type Batches = Arc<std::sync::Mutex<Vec<Vec<Step>>>>;
+
+    /// A batcher whose batches take `took(batch)` to write; the batches it wrote.
+    fn recording(took: fn(&[Step]) -> Duration) -> (Batcher<Step, Step>, Batches) {
+        let batches = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = batches.clone();
+        let batcher = Batcher::spawn(move |batch: Vec<Step>| {
+            let seen = seen.clone();
+            async move {
+                tokio::time::sleep(took(&batch)).await;
+                seen.lock().unwrap().push(batch.clone());
+                batch
+                    .into_iter()
+                    .map(|step| match step {
+                        Step::Claim(n) if n >= 100 => Step::Other(n),
+                        step => step,
+                    })
+                    .collect()
+            }
+        });
+        (batcher, batches)
+    }
+
+    /// Hands `steps` over together; how long until all of them were written.
+    async fn written(batcher: &Batcher<Step, Step>, steps: Vec<Step>) -> Duration {
+        let began = tokio::time::Instant::now();
+        for answer in batcher.enqueue_together(steps).await.unwrap() {
+            answer.await.unwrap();
+        }
+        began.elapsed()
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_waits_for_the_results_of_the_jobs_the_batch_before_it_started() {
+        let (batcher, batches) = recording(|batch| {
+            if batch.contains(&Step::Claim(1)) {
+                2 * MS
+            } else {
+                Duration::ZERO
+            }
+        });
+        written(&batcher, vec![Step::Claim(1), Step::Claim(2)]).await;
+        // Run 1's job ended at once, run 2's a millisecond later, while a batch that did not
+        // wait would be written already; run 2's slot passes its next claim on with its result.
+        let began = tokio::time::Instant::now();
+        let first = batcher.enqueue(Step::End(1)).await.unwrap();
+        tokio::time::sleep(MS).await;
+        let rest = batcher
+            .enqueue_together(vec![Step::End(2), Step::Claim(3)])
+            .await
+            .unwrap();
+        first.await.unwrap();
+        for answer in rest {
+            answer.await.unwrap();
+        }
+        assert_eq!(
+            batches.lock().unwrap()[1..],
+            [vec![Step::End(1), Step::End(2), Step::Claim(3)]],
+            "one round, one batch"
+        );
+        assert_eq!(
+            began.elapsed(),
+            MS,
+            "written as soon as the last result came, not at the end of the wait"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_waits_at_most_as_long_as_the_one_before_it_took_and_never_long() {
+        let (batcher, _) = recording(|batch| match batch {
+            [Step::Claim(1)] => 10 * MS,
+            [Step::Other(7)] => MS,
+            _ => Duration::ZERO,
+        });
+        // The claim's batch took 10 ms; its job does not end (a long one): the next batch
+        // waits LINGER_MAX, then takes its own 1 ms to write.
+        written(&batcher, vec![Step::Claim(1)]).await;
+        assert_eq!(
+            written(&batcher, vec![Step::Other(7)]).await,
+            LINGER_MAX + MS,
+            "waited for run 1's result, LINGER_MAX at most"
+        );
+        // That batch started no job: the next one is written at once.
+        assert_eq!(
+            written(&batcher, vec![Step::Other(8)]).await,
+            Duration::ZERO,
+            "waited for nothing"
+        );
+
+        // A claim's batch that took 1 ms makes the next one wait 1 ms at most.
+        let (batcher, _) = recording(|batch| match batch {
+            [Step::Claim(1)] => MS,
+            _ => Duration::ZERO,
+        });
+        written(&batcher, vec![Step::Claim(1)]).await;
+        assert_eq!(written(&batcher, vec![Step::Other(7)]).await, MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_that_starts_no_job_is_not_waited_for() {
+        let (batcher, batches) = recording(|batch| match batch {
+            [Step::Claim(_)] => 10 * MS,
+            _ => Duration::ZERO,
+        });
+        // Refused (a duplicate delivery, a finished run): no result will come.
+        written(&batcher, vec![Step::Claim(100)]).await;
+        assert_eq!(
+            written(&batcher, vec![Step::Other(7)]).await,
+            Duration::ZERO
+        );
+        assert_eq!(batches.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn writes_say_which_runs_they_start_and_end() {
+        let run = Uuid::from_u128(5);
+        let claim = Write::Claim(run, false);
+        assert_eq!((claim.starts(), claim.ends()), (Some(run), None));
+        let finish = Finish {
+            id: run,
+            token: 1,
+            attempt: 1,
+            end: RunEnd::Succeeded,
+            result: None,
+            error: None,
+        };
+        let result = Write::Finish(finish, Recording::new(&Arc::new(AtomicUsize::new(0))));
+        assert_eq!((result.starts(), result.ends()), (None, Some(run)));
+        let granted = Written::Claim(Claim::Claimed {
+            attempt: 1,
+            trigger: "schedule".into(),
+            run: crate::store::ClaimedRun {
+                scheduled_for: None,
+                parent: None,
+                timezone: None,
+            },
+        });
+        assert!(granted.starts_job());
+        assert!(!Written::Claim(Claim::Running).starts_job());
+        assert!(!Written::Claim(Claim::Finished("succeeded".into())).starts_job());
+        assert!(!Written::Finish(true).starts_job());
+    }
 
     #[tokio::test]
     async fn requests_handed_over_together_are_served_in_one_batch() {

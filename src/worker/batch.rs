@@ -16,8 +16,8 @@ const BATCH_MAX: usize = 512;
 /// From this many results and claims in one batch on, they are written as two at once (the
 /// results, the claims) instead of together: one commit is cheaper when batches are small (a
 /// burst on a few slots: a round of up to 31 slots, their results and next claims, is one
-/// statement), two use more of the database's cores when they are large (README,
-/// Performance).
+/// statement), two use more of the database's cores when they are large
+/// (PERFORMANCE.md).
 const SPLIT_AT: usize = 64;
 /// The longest a batch waits for the results of the jobs the batch before it started.
 const LINGER_MAX: Duration = Duration::from_millis(2);
@@ -44,7 +44,7 @@ pub(super) trait Answer {
 /// One batch of a kind at a time: the requests that arrive while it is written make the next
 /// one. Fewer, larger statements cost the database less CPU per run than several small ones in
 /// parallel, and on a machine where the database, the broker and the workers share the cores,
-/// that CPU is what runs wait for (README, Performance).
+/// that CPU is what runs wait for (PERFORMANCE.md).
 ///
 /// A batch that has requests waits for the results of the jobs the batch before it started,
 /// as long as that batch took to write and `LINGER_MAX` at most (tokio's timer counts whole

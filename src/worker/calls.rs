@@ -4,8 +4,8 @@
 //! so a worker running short jobs goes round every thread it ever started (up to one per slot),
 //! each with its stack and its caches cold, and all of them wait on one lock. Here a call goes
 //! to the thread that went idle last, woken on its own. `bench throughput`, interleaved with the
-//! blocking pool, four rounds each: 47-52 against 66-71 us of the worker's CPU per run (README,
-//! Performance).
+//! blocking pool, four rounds each: 47-52 against 66-71 us of the worker's CPU per run
+//! (PERFORMANCE.md).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
